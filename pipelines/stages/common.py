@@ -1,0 +1,79 @@
+"""What every stage script shares: its command line, the output layout, and error handling.
+
+A stage is ``python -m pipelines.stages.<name> [--params params.yaml]``. It is the only place
+that knows file paths; the library gets typed config sections and paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlflax.config import Params, ParamsError, load_params
+
+# Errors that mean "the input is wrong", not "the code is wrong": they are reported as one
+# line naming the file or key, with a non-zero exit and no traceback (TLFLAX_DEBUG=1 shows it).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where one experiment's outputs live (the same layout dvc.yaml declares)."""
+
+    experiment: str
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path("data") / self.experiment / "tfds"
+
+    @property
+    def manifest(self) -> Path:
+        return Path("data") / self.experiment / "manifest.parquet"
+
+    @property
+    def data_docs(self) -> Path:
+        return Path("reports") / self.experiment / "data_docs"
+
+    @property
+    def features(self) -> Path:
+        return Path("data") / self.experiment / "features"
+
+    @property
+    def head(self) -> Path:
+        return Path("models") / self.experiment / "head"
+
+    @property
+    def finetune(self) -> Path:
+        return Path("models") / self.experiment / "finetune"
+
+    @property
+    def plots(self) -> Path:
+        return Path("plots") / self.experiment
+
+    def metrics(self, stage: str) -> Path:
+        return Path("metrics") / self.experiment / f"{stage}.json"
+
+    def live(self, stage: str) -> Path:
+        return Path("dvclive") / self.experiment / stage
+
+
+def run_stage(name: str, body: Callable[[Params, ExperimentPaths], None]) -> None:
+    """Parse ``--params``, validate them, run ``body``; bad input exits 2 with one line."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.stages.{name}")
+    parser.add_argument("--params", default="params.yaml", help="parameters file")
+    arguments = parser.parse_args()
+    # Quiet third-party telemetry before anything imports it.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    try:
+        params = load_params(arguments.params)
+        body(params, ExperimentPaths(params.experiment))
+    except EXPECTED_ERRORS as error:
+        if os.environ.get("TLFLAX_DEBUG"):
+            raise
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

@@ -1,0 +1,45 @@
+"""Stage ``validate``: Great Expectations over the dataset manifest; gates everything after it.
+
+A critical failure (wrong labels, imbalance, leakage, ...) exits non-zero with a readable
+summary naming the failing checks and example records, so DVC records nothing downstream.
+Warnings are reported and the run goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+
+from pipelines.stages.common import ExperimentPaths, run_stage
+from tlflax.config import Params
+from tlflax.data.tfds_store import read_class_names
+from tlflax.io import write_json
+from tlflax.validation import ValidationThresholds, validate_manifest
+
+EXIT_VALIDATION_FAILED = 1
+
+
+def validate(params: Params, paths: ExperimentPaths) -> None:
+    if not paths.manifest.exists():
+        raise FileNotFoundError(f"{paths.manifest}: not found (run the prepare stage first)")
+    manifest = pd.read_parquet(paths.manifest)
+    cfg = params.validate_params
+    thresholds = ValidationThresholds(
+        expected_classes=read_class_names(paths.dataset_dir, params.prepare.dataset),
+        max_label_kl_divergence=cfg.max_label_kl_divergence,
+        max_class_ratio=cfg.max_class_ratio,
+        min_examples_per_class=cfg.min_examples_per_class,
+        max_split_kl_divergence=cfg.max_split_kl_divergence,
+        max_duplicate_fraction=cfg.max_duplicate_fraction,
+        max_mean_intensity_shift=cfg.max_mean_intensity_shift,
+    )
+    summary = validate_manifest(manifest, thresholds, docs_dir=paths.data_docs)
+    write_json(paths.metrics("validate"), summary.to_dict())
+    print(summary.format_report())
+    if not summary.success:
+        sys.exit(EXIT_VALIDATION_FAILED)
+
+
+if __name__ == "__main__":
+    run_stage("validate", validate)

@@ -1,0 +1,158 @@
+"""Input pipeline: fixed-shape numpy batches on the host, image preprocessing in JAX.
+
+Every batch has the same shape — the last partial batch is padded and masked — so a
+jitted step compiles once. Shuffling draws one index permutation per epoch and gathers
+one batch at a time, so host memory stays at one batch whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tlflax.data.errors import DataError
+
+MASK_KEY = "mask"
+
+
+def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """How many batches :func:`iterate_batches` yields for ``num_examples`` examples."""
+    if drop_remainder:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)
+
+
+def epoch_order(num_examples: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a permutation seeded by ``(seed, epoch)``, or 0..N-1."""
+    if not shuffle:
+        return np.arange(num_examples)
+    # Seeding with the pair gives every epoch its own reproducible stream without
+    # advancing any shared state, so epoch 7 can be replayed alone after a restart.
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_examples)
+
+
+def iterate_batches(
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int = 0,
+    drop_remainder: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield fixed-shape batches of aligned arrays, each example once per epoch.
+
+    Args:
+        arrays: name -> array; all share their first dimension (the examples).
+        batch_size: examples per batch.
+        shuffle: visit examples in a random order seeded by ``(seed, epoch)``.
+        seed: base seed of the order.
+        epoch: epoch number; each epoch has its own order.
+        drop_remainder: skip the last partial batch instead of padding it.
+
+    Yields:
+        Dicts with the keys of ``arrays`` plus ``"mask"`` (float32, 1 for real rows, 0 for
+        padding). The last partial batch repeats its first row as padding, so padded rows
+        hold valid values (labels in range, finite pixels) and only the mask tells them apart.
+
+    Raises:
+        DataError: naming the key whose length differs, or a key named ``"mask"``.
+
+    Example:
+        >>> batches = list(iterate_batches({"x": np.arange(5)}, 2, shuffle=False, seed=0))
+        >>> batches[-1]["x"], batches[-1]["mask"]
+        (array([4, 4]), array([1., 0.], dtype=float32))
+    """
+    if batch_size < 1:
+        raise DataError("batch_size", f"must be >= 1, got {batch_size}")
+    if MASK_KEY in arrays:
+        raise DataError(f"arrays[{MASK_KEY!r}]", "key is reserved for the padding mask")
+    lengths = {key: len(array) for key, array in arrays.items()}
+    num_examples = next(iter(lengths.values()), 0)
+    for key, length in lengths.items():
+        if length != num_examples:
+            raise DataError(f"arrays[{key!r}]", f"has {length} rows, others {num_examples}: {lengths}")
+
+    order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
+    for batch_index in range(num_batches(num_examples, batch_size, drop_remainder)):
+        indices = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+        num_real = len(indices)
+        if num_real < batch_size:
+            indices = np.concatenate([indices, np.full(batch_size - num_real, indices[0])])
+        batch = {key: array[indices] for key, array in arrays.items()}
+        batch[MASK_KEY] = (np.arange(batch_size) < num_real).astype(np.float32)
+        yield batch
+
+
+def prepare_images(images: jax.Array, image_size: int) -> jax.Array:
+    """Turn uint8 NHWC images into float32 RGB in [0, 1] at ``image_size`` x ``image_size``.
+
+    Pure and jit-friendly (``image_size`` must be static under ``jax.jit``).
+
+    Args:
+        images: uint8 (N, H, W, C) with C = 1 (grayscale) or 3 (RGB).
+        image_size: output height and width.
+
+    Returns:
+        float32 (N, image_size, image_size, 3), bilinearly resized.
+    """
+    batch, height, width, channels = images.shape
+    if channels not in (1, 3):
+        raise DataError("images", f"expected 1 or 3 channels, got shape {images.shape}")
+    scaled = images.astype(jnp.float32) / 255.0
+    if (height, width) != (image_size, image_size):
+        # Resize before widening to RGB: a third of the work for grayscale input.
+        scaled = jax.image.resize(
+            scaled, (batch, image_size, image_size, channels), method="bilinear"
+        )
+    if channels == 1:
+        scaled = jnp.repeat(scaled, 3, axis=-1)
+    # Anti-aliased resizing can overshoot by rounding error; keep the promised range.
+    return jnp.clip(scaled, 0.0, 1.0)
+
+
+def augment_images(
+    rng: jax.Array,
+    images: jax.Array,
+    *,
+    random_crop: bool,
+    flip: bool,
+    crop_padding: int = 4,
+) -> jax.Array:
+    """Randomly crop and horizontally flip each image independently; shapes are unchanged.
+
+    The crop pads every side by ``crop_padding`` pixels (reflecting the border, so no
+    artificial black frame appears) and cuts a window of the original size at a random
+    offset. Pure and jit-friendly (the keyword flags must be static under ``jax.jit``).
+
+    Args:
+        rng: a JAX PRNG key.
+        images: float (N, H, W, C).
+        random_crop: apply the padded random crop.
+        flip: mirror each image left-right with probability 1/2.
+        crop_padding: pixels of padding per side for the crop.
+
+    Returns:
+        The augmented images, same shape and dtype as ``images``.
+    """
+    batch, height, width, channels = images.shape
+    crop_key, flip_key = jax.random.split(rng)
+    if random_crop and crop_padding > 0:
+        padding = ((0, 0), (crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0))
+        padded = jnp.pad(images, padding, mode="reflect")
+        offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * crop_padding + 1)
+
+        def crop_one(image: jax.Array, offset: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice(
+                image, (offset[0], offset[1], 0), (height, width, channels)
+            )
+
+        images = jax.vmap(crop_one)(padded, offsets)
+    if flip:
+        mirror = jax.random.bernoulli(flip_key, 0.5, (batch, 1, 1, 1))
+        images = jnp.where(mirror, images[:, :, ::-1, :], images)
+    return images

@@ -1,0 +1,112 @@
+"""Reproducible, class-stratified subsets of a labelled dataset.
+
+Randomness comes only from ``np.random.Generator(np.random.PCG64(seed))`` — never from
+global state or ``hash()`` (which is salted per process) — and classes are visited in
+sorted order, so the same seed selects the same examples on every machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tlflax.data.errors import DataError
+
+
+def stratified_subset(
+    labels: np.ndarray,
+    *,
+    per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pick the same number (or the same fraction) of examples from every class.
+
+    Give exactly one of ``per_class`` and ``fraction``.
+
+    Args:
+        labels: integer class label per example, shape (N,).
+        per_class: how many examples to take from each class.
+        fraction: share of each class's available examples to take (rounded per class).
+        seed: selects the examples; same seed, same subset.
+        exclude: indices into ``labels`` that must not be picked (e.g. a validation set).
+
+    Returns:
+        The chosen indices into ``labels``, sorted ascending (int64).
+
+    Raises:
+        DataError: naming the class that has fewer available examples than asked, or
+            the argument that is invalid.
+
+    Example:
+        >>> stratified_subset(np.array([0, 0, 1, 1, 1]), per_class=1, seed=0)
+        array([1, 3])
+    """
+    if (per_class is None) == (fraction is None):
+        raise DataError("per_class/fraction", "give exactly one of per_class and fraction")
+    if per_class is not None and per_class < 0:
+        raise DataError("per_class", f"must be >= 0, got {per_class}")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise DataError("fraction", f"must be in [0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DataError("labels", f"must be one-dimensional, got shape {labels.shape}")
+
+    available = np.ones(len(labels), dtype=bool)
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.size and (exclude.min() < 0 or exclude.max() >= len(labels)):
+            raise DataError("exclude", f"indices must lie in [0, {len(labels)})")
+        available[exclude] = False
+
+    generator = np.random.Generator(np.random.PCG64(seed))
+    chosen: list[np.ndarray] = []
+    for class_label in np.unique(labels):
+        candidates = np.flatnonzero((labels == class_label) & available)
+        wanted = per_class if per_class is not None else round(fraction * len(candidates))
+        if wanted > len(candidates):
+            excluded_note = " after exclusions" if exclude is not None else ""
+            raise DataError(
+                f"class {class_label}",
+                f"has {len(candidates)} examples{excluded_note}, {wanted} requested",
+            )
+        chosen.append(generator.choice(candidates, size=wanted, replace=False))
+    if not chosen:
+        return np.empty(0, dtype=np.int64)
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def split_train_validation(
+    labels: np.ndarray,
+    *,
+    train_per_class: int | None,
+    validation_per_class: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw disjoint, class-balanced training and validation subsets.
+
+    The validation set is drawn first and depends only on ``(labels, validation_per_class,
+    seed)``, so runs that vary the training-set size are compared on the same
+    validation examples.
+
+    Args:
+        labels: integer class label per example, shape (N,).
+        train_per_class: training examples per class; ``None`` takes every example not
+            in the validation set.
+        validation_per_class: validation examples per class.
+        seed: selects both subsets.
+
+    Returns:
+        ``(train_indices, validation_indices)``, each sorted, with no index in both.
+
+    Raises:
+        DataError: naming a class too small for the requested sizes.
+    """
+    validation = stratified_subset(labels, per_class=validation_per_class, seed=seed)
+    if train_per_class is None:
+        train = np.setdiff1d(np.arange(len(labels), dtype=np.int64), validation)
+    else:
+        train = stratified_subset(
+            labels, per_class=train_per_class, seed=seed, exclude=validation
+        )
+    return train, validation

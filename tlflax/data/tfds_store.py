@@ -1,0 +1,238 @@
+"""Store in-memory image datasets as real TFDS datasets, without TensorFlow.
+
+Layout: ``<data_dir>/<name>/1.0.0/`` with ``dataset_info.json``, ``features.json`` and one
+``array_record`` file per split, readable by any TFDS tooling
+(``tfds.builder_from_directory``, grain, ``builder.as_data_source``).
+
+Choices that keep TensorFlow out (see STACK-NOTES, "TFDS without TensorFlow"):
+images are uint8 ``Tensor`` features, not ``Image`` (whose PNG encoding calls TF); the
+file format is ``array_record``, not tfrecord; reading goes through data sources, never
+``as_dataset``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tlflax.data.errors import DataError
+
+DATASET_VERSION = "1.0.0"
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ArrayImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder over images and labels already in memory.
+
+    Registration is skipped because one class serves every dataset name; the name is
+    set per instance (TFDS reads ``self.name`` for paths and ``dataset_info.json``).
+    Examples keep their order (``disable_shuffling``) and carry their position in the
+    split as ``id``, so a split reads back exactly as it was written.
+    """
+
+    VERSION = tfds.core.Version(DATASET_VERSION)
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        splits: dict[str, tuple[np.ndarray, np.ndarray]],
+        class_names: Sequence[str],
+        description: str,
+        data_dir: Path,
+    ) -> None:
+        self.name = name
+        self._splits = splits
+        self._class_names = list(class_names)
+        self._description = description
+        super().__init__(data_dir=data_dir, file_format="array_record")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        # TFDS looks beside the builder's source file for a download-checksums file. Finding
+        # that file for a class inside an installed package imports `importlib_resources`,
+        # which TFDS 4.9.10 only declares for Python < 3.9; there is nothing to download
+        # here, so there is no source folder to search.
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # DatasetInfo is built directly: `dataset_info_from_configs` expects the builder to
+        # live in a TFDS-style package with metadata files beside it.
+        image_shape = next(iter(self._splits.values()))[0].shape[1:]
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self._description,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=image_shape, dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=self._class_names),
+                    "id": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager
+    ) -> dict[str, Iterator[tuple[int, dict[str, object]]]]:
+        return {split: self._generate_examples(split) for split in self._splits}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, object]]]:
+        images, labels = self._splits[split]
+        for position in range(len(labels)):
+            yield position, {"image": images[position], "label": labels[position], "id": position}
+
+
+def dataset_version_dir(data_dir: Path, name: str) -> Path:
+    """The folder holding ``dataset_info.json`` of dataset ``name`` under ``data_dir``."""
+    return data_dir / name / DATASET_VERSION
+
+
+def write_image_dataset(
+    data_dir: Path,
+    name: str,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    description: str = "",
+) -> Path:
+    """Write image splits as a TFDS ``array_record`` dataset, replacing any previous one.
+
+    The dataset is built in a temporary folder beside the target and renamed into
+    place only once complete, so an interrupted or failing build leaves no half-written
+    dataset and an existing good dataset in place.
+
+    Args:
+        data_dir: the TFDS data directory (created if missing).
+        name: dataset name, lowercase snake_case (also the folder name).
+        splits: split name -> (images uint8 (N, H, W, C), integer labels (N,)); every
+            split must have the same image shape.
+        class_names: label names; label ``i`` is ``class_names[i]``.
+        description: free text stored in ``dataset_info.json``.
+
+    Returns:
+        ``data_dir / name``, the folder that was replaced.
+
+    Raises:
+        DataError: naming the split whose arrays are malformed, or the bad name.
+    """
+    _check_splits(name, splits, class_names)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / name
+    # Same parent folder => same filesystem => the final renames are atomic.
+    build_root = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=data_dir))
+    try:
+        builder = ArrayImageDataset(
+            name=name,
+            splits=splits,
+            class_names=class_names,
+            description=description,
+            data_dir=build_root,
+        )
+        builder.download_and_prepare(download_dir=build_root / "downloads")
+        # A directory cannot be renamed over a non-empty one: move the old dataset into
+        # the build folder (deleted below), then the new one into place.
+        if target.exists():
+            target.rename(build_root / "previous")
+        (build_root / name).rename(target)
+    finally:
+        shutil.rmtree(build_root, ignore_errors=True)
+    return target
+
+
+def _check_splits(
+    name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]
+) -> None:
+    if not _NAME_PATTERN.match(name):
+        raise DataError(f"dataset {name!r}", "name must be lowercase snake_case ([a-z][a-z0-9_]*)")
+    if not splits:
+        raise DataError(f"dataset {name!r}", "no splits given")
+    image_shapes = {split: images.shape[1:] for split, (images, _) in splits.items()}
+    for split, (images, labels) in splits.items():
+        location = f"dataset {name!r}, split {split!r}"
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(
+                location, f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}"
+            )
+        if len(images) == 0:
+            # TFDS cannot finalise a split without examples.
+            raise DataError(location, "split is empty")
+        if images.shape[1:] != next(iter(image_shapes.values())):
+            raise DataError(location, f"image shapes differ between splits: {image_shapes}")
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                location,
+                f"labels must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}",
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise DataError(
+                location,
+                f"labels span [{labels.min()}, {labels.max()}] but there are {len(class_names)} classes",
+            )
+
+
+def _load_builder(data_dir: Path, name: str) -> tfds.core.DatasetBuilder:
+    # Read by directory, not by `tfds.builder(name)`: our names may collide with TFDS catalog
+    # datasets (e.g. "fashion_mnist"), whose registered builders have other features.
+    version_dir = dataset_version_dir(data_dir, name)
+    if not (version_dir / "dataset_info.json").is_file():
+        raise DataError(
+            version_dir, "no TFDS dataset here", "run the `prepare` stage to write it"
+        )
+    return tfds.builder_from_directory(version_dir)
+
+
+def read_image_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of a dataset written by :func:`write_image_dataset` into memory.
+
+    Args:
+        data_dir: the TFDS data directory.
+        name: dataset name.
+        split: split name, e.g. ``"train"``.
+
+    Returns:
+        ``(images uint8 (N, H, W, C), labels int64 (N,))`` in the order they were written.
+
+    Raises:
+        DataError: naming the dataset folder when it or the split is missing, or when the
+            stored ``id``s are not exactly 0..N-1.
+    """
+    builder = _load_builder(data_dir, name)
+    if split not in builder.info.splits:
+        raise DataError(
+            dataset_version_dir(data_dir, name),
+            f"no split {split!r}; available: {sorted(builder.info.splits)}",
+        )
+    source = builder.as_data_source(split=split)
+    count = len(source)
+    feature_shape = builder.info.features["image"].shape
+    images = np.empty((count, *feature_shape), dtype=np.uint8)
+    labels = np.empty(count, dtype=np.int64)
+    ids = np.empty(count, dtype=np.int64)
+    # `__getitems__` decodes a whole batch in one call; chunks bound the Python dicts alive.
+    chunk_size = 8192
+    for start in range(0, count, chunk_size):
+        stop = min(start + chunk_size, count)
+        records = source.__getitems__(range(start, stop))
+        images[start:stop] = np.stack([record["image"] for record in records])
+        labels[start:stop] = [record["label"] for record in records]
+        ids[start:stop] = [record["id"] for record in records]
+    if not np.array_equal(ids, np.arange(count)):
+        raise DataError(
+            dataset_version_dir(data_dir, name),
+            f"split {split!r}: stored ids are not 0..{count - 1} in order; the dataset was not "
+            "written by write_image_dataset or is damaged",
+        )
+    return images, labels
+
+
+def read_class_names(data_dir: Path, name: str) -> list[str]:
+    """The label names stored with dataset ``name`` (label ``i`` -> element ``i``)."""
+    return list(_load_builder(data_dir, name).info.features["label"].names)

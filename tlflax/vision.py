@@ -1,0 +1,90 @@
+"""The image task: building the classifier, feature extraction, and the image forward pass.
+
+Images travel as uint8 at their stored size; resizing, channel expansion and augmentation
+happen inside the jitted step, so the host never holds a resized copy of the dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from tlflax.config import AugmentParams, TrainHeadParams
+from tlflax.data.pipeline import augment_images, iterate_batches, num_batches, prepare_images
+from tlflax.models.heads import Head, ImageClassifier
+from tlflax.models.registry import create_backbone
+from tlflax.train import Batch, Forward
+
+
+def build_image_classifier(
+    backbone_name: str,
+    num_classes: int,
+    head_cfg: TrainHeadParams,
+    *,
+    pretrained: bool,
+    seed: int = 0,
+) -> ImageClassifier:
+    """Backbone without its original top, plus a new head shaped by ``head_cfg``."""
+    rngs = nnx.Rngs(seed)
+    backbone, _ = create_backbone(backbone_name, pretrained=pretrained, rngs=rngs)
+    head = Head(
+        backbone.feature_dim,
+        num_classes,
+        kind=head_cfg.head,
+        hidden_dim=head_cfg.hidden_dim,
+        dropout_rate=head_cfg.dropout,
+        rngs=rngs,
+    )
+    return ImageClassifier(backbone, head)
+
+
+def image_forward(image_size: int, augment: AugmentParams) -> Forward:
+    """The forward pass of an :class:`ImageClassifier` on a batch of uint8 images."""
+
+    def forward(model: nnx.Module, batch: Batch, train: bool, key: jax.Array | None):
+        images = prepare_images(batch["image"], image_size)
+        dropout_key = None
+        if train and key is not None:
+            augment_key, dropout_key = jax.random.split(key)
+            images = augment_images(
+                augment_key, images, random_crop=augment.random_crop, flip=augment.flip
+            )
+        return model(images, train=train, dropout_key=dropout_key)
+
+    return forward
+
+
+def extract_features(
+    backbone: nnx.Module,
+    images: np.ndarray,
+    *,
+    image_size: int,
+    batch_size: int,
+    description: str = "extract",
+) -> np.ndarray:
+    """Pooled features of the frozen backbone for every image, in order.
+
+    The backbone runs in inference mode (BatchNorm on running statistics). Batches have one
+    fixed shape, so this compiles once whatever the dataset size.
+    """
+    graphdef, state = nnx.split(backbone)
+
+    @jax.jit
+    def features_step(state, images):
+        model = nnx.merge(graphdef, state)
+        return model.features(prepare_images(images, image_size), train=False)
+
+    arrays = {"image": images, "index": np.arange(len(images))}
+    outputs: list[np.ndarray] = []
+    batches: Iterator = iterate_batches(arrays, batch_size, shuffle=False, seed=0)
+    total = num_batches(len(images), batch_size, drop_remainder=False)
+    for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=None):
+        features = np.asarray(features_step(state, batch["image"]))
+        outputs.append(features[batch["mask"] > 0])
+    if not outputs:
+        return np.zeros((0, backbone.feature_dim), np.float32)
+    return np.concatenate(outputs).astype(np.float32)
