@@ -1,50 +1,148 @@
-"""The Prefect flow: the pipeline as an ordered list of DVC stages.
+"""The Prefect flow: the pipeline's DVC stages, each one a Prefect task.
 
-Each task asks DVC to reproduce one stage; DVC decides whether anything changed, so a
-repeated run costs what a DVC no-op costs. Run it with no server (Prefect's ephemeral API):
+DVC decides what is stale; Prefect adds what DVC lacks: schedules, retries of transient
+failures, logs and reports on a server. Without a server it uses Prefect's ephemeral API:
 
-    python -m pipelines.flows
+    python -m pipelines.flows                                  # reproduce what is stale
+    python -m pipelines.flows --set finetune.learning_rate=0.0005 --name lr-5e-4
+    python -m pipelines.flows --pull --push                    # share data via the DVC remote
+
+Why a repeated run costs a DVC no-op: one in-process ``dvc status`` compares each stage's
+``dvc.lock`` entry (the md5 of its command, dependencies, parameters and outputs) with the
+workspace, and only the stages it reports run, each as ``dvc repro --single-item <stage>``.
+Prefect's own task cache stays off on purpose: it remembers inputs it has seen, not what the
+workspace holds now, so after params A -> B -> A it would skip a stage whose outputs are B's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
-# Offline by construction: no telemetry lookups, before Prefect is imported.
+# Offline by construction: no telemetry lookups, before Prefect or DVC is imported.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
+import networkx  # noqa: E402
+import yaml  # noqa: E402
+from dvc.lock import LockError  # noqa: E402
+from dvc.repo import Repo  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-STAGES = ("prepare", "validate", "extract", "train_head", "finetune", "evaluate")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# A DVC remote (a directory, or s3://, gs://, ... with the matching dvc extra) that overrides
+# the project's default remote, so a worker can use the team's storage without editing config.
+REMOTE_ENVIRONMENT_VARIABLE = "TLFLAX_DVC_REMOTE"
+ENVIRONMENT_REMOTE_NAME = "tlflax-environment"
 
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; its own output says why."""
+# What "transient" means here, concretely; only these failures are retried:
+# - DVC's repository lock still held after DVC's own 3-second wait ("Unable to acquire lock"):
+#   another DVC process in the same checkout (a teammate's `dvc status`, an IDE extension,
+#   another flow) will let go of it.
+# - The stage, or DVC itself, killed by SIGKILL or SIGTERM: the OOM killer, a preempted node,
+#   a container stopped under it; the next attempt may get the memory or the machine back.
+# A stage that exits with its own status is never retried: 1 is a failed data validation,
+# 2 is bad params or input, anything else is a bug; the same inputs would fail the same way.
+LOCK_CONTENTION_MESSAGE = "Unable to acquire lock"
+TRANSIENT_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
+STAGE_EXIT_STATUS = re.compile(r"exited with (-?\d+)")
+SHELL_SIGNAL_OFFSET = 128  # a shell reports a child killed by signal N as status 128 + N
+RETRIES = 3
+# The first retry comes soon (lock holders are mostly short `dvc status` calls); the later
+# ones outwait a long `dvc repro` in the same checkout or a node being replaced.
+RETRY_DELAYS_SECONDS = [5, 30, 120]
+OUTPUT_TAIL_LINES = 200
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot go on; the message says why in one line."""
+
+
+class StageFailed(PipelineError):
+    """A DVC command exited non-zero; its own output, logged above, says why."""
+
+
+class TransientStageFailure(StageFailed):
+    """A DVC command failed in a way a later attempt can fix (see the comment above)."""
+
+
+class StagePlan(NamedTuple):
+    """The requested stages in pipeline order, and those DVC reports as stale."""
+
+    order: list[str]
+    stale: list[str]
+
+
+# --- DVC, in this process and as a command --------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_repository(project_dir: str, **repo_options: Any) -> Iterator[Repo]:
+    """A DVC ``Repo`` for ``project_dir``, with the working directory set to it.
+
+    DVC's Python API resolves stage targets against the current directory, not the repo root.
+    """
+    with contextlib.chdir(project_dir), Repo(project_dir, **repo_options) as repository:
+        yield repository
+
+
+def is_transient_failure(return_code: int, error_lines: list[str]) -> bool:
+    """Whether a failed DVC command is worth another attempt (see ``TRANSIENT_SIGNALS``).
+
+    Args:
+        return_code: the DVC process's status as ``subprocess`` reports it (negative: signal).
+        error_lines: DVC's ``ERROR:`` lines; a stage's status is in "exited with N".
+    """
+    if return_code < 0:
+        return -return_code in TRANSIENT_SIGNALS
+    for line in error_lines:
+        if LOCK_CONTENTION_MESSAGE in line:
+            return True
+        match = STAGE_EXIT_STATUS.search(line)
+        if match:
+            status = int(match.group(1))
+            killed_by = -status if status < 0 else status - SHELL_SIGNAL_OFFSET
+            return killed_by in TRANSIENT_SIGNALS
+    return False
+
+
+def _retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry ``TransientStageFailure`` and DVC lock errors only."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, TransientStageFailure | LockError)
 
 
 def _stage_environment() -> dict[str, str]:
     # Stage commands call `python`; make it this interpreter (the project's virtualenv).
     environment = dict(os.environ)
-    interpreter_dir = str(Path(sys.executable).parent)
-    environment["PATH"] = interpreter_dir + os.pathsep + environment.get("PATH", "")
+    environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment["PATH"]
     return environment
 
 
-@task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, project_dir: str) -> None:
-    """Reproduce one DVC stage, streaming its output into the Prefect log."""
+def run_dvc(arguments: list[str], project_dir: str, description: str) -> None:
+    """Run ``dvc <arguments>`` in ``project_dir``, streaming its output into the Prefect log.
+
+    Raises:
+        TransientStageFailure: on lock contention or a kill by SIGKILL/SIGTERM.
+        StageFailed: on any other non-zero exit.
+    """
     logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     process = subprocess.Popen(
-        command,
+        [sys.executable, "-m", "dvc", *arguments],
         cwd=project_dir,
         env=_stage_environment(),
         stdout=subprocess.PIPE,
@@ -52,18 +150,125 @@ def run_stage(stage: str, project_dir: str) -> None:
         text=True,
     )
     assert process.stdout is not None
+    # DVC prints its errors last; keeping a tail bounds memory on long, chatty stages.
+    tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
     for line in process.stdout:
         line = line.rstrip()
         if line:
             logger.info(line)
-    if process.wait() != 0:
-        raise StageFailed(f"stage '{stage}' failed (exit {process.returncode}); see its log above")
+            tail.append(line)
+    return_code = process.wait()
+    if return_code == 0:
+        return
+    error_lines = [line for line in tail if line.startswith("ERROR")]
+    failure = (
+        TransientStageFailure if is_transient_failure(return_code, error_lines) else StageFailed
+    )
+    raise failure(f"{description} failed (exit {return_code}); see its log above")
+
+
+# --- Tasks ----------------------------------------------------------------------------------
+
+# Every task opts out of Prefect's result cache: DVC alone decides what is up to date.
+_transient_retries: dict[str, Any] = {
+    "retries": RETRIES,
+    "retry_delay_seconds": RETRY_DELAYS_SECONDS,
+    "retry_condition_fn": _retry_only_transient,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(name="dvc-status", **_transient_retries)
+def plan_stages(project_dir: str, stages: list[str] | None) -> StagePlan:
+    """Order ``stages`` (all pipeline stages when None) as DVC's graph does; find the stale ones."""
+    with open_repository(project_dir) as repository:
+        # Edges point from a stage to the stages it depends on, so the reversed topological
+        # order puts every stage after its upstream stages.
+        pipeline_order = [
+            stage.addressing
+            for stage in reversed(list(networkx.topological_sort(repository.index.graph)))
+            if stage.cmd
+        ]
+        unknown = sorted(set(stages or ()) - set(pipeline_order))
+        if unknown:
+            raise PipelineError(f"unknown stage(s) {unknown}; the pipeline has {pipeline_order}")
+        order = [stage for stage in pipeline_order if stages is None or stage in stages]
+        changed = repository.status()
+    return StagePlan(order=order, stale=[stage for stage in order if stage in changed])
+
+
+@task(name="dvc-stage", task_run_name="{stage}", **_transient_retries)
+def run_stage(stage: str, project_dir: str) -> None:
+    """Reproduce one DVC stage (and only it), streaming its output into the Prefect log."""
+    run_dvc(["repro", "--single-item", stage], project_dir, f"stage '{stage}'")
+
+
+@task(name="dvc-exp-run", **_transient_retries)
+def run_experiment(
+    project_dir: str, overrides: list[str], stages: list[str] | None, name: str | None
+) -> None:
+    """``dvc exp run -S key=value ...``: the stages with changed params, saved as an experiment.
+
+    DVC runs and records an experiment as one unit (one commit under refs/exps), so it is one
+    task here; DVC still skips the stages the overrides do not touch.
+    """
+    arguments = ["exp", "run"]
+    for override in overrides:
+        arguments += ["--set-param", override]
+    if name:
+        arguments += ["--name", name]
+    if stages:
+        arguments += ["--single-item", *stages]
+    run_dvc(arguments, project_dir, f"`dvc {' '.join(arguments)}`")
+
+
+def _remote_options(remote: str | None) -> dict[str, Any]:
+    """``Repo`` options choosing the DVC remote: ``remote`` by name, else $TLFLAX_DVC_REMOTE,
+    else the project's default remote (``dvc remote default``)."""
+    if remote:
+        return {"remote": remote}
+    url = os.environ.get(REMOTE_ENVIRONMENT_VARIABLE)
+    if not url:
+        return {}
+    if "://" not in url:
+        # DVC reads a relative remote path against the config file; this one has none.
+        url = str(Path(url).expanduser().resolve())
+    return {"remote": ENVIRONMENT_REMOTE_NAME, "remote_config": {"url": url}}
+
+
+@task(name="dvc-pull", **_transient_retries)
+def pull_data(project_dir: str, remote: str | None) -> int:
+    """``dvc pull``: fetch and check out the outputs ``dvc.lock`` names; returns the fetched count.
+
+    Outputs the remote lacks are skipped, not an error: the stages reproduce them.
+    """
+    with open_repository(project_dir, **_remote_options(remote)) as repository:
+        stats = repository.pull(allow_missing=True)["stats"]
+    changed = sum(len(paths) for kind, paths in stats.items() if kind != "fetched")
+    get_run_logger().info(
+        f"dvc pull: {stats['fetched']} file(s) fetched, {changed} workspace path(s) updated"
+    )
+    return stats["fetched"]
+
+
+@task(name="dvc-push", **_transient_retries)
+def push_data(project_dir: str, remote: str | None) -> int:
+    """``dvc push``: upload the cached outputs to the remote; returns how many were sent."""
+    with open_repository(project_dir, **_remote_options(remote)) as repository:
+        count = repository.push()
+    get_run_logger().info(f"dvc push: {count} file(s) uploaded")
+    return count
+
+
+# --- Reports --------------------------------------------------------------------------------
+
+MODEL_LABELS = {"head_only": "head-only", "finetune": "fine-tuned", "scratch": "scratch"}
 
 
 def summary_line(metrics: dict) -> str:
     """One line comparing the head-only and fine-tuned test results."""
     parts = [f"test set: {metrics['n_test']} images, trained on {metrics['n_train']}"]
-    for name, label in (("head_only", "head-only"), ("finetune", "fine-tuned"), ("scratch", "scratch")):
+    for name, label in MODEL_LABELS.items():
         if name in metrics:
             parts.append(
                 f"{label} accuracy {metrics[name]['accuracy']:.4f} (macro-F1 {metrics[name]['macro_f1']:.4f})"
@@ -71,28 +276,252 @@ def summary_line(metrics: dict) -> str:
     return "; ".join(parts)
 
 
+def artifact_key(experiment: str, kind: str) -> str:
+    """A stable artifact key (lowercase letters, digits, dashes), so reports version per run."""
+    return re.sub(r"[^a-z0-9]+", "-", f"tlflax-{experiment}-{kind}".lower()).strip("-")
+
+
+def _read_json(path: Path) -> Any | None:
+    """The JSON in ``path``, or None (logged) when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        get_run_logger().warning(f"report input {path} is unreadable, left out: {error}")
+        return None
+
+
+def _read_experiment(project: Path) -> str | None:
+    """The experiment params.yaml selects (after any overrides), which names the output paths."""
+    params_file = project / "params.yaml"
+    if not params_file.is_file():
+        return None
+    experiment = (yaml.safe_load(params_file.read_text()) or {}).get("experiment")
+    return str(experiment) if experiment is not None else None
+
+
+def _link(project: Path, path: Path) -> str:
+    return f"[`{path.relative_to(project)}`]({path.resolve().as_uri()})"
+
+
+def _metrics_section(metrics: dict) -> list[str]:
+    lines = ["## Test-set metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
+    for name, label in MODEL_LABELS.items():
+        if isinstance(metrics.get(name), dict):
+            scores = metrics[name]
+            lines.append(f"| {label} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} |")
+    if "n_test" in metrics:
+        lines += ["", f"{metrics['n_test']} test examples; trained on {metrics.get('n_train')}."]
+    return lines
+
+
+def _validation_section(validation: dict) -> list[str]:
+    verdict = "PASSED" if validation.get("success") else "FAILED"
+    lines = [
+        "## Data validation",
+        "",
+        f"**{verdict}**: {validation.get('num_checks', '?')} checks, "
+        f"{validation.get('num_critical_failures', '?')} critical failures, "
+        f"{validation.get('num_warnings', '?')} warnings.",
+    ]
+    failed = [check for check in validation.get("checks", []) if not check.get("passed", True)]
+    if failed:
+        lines += ["", "| check | severity | observed | threshold |", "|---|---|---|---|"]
+        lines += [
+            f"| {check.get('name')} | {check.get('severity')} | {check.get('observed')} "
+            f"| {check.get('threshold')} |"
+            for check in failed
+        ]
+    return lines
+
+
+def _data_docs_index(project: Path, experiment: str, validation: dict | None) -> Path | None:
+    named = (validation or {}).get("data_docs_index")
+    candidates = [project / named] if named else []
+    candidates += sorted((project / "reports" / experiment / "data_docs").glob("**/index.html"))
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _render_dvc_plots(project: Path, experiment: str, refresh: bool) -> Path | None:
+    """``dvc plots show`` into reports/<experiment>/dvc_plots/, re-rendered only when
+    ``refresh`` or absent, so a no-op run does not pay for it."""
+    output = project / "reports" / experiment / "dvc_plots"
+    index = output / "index.html"
+    if refresh or not index.is_file():
+        try:
+            run_dvc(["plots", "show", "--out", str(output)], str(project), "dvc plots show")
+        except StageFailed as error:
+            get_run_logger().warning(f"DVC plots left out of the report: {error}")
+    return index if index.is_file() else None
+
+
+def _per_class_rows(report: dict) -> list[dict[str, Any]]:
+    return [
+        {"model": MODEL_LABELS.get(model, model), "class": name, **scores}
+        for model, results in report.items()
+        if isinstance(results, dict)
+        for name, scores in results.get("per_class", {}).items()
+    ]
+
+
+@task(name="publish-reports", cache_policy=NO_CACHE)
+def publish_reports(project_dir: str, experiment: str, refresh_plots: bool) -> list[str]:
+    """Markdown report and per-class table as Prefect artifacts; returns the keys written.
+
+    Each part appears only when its input file exists: a missing report input never fails.
+    """
+    project = Path(project_dir)
+    metrics = _read_json(project / "metrics" / experiment / "evaluate.json")
+    validation = _read_json(project / "metrics" / experiment / "validate.json")
+    sections = [f"# tlflax report: experiment `{experiment}`"]
+    if isinstance(metrics, dict):
+        sections.append("\n".join(_metrics_section(metrics)))
+    if isinstance(validation, dict):
+        sections.append("\n".join(_validation_section(validation)))
+    links = []
+    data_docs = _data_docs_index(project, experiment, validation)
+    if data_docs:
+        links.append(f"- Great Expectations Data Docs: {_link(project, data_docs)}")
+    plots = _render_dvc_plots(project, experiment, refresh_plots)
+    if plots:
+        links.append(f"- DVC plots: {_link(project, plots)}")
+    if links:
+        sections.append("\n".join(["## Reports", "", *links]))
+
+    written = []
+    if len(sections) > 1:
+        key = artifact_key(experiment, "report")
+        create_markdown_artifact(
+            "\n\n".join(sections),
+            key=key,
+            description=f"tlflax {experiment}: metrics, validation, reports",
+        )
+        written.append(key)
+    report = _read_json(project / "plots" / experiment / "classification_report.json")
+    rows = _per_class_rows(report) if isinstance(report, dict) else []
+    if rows:
+        key = artifact_key(experiment, "per-class")
+        create_table_artifact(
+            rows, key=key, description=f"tlflax {experiment}: per-class test metrics"
+        )
+        written.append(key)
+    return written
+
+
+# --- The flow -------------------------------------------------------------------------------
+
+
+def reproduce_stale_stages(project_dir: str, stages: list[str] | None) -> list[str]:
+    """Run the stale stages among ``stages`` in pipeline order; returns those that ran."""
+    plan = plan_stages(project_dir, stages)
+    stale = set(plan.stale)
+    ran = []
+    for position, stage in enumerate(plan.order):
+        if stage not in stale:
+            continue
+        run_stage(stage, project_dir)
+        ran.append(stage)
+        later = plan.order[position + 1 :]
+        if later:
+            # The stage's new outputs may have made later stages stale: ask DVC again.
+            stale = set(plan_stages(project_dir, later).stale)
+    up_to_date = [stage for stage in plan.order if stage not in ran]
+    get_run_logger().info(f"ran {ran or 'no stage'}; up to date: {up_to_date or 'none'}")
+    return ran
+
+
 @flow(name="tlflax-pipeline", log_prints=True)
 def pipeline(
-    experiment: str = "vision", stages: list[str] | None = None, project_dir: str | None = None
-) -> dict:
-    """Run the pipeline's DVC stages in order and return the evaluation metrics."""
-    project = project_dir or str(PROJECT_ROOT)
-    for stage in stages or list(STAGES):
-        run_stage(stage, project)
-    metrics_path = Path(project) / "metrics" / experiment / "evaluate.json"
-    metrics = json.loads(metrics_path.read_text())
-    print(summary_line(metrics))
-    return metrics
+    stages: list[str] | None = None,
+    project_dir: str | None = None,
+    overrides: list[str] | None = None,
+    experiment_name: str | None = None,
+    pull: bool = False,
+    push: bool = False,
+    remote: str | None = None,
+) -> dict[str, Any]:
+    """Reproduce the pipeline's stale DVC stages, publish reports, return the test metrics.
+
+    Args:
+        stages: stage names to consider (default: every stage in dvc.yaml), run in DVC's order.
+        project_dir: the DVC project (default: this repository).
+        overrides: ``key=value`` params; when given, the run is ``dvc exp run -S ...``.
+        experiment_name: the DVC experiment's name (with ``overrides``; DVC picks one if None).
+        pull: ``dvc pull`` before running, so stages a teammate ran are not run again.
+        push: ``dvc push`` after running.
+        remote: a DVC remote name; default $TLFLAX_DVC_REMOTE, else the project's default.
+
+    Returns:
+        ``experiment`` (from params.yaml), ``stages_run`` (None for ``dvc exp run``, which
+        logs what it ran), ``dvc_experiment`` and ``metrics`` (empty before an evaluation).
+
+    Raises:
+        StageFailed: a stage failed (after retries, when transient); reports still publish.
+    """
+    project = str(Path(project_dir or PROJECT_ROOT).resolve())
+    stages_run: list[str] | None = None
+    try:
+        if pull:
+            pull_data(project, remote)
+        if overrides:
+            run_experiment(project, overrides, stages, experiment_name)
+        else:
+            stages_run = reproduce_stale_stages(project, stages)
+        if push:
+            push_data(project, remote)
+    finally:
+        # Reports publish even after a failed stage: a failed data validation is worth reading.
+        experiment = _read_experiment(Path(project))
+        if experiment is not None:
+            publish_reports(project, experiment, refresh_plots=stages_run != [])
+
+    metrics = None
+    if experiment is not None:
+        metrics = _read_json(Path(project) / "metrics" / experiment / "evaluate.json")
+    if isinstance(metrics, dict):
+        print(summary_line(metrics))
+    else:
+        print(f"no evaluation metrics yet (experiment {experiment})")
+    return {
+        "experiment": experiment,
+        "stages_run": stages_run,
+        "dvc_experiment": experiment_name,
+        "metrics": metrics if isinstance(metrics, dict) else {},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default="vision")
-    parser.add_argument("--project-dir", default=str(PROJECT_ROOT))
+    parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="the DVC project")
+    parser.add_argument(
+        "--stage", action="append", dest="stages", help="a stage to consider (repeatable)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override a param; runs `dvc exp run -S` (repeatable)",
+    )
+    parser.add_argument("--name", help="the DVC experiment's name (with --set)")
+    parser.add_argument("--pull", action="store_true", help="dvc pull before running")
+    parser.add_argument("--push", action="store_true", help="dvc push after running")
+    parser.add_argument(
+        "--remote", help=f"DVC remote name (default ${REMOTE_ENVIRONMENT_VARIABLE})"
+    )
     arguments = parser.parse_args()
     try:
-        pipeline(experiment=arguments.experiment, project_dir=arguments.project_dir)
-    except StageFailed as error:
+        pipeline(
+            stages=arguments.stages,
+            project_dir=arguments.project_dir,
+            overrides=arguments.overrides,
+            experiment_name=arguments.name,
+            pull=arguments.pull,
+            push=arguments.push,
+            remote=arguments.remote,
+        )
+    except PipelineError as error:
         print(f"pipeline: {error}", file=sys.stderr)
         sys.exit(1)
 

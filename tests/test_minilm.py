@@ -13,6 +13,7 @@ from flax import nnx
 from tlflax.models.minilm import (
     MiniLM,
     load_minilm_weights,
+    load_pretrained,
     load_tokenizer,
     minilm_weights_path,
     tokenize,
@@ -43,9 +44,9 @@ def tensors() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tensors: dict[str, np.ndarray]):
+def pretrained():
     model = MiniLM(rngs=nnx.Rngs(params=0, dropout=1))
-    report = load_minilm_weights(model, tensors)
+    report = load_pretrained(model)
     return model, report
 
 
@@ -166,7 +167,9 @@ def small_model(vocab_size: int = 100) -> MiniLM:
 
 
 def test_shape_mismatch_is_refused_with_names_and_shapes(tensors) -> None:
-    with pytest.raises(ValueError, match=r"embeddings/word/embedding.*\(30522, 384\).*\(100, 384\)"):
+    with pytest.raises(
+        ValueError, match=r"embeddings/word/embedding.*\(30522, 384\).*\(100, 384\)"
+    ):
         load_minilm_weights(small_model(), tensors)
 
 

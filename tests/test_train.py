@@ -62,15 +62,15 @@ def _finetuner(cfg, train, model=None):
 
 def test_head_learns_on_cached_features(digits):
     train, validation = digits
-    backbone = SmallCNN(widths=(8, 16), rngs=nnx.Rngs(0))
+    backbone = SmallCNN(widths=(16, 32, 64), rngs=nnx.Rngs(0))
     features = {
-        name: {"features": extract_features(backbone, split["image"], image_size=16, batch_size=64),
+        name: {"features": extract_features(backbone, split["image"], image_size=32, batch_size=64),
                "label": split["label"]}
         for name, split in (("train", train), ("validation", validation))
     }
-    assert features["train"]["features"].shape == (300, 16)
+    assert features["train"]["features"].shape == (300, 64)
     cfg = TrainHeadParams(learning_rate=3e-2, max_epochs=60, patience=60, dropout=0.0)
-    head = create_head(16, 10, cfg)
+    head = create_head(64, 10, cfg)
     history = train_head(head, features["train"], features["validation"], cfg)
     best = history.epochs[history.best_epoch]
     # Random conv features of digits are still far above chance (10%) for a linear probe.
@@ -108,9 +108,13 @@ def test_resume_after_interruption_gives_identical_parameters(digits, tmp_path):
     full, _ = run_finetuning(_finetuner(cfg, train), train, validation, uninterrupted_ckpt, eval_batch_size=64)
     uninterrupted_ckpt.close()
 
-    # First run stops after one epoch (as if killed), the second resumes from its checkpoint.
+    # The first run is interrupted right after its first epoch; the second resumes.
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
     partial_ckpt = TrainingCheckpoints(tmp_path / "b", keep_best=1)
-    run_finetuning(_finetuner(_finetune_cfg(epochs=1), train), train, validation, partial_ckpt, eval_batch_size=64)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetuning(_finetuner(cfg, train), train, validation, partial_ckpt, eval_batch_size=64, on_epoch_end=interrupt)
     partial_ckpt.close()
     resumed_ckpt = TrainingCheckpoints(tmp_path / "b", keep_best=1)
     resumed, history = run_finetuning(_finetuner(cfg, train), train, validation, resumed_ckpt, eval_batch_size=64)

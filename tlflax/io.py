@@ -34,6 +34,10 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
         handle, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(handle)
         temporary = Path(name)
+        # mkstemp creates 0600 files; outputs get the usual permissions of a new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
     try:
         yield temporary
         if directory and target.exists():

@@ -376,14 +376,15 @@ def run_finetuning(
             history.best_validation_loss, history.best_epoch = metrics["validation_loss"], epoch
         elif epoch - history.best_epoch >= cfg.patience:
             history.stopped_early = True
-        if on_epoch_end:
-            on_epoch_end(epoch, metrics)
         progress = {
             "epoch": state.epoch,
             "key": np.asarray(jax.random.key_data(state.key)).tolist(),
             "history": dataclasses.asdict(history),
         }
         checkpoints.save(epoch, _checkpoint_state(state), progress, metrics)
+        # Reported after the save is issued, so what a log shows is what a resume continues from.
+        if on_epoch_end:
+            on_epoch_end(epoch, metrics)
     checkpoints.manager.wait_until_finished()
     best = checkpoints.best_step()
     if best is not None and best != state.epoch - 1:

@@ -6,6 +6,7 @@ happen inside the jitted step, so the host never holds a resized copy of the dat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -58,6 +59,13 @@ def image_forward(image_size: int, augment: AugmentParams) -> Forward:
     return forward
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _features_step(graphdef, state, images, image_size: int) -> jax.Array:
+    # Module-level and keyed on (graphdef, image_size): every split reuses one compilation.
+    model = nnx.merge(graphdef, state)
+    return model.features(prepare_images(images, image_size), train=False)
+
+
 def extract_features(
     backbone: nnx.Module,
     images: np.ndarray,
@@ -72,18 +80,12 @@ def extract_features(
     fixed shape, so this compiles once whatever the dataset size.
     """
     graphdef, state = nnx.split(backbone)
-
-    @jax.jit
-    def features_step(state, images):
-        model = nnx.merge(graphdef, state)
-        return model.features(prepare_images(images, image_size), train=False)
-
     arrays = {"image": images, "index": np.arange(len(images))}
     outputs: list[np.ndarray] = []
     batches: Iterator = iterate_batches(arrays, batch_size, shuffle=False, seed=0)
     total = num_batches(len(images), batch_size, drop_remainder=False)
     for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=None):
-        features = np.asarray(features_step(state, batch["image"]))
+        features = np.asarray(_features_step(graphdef, state, batch["image"], image_size))
         outputs.append(features[batch["mask"] > 0])
     if not outputs:
         return np.zeros((0, backbone.feature_dim), np.float32)

@@ -34,7 +34,7 @@ def validate(params: Params, paths: ExperimentPaths) -> None:
         max_duplicate_fraction=cfg.max_duplicate_fraction,
         max_mean_intensity_shift=cfg.max_mean_intensity_shift,
     )
-    summary = validate_manifest(manifest, thresholds, docs_dir=paths.data_docs)
+    summary = validate_manifest(manifest, thresholds, docs_dir=paths.data_docs.absolute())
     write_json(paths.metrics("validate"), summary.to_dict())
     print(summary.format_report())
     if not summary.success:

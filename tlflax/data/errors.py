@@ -18,7 +18,8 @@ class DataError(ValueError):
         hint: optional advice on how to fix it.
 
     Example:
-        >>> raise DataError(Path("labels.gz"), "file is truncated", hint="run `make assets`")
+        >>> str(DataError(Path("labels.gz"), "file is truncated", "run `make assets`"))
+        'labels.gz: file is truncated (run `make assets`)'
     """
 
     def __init__(self, location: str | Path, problem: str, hint: str | None = None) -> None:

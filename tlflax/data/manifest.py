@@ -129,3 +129,23 @@ def image_manifest(
     if not frames:
         return pd.DataFrame(columns=list(IMAGE_MANIFEST_SCHEMA.columns))
     return pd.concat(frames, ignore_index=True)
+
+
+def class_counts(manifest: pd.DataFrame, split: str, class_names: Sequence[str]) -> pd.Series:
+    """Records per class name in ``split``, for every name in ``class_names`` (0 if absent)."""
+    in_split = manifest.loc[manifest["split"] == split, "label_name"]
+    return in_split.value_counts().reindex(list(class_names), fill_value=0)
+
+
+def cross_split_matches(manifest: pd.DataFrame, split: str, other_split: str) -> pd.DataFrame:
+    """Records of ``split`` whose content also occurs in ``other_split`` (train/test leakage).
+
+    Returns:
+        One row per such record: ``index`` (in ``split``) and ``other_index`` (the first
+        record of ``other_split`` with the same content hash), ordered by ``index``.
+    """
+    rows = manifest.loc[manifest["split"] == split, ["index", "content_hash"]]
+    other = manifest.loc[manifest["split"] == other_split, ["index", "content_hash"]]
+    first_in_other = other.drop_duplicates("content_hash").rename(columns={"index": "other_index"})
+    matches = rows.merge(first_in_other, on="content_hash", how="inner")
+    return matches[["index", "other_index"]].sort_values("index", ignore_index=True)

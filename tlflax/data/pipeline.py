@@ -54,8 +54,8 @@ def iterate_batches(
         epoch: epoch number; each epoch has its own order.
         drop_remainder: skip the last partial batch instead of padding it.
 
-    Yields:
-        Dicts with the keys of ``arrays`` plus ``"mask"`` (float32, 1 for real rows, 0 for
+    Returns:
+        An iterator of dicts with the keys of ``arrays`` plus ``"mask"`` (float32, 1 for real rows, 0 for
         padding). The last partial batch repeats its first row as padding, so padded rows
         hold valid values (labels in range, finite pixels) and only the mask tells them apart.
 
@@ -75,10 +75,16 @@ def iterate_batches(
     num_examples = next(iter(lengths.values()), 0)
     for key, length in lengths.items():
         if length != num_examples:
-            raise DataError(f"arrays[{key!r}]", f"has {length} rows, others {num_examples}: {lengths}")
-
+            raise DataError(f"arrays[{key!r}]", f"lengths differ: {lengths}")
+    # Checked above, outside the generator, so bad input fails at the call, not at first use.
     order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
-    for batch_index in range(num_batches(num_examples, batch_size, drop_remainder)):
+    return _generate_batches(arrays, order, batch_size, drop_remainder)
+
+
+def _generate_batches(
+    arrays: dict[str, np.ndarray], order: np.ndarray, batch_size: int, drop_remainder: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    for batch_index in range(num_batches(len(order), batch_size, drop_remainder)):
         indices = order[batch_index * batch_size : (batch_index + 1) * batch_size]
         num_real = len(indices)
         if num_real < batch_size:

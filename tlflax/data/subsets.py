@@ -106,7 +106,5 @@ def split_train_validation(
     if train_per_class is None:
         train = np.setdiff1d(np.arange(len(labels), dtype=np.int64), validation)
     else:
-        train = stratified_subset(
-            labels, per_class=train_per_class, seed=seed, exclude=validation
-        )
+        train = stratified_subset(labels, per_class=train_per_class, seed=seed, exclude=validation)
     return train, validation

@@ -126,6 +126,10 @@ def write_image_dataset(
     _check_splits(name, splits, class_names)
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / name
+    # A process killed outright (no `finally`) leaves its build folder behind; it must not
+    # linger in data_dir, which a DVC stage may track as an output.
+    for stale_build in data_dir.glob(f".{name}.building-*"):
+        shutil.rmtree(stale_build, ignore_errors=True)
     # Same parent folder => same filesystem => the final renames are atomic.
     build_root = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=data_dir))
     try:
@@ -139,9 +143,15 @@ def write_image_dataset(
         builder.download_and_prepare(download_dir=build_root / "downloads")
         # A directory cannot be renamed over a non-empty one: move the old dataset into
         # the build folder (deleted below), then the new one into place.
+        previous = build_root / "previous"
         if target.exists():
-            target.rename(build_root / "previous")
-        (build_root / name).rename(target)
+            target.rename(previous)
+        try:
+            (build_root / name).rename(target)
+        except OSError:
+            if previous.exists():  # put the old dataset back before the cleanup deletes it
+                previous.rename(target)
+            raise
     finally:
         shutil.rmtree(build_root, ignore_errors=True)
     return target
@@ -183,9 +193,7 @@ def _load_builder(data_dir: Path, name: str) -> tfds.core.DatasetBuilder:
     # datasets (e.g. "fashion_mnist"), whose registered builders have other features.
     version_dir = dataset_version_dir(data_dir, name)
     if not (version_dir / "dataset_info.json").is_file():
-        raise DataError(
-            version_dir, "no TFDS dataset here", "run the `prepare` stage to write it"
-        )
+        raise DataError(version_dir, "no TFDS dataset here", "run the `prepare` stage to write it")
     return tfds.builder_from_directory(version_dir)
 
 

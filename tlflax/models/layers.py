@@ -6,10 +6,12 @@ Two things here are not what `nnx.Conv` gives you:
   trained in TensorFlow (EfficientNet-Lite) pad asymmetrically — more on the bottom/right —
   and a stride-2 layer fed an even size differs from PyTorch's symmetric padding.
 * A depthwise convolution with a per-platform implementation. XLA's CPU depthwise
-  convolution is pathological (a 3×3 depthwise conv on (32, 24, 24, 144) measured 116 ms
-  forward, 619 ms with its gradient); written as k·k shifted multiply-adds it took 7 ms.
-  The "shifted" path also has a hand-written backward pass (`jax.custom_vjp`) that is
-  again made of shifted multiply-adds, instead of autodiff's k·k scattered pads.
+  convolution is pathological: a 3×3 depthwise conv on (32, 24, 24, 144) took 78 ms
+  forward and 258 ms with its gradient here, against 3.6 ms and 86 ms written as k·k
+  shifted multiply-adds ("shifted"). The shifted path has a hand-written backward pass
+  (`jax.custom_vjp`), itself shifted multiply-adds; autodiff's k·k scattered pads took
+  146 ms. A whole EfficientNet-Lite0 train step (batch 32, 96 px): 1.7 s shifted,
+  2.6 s shifted with autodiff, 5.6 s XLA, 3.0 s PyTorch eager.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "DepthwiseImpl",
     "depthwise_conv",
     "resolve_depthwise_impl",
+    "set_batchnorm_training",
     "tf_same_padding",
 ]
 
@@ -217,6 +220,7 @@ class Conv2d(nnx.Module):
         padding: Padding = "SAME",
         rngs: nnx.Rngs,
     ) -> None:
+        # TF EfficientNet's initialiser; it matters for layers re-initialised via dont_load.
         initializer = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
         self.kernel = nnx.Param(
             initializer(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels))
@@ -226,10 +230,12 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
+        # Promote like Flax's layers do: bf16 inputs with f32 kernels compute in f32.
+        dtype = jnp.result_type(x, kernel)
         pads = _spatial_pads(x.shape[1], x.shape[2], kernel.shape[0], self.stride, self.padding)
         return lax.conv_general_dilated(
-            x,
-            kernel.astype(x.dtype),
+            x.astype(dtype),
+            kernel.astype(dtype),
             window_strides=(self.stride, self.stride),
             padding=pads,
             dimension_numbers=_NHWC_HWIO,
@@ -263,3 +269,16 @@ class DepthwiseConv2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return depthwise_conv(x, self.kernel[...], self.stride, self.padding, self.impl)
+
+
+def set_batchnorm_training(model: nnx.Module, enabled: bool) -> None:
+    """Switches every BatchNorm in `model` to batch statistics (True) or running ones (False).
+
+    The backbones build BatchNorm with running statistics and keep them whatever `train`
+    says — Keras' advice for fine-tuning on small data sets. With `enabled`, BatchNorm
+    normalises with each batch's statistics and updates its running averages (which then
+    have to be carried out of a jitted step as `nnx.BatchStat` state).
+    """
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.BatchNorm):
+            module.use_running_average = not enabled

