@@ -244,7 +244,7 @@ def pull_data(project_dir: str, remote: str | None) -> int:
     """
     with open_repository(project_dir, **_remote_options(remote)) as repository:
         stats = repository.pull(allow_missing=True)["stats"]
-    changed = sum(len(paths) for kind, paths in stats.items() if kind != "fetched")
+    changed = sum(count for kind, count in stats.items() if kind != "fetched")
     get_run_logger().info(
         f"dvc pull: {stats['fetched']} file(s) fetched, {changed} workspace path(s) updated"
     )

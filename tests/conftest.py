@@ -40,14 +40,19 @@ def run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """Run a command with the project's virtualenv first on PATH, capturing its output."""
     environment = dict(os.environ)
     environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment["PATH"]
-    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True, **kwargs
+    )
 
 
 def make_project_copy(destination: Path, params_override: dict) -> Path:
     """A git + DVC repository holding the project's tracked files and the raw data."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for name in files:
         source = ROOT / name
@@ -57,7 +62,9 @@ def make_project_copy(destination: Path, params_override: dict) -> Path:
             shutil.copy2(source, target)
     shutil.copytree(RAW_FASHION_MNIST, destination / "data/raw/fashion-mnist")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (destination / "params.yaml").write_text(yaml.safe_dump(_merge(params, params_override), sort_keys=False))
+    (destination / "params.yaml").write_text(
+        yaml.safe_dump(_merge(params, params_override), sort_keys=False)
+    )
     for command in (
         ["git", "init", "-q"],
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],

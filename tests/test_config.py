@@ -16,13 +16,19 @@ def test_project_params_file_is_valid_and_explicit():
     assert params.finetune.rules[0].pattern == "^head/"
     # Every section is spelled out in the file: the file, not code defaults, holds the values.
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(raw) == {"experiment", *(f.alias or n for n, f in Params.model_fields.items() if n != "experiment")}
+    assert set(raw) == {
+        "experiment",
+        *(f.alias or n for n, f in Params.model_fields.items() if n != "experiment"),
+    }
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"finetune": {"learnig_rate": 0.1}}, "unknown key 'finetune.learnig_rate' (did you mean 'learning_rate'?)"),
+        (
+            {"finetune": {"learnig_rate": 0.1}},
+            "unknown key 'finetune.learnig_rate' (did you mean 'learning_rate'?)",
+        ),
         ({"trian_head": {}}, "unknown key 'trian_head' (did you mean 'train_head'?)"),
         ({"finetune": {"augment": {"flipp": True}}}, "did you mean 'flip'?"),
         ({"finetune": {"rules": [{"pattern": "^a", "frezee": True}]}}, "did you mean 'freeze'?"),

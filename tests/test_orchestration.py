@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from pipelines.flows import (
     TransientStageFailure,
     artifact_key,
     is_transient_failure,
+    main,
     pipeline,
 )
 
@@ -66,9 +68,44 @@ def prefect_api() -> Iterator[str]:
         yield PREFECT_API_URL.value()
 
 
+def dvc(project: Path, *arguments: str, timeout: float = 120) -> str:
+    """Run the dvc command line in ``project`` (with this interpreter as `python`)."""
+    environment = dict(os.environ)
+    environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment["PATH"]
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *arguments],
+        cwd=project, env=environment, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, f"dvc {' '.join(arguments)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
 @pytest.fixture
 def standin(tmp_path: Path) -> Path:
+    """A stand-in project whose pipeline has never run."""
     return create_standin_project(tmp_path / "standin")
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in after `dvc repro`, dvc.lock and the small outputs committed (as a team
+    keeps the real project)."""
+    project = create_standin_project(tmp_path_factory.mktemp("template") / "standin")
+    dvc(project, "repro")
+    (project / "stage-runs.log").unlink()
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "pipeline results")
+    return project
+
+
+@pytest.fixture
+def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the reproduced stand-in, less DVC's scratch directory."""
+
+    def dvc_scratch(directory: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(directory).name == ".dvc" else []
+
+    return Path(shutil.copytree(reproduced_template, tmp_path / "standin", ignore=dvc_scratch))
 
 
 def stage_runs(project: Path) -> list[str]:
@@ -109,8 +146,8 @@ def wait_for(read: Callable[[], Any], done: Callable[[Any], bool], what: str) ->
         time.sleep(0.5)
 
 
-def finished_task_runs(flow_run_id: UUID, expected: set[str]) -> dict[str, Any]:
-    """The flow run's task runs by name, once every name in ``expected`` has finished."""
+def finished_task_run(flow_run_id: UUID, name: str) -> Any:
+    """The flow run's task run called ``name``, once the server has it in a final state."""
 
     def read() -> dict[str, Any]:
         with get_client(sync_client=True) as client:
@@ -119,10 +156,8 @@ def finished_task_runs(flow_run_id: UUID, expected: set[str]) -> dict[str, Any]:
             )
         return {run.name: run for run in runs}
 
-    def done(runs: dict[str, Any]) -> bool:
-        return all(name in runs and runs[name].state.is_final() for name in expected)
-
-    return wait_for(read, done, f"task runs {sorted(expected)}")
+    runs = wait_for(read, lambda runs: name in runs and runs[name].state.is_final(), name)
+    return runs[name]
 
 
 def read_artifacts(flow_run_id: UUID) -> dict[str, Any]:
@@ -130,19 +165,26 @@ def read_artifacts(flow_run_id: UUID) -> dict[str, Any]:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return {artifact.key: artifact for artifact in artifacts}
+    # Prefect adds unkeyed artifacts of its own (e.g. for a failed run); ours have keys.
+    return {artifact.key: artifact for artifact in artifacts if artifact.key}
+
+
+def assert_failed_once_without_retry(project: Path, flow_run_id: UUID, state: Any, stage: str):
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, StageFailed) and not isinstance(error, TransientStageFailure)
+    ran = stage_runs(project)
+    assert ran[-1] == stage and ran.count(stage) == 1, ran
+    assert finished_task_run(flow_run_id, stage).run_count == 1
 
 
 # --- No-op and staleness ------------------------------------------------------------------------
 
 
-def test_repeated_run_is_a_noop_and_a_changed_input_reruns_only_what_depends_on_it(
-    prefect_api: str, standin: Path
-) -> None:
-    first = pipeline(project_dir=str(standin))
-    assert first["stages_run"] == ALL_STAGES
+def test_first_run_runs_every_stage_and_a_repeat_is_a_noop(prefect_api: str, standin: Path) -> None:
+    first_run_id, first = run_flow(project_dir=str(standin))
+    assert first.result()["stages_run"] == ALL_STAGES
     assert stage_runs(standin) == ALL_STAGES
-    assert first["metrics"]["head_only"]["accuracy"] == pytest.approx(0.6)
     lock = (standin / "dvc.lock").read_text()
 
     again = pipeline(project_dir=str(standin))
@@ -150,20 +192,32 @@ def test_repeated_run_is_a_noop_and_a_changed_input_reruns_only_what_depends_on_
     assert stage_runs(standin) == ALL_STAGES, "a no-op run must not start any stage"
     assert (standin / "dvc.lock").read_text() == lock
 
+    def read_logs() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run_id]))
+            )
+        return [log.message for log in logs]
+
+    wait_for(read_logs, lambda messages: "> python standin_stage.py evaluate" in messages,
+             "the evaluate stage's output in the Prefect log")  # fmt: skip
+
+
+def test_a_changed_input_reruns_only_what_depends_on_it(prefect_api: str, reproduced: Path) -> None:
     # A changed param re-runs its stage and whatever its new outputs feed.
-    set_params(standin, train_head={"learning_rate": 0.3})
-    changed = pipeline(project_dir=str(standin))
+    set_params(reproduced, train_head={"learning_rate": 0.3})
+    changed = pipeline(project_dir=str(reproduced))
     assert changed["stages_run"] == ["train_head", "finetune", "evaluate"]
+    assert stage_runs(reproduced) == ["train_head", "finetune", "evaluate"]
     assert changed["metrics"]["head_only"]["accuracy"] == pytest.approx(0.8)
 
     # A deleted output makes its stage stale; DVC restores it from its run cache instead of
     # running the command, and (asked again after that stage) finds nothing downstream stale.
-    runs_before = stage_runs(standin)
-    (standin / "data/standin/features.json").unlink()
-    restored = pipeline(project_dir=str(standin))
+    (reproduced / "data/standin/features.json").unlink()
+    restored = pipeline(project_dir=str(reproduced))
     assert restored["stages_run"] == ["extract"]
-    assert stage_runs(standin) == runs_before
-    assert (standin / "data/standin/features.json").is_file()
+    assert stage_runs(reproduced) == ["train_head", "finetune", "evaluate"]
+    assert (reproduced / "data/standin/features.json").is_file()
 
 
 def test_stages_run_in_pipeline_order_whatever_order_they_are_asked_in(
@@ -171,54 +225,31 @@ def test_stages_run_in_pipeline_order_whatever_order_they_are_asked_in(
 ) -> None:
     result = pipeline(project_dir=str(standin), stages=["validate", "prepare"])
     assert result["stages_run"] == ["prepare", "validate"]
-    assert result["metrics"] == {}, "no evaluation yet, and no failure because of it"
     with pytest.raises(PipelineError, match="unknown stage"):
         pipeline(project_dir=str(standin), stages=["prepare", "trian_head"])
 
 
 # --- Retries --------------------------------------------------------------------------------
 
+REPRODUCE_FAILED = "ERROR: failed to reproduce 'stage': failed to run: python s.py"
+
 
 @pytest.mark.parametrize(
-    ("line", "return_code", "transient"),
+    ("return_code", "line", "transient"),
     [
-        ("ERROR: Unable to acquire lock. Most likely another DVC process is running", 255, True),
-        (
-            "ERROR: failed to reproduce 'train_head': failed to run: python x.py, exited with -9",
-            255,
-            True,
-        ),
-        (
-            "ERROR: failed to reproduce 'train_head': failed to run: a && b, exited with 137",
-            255,
-            True,
-        ),
-        (
-            "ERROR: failed to reproduce 'train_head': failed to run: a && b, exited with 143",
-            255,
-            True,
-        ),
-        (
-            "ERROR: failed to reproduce 'validate': failed to run: python x.py, exited with 1",
-            255,
-            False,
-        ),
-        (
-            "ERROR: failed to reproduce 'finetune': failed to run: python x.py, exited with 2",
-            255,
-            False,
-        ),
-        (
-            "ERROR: failed to reproduce 'finetune': failed to run: python x.py, exited with -11",
-            255,
-            False,
-        ),
-        ("", -9, True),
-        ("", -2, False),
+        (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
+        (255, f"{REPRODUCE_FAILED}, exited with -9", True),  # SIGKILL
+        (255, f"{REPRODUCE_FAILED} && b, exited with 137", True),  # SIGKILL, via the shell
+        (255, f"{REPRODUCE_FAILED} && b, exited with 143", True),  # SIGTERM, via the shell
+        (255, f"{REPRODUCE_FAILED}, exited with 1", False),  # failed validation
+        (255, f"{REPRODUCE_FAILED}, exited with 2", False),  # bad params or input
+        (255, f"{REPRODUCE_FAILED}, exited with -11", False),  # a crash
+        (-9, "", True),  # DVC itself killed
+        (-2, "", False),  # DVC interrupted by the user
     ],
 )
 def test_only_lock_contention_and_kills_count_as_transient(
-    line: str, return_code: int, transient: bool
+    return_code: int, line: str, transient: bool
 ) -> None:
     assert is_transient_failure(return_code, [line] if line else []) is transient
 
@@ -238,7 +269,7 @@ def test_a_stage_killed_by_a_signal_is_retried_and_completes(
     flow_run_id, state = run_flow(project_dir=str(standin), stages=["flaky"])
     assert state.is_completed(), state
     assert (standin / "killed-once").exists() and (standin / "flaky.txt").exists()
-    assert finished_task_runs(flow_run_id, {"flaky"})["flaky"].run_count == 2
+    assert finished_task_run(flow_run_id, "flaky").run_count == 2
 
 
 def test_dvc_lock_held_by_another_process_is_retried_and_completes(
@@ -269,38 +300,35 @@ def test_dvc_lock_held_by_another_process_is_retried_and_completes(
     flow_run_id, state = run_flow(project_dir=str(standin), stages=["contend"])
     assert state.is_completed(), state
     assert (standin / "contend-runs.log").read_text().split() == ["ran", "ran"]
-    assert finished_task_runs(flow_run_id, {"contend"})["contend"].run_count == 2
+    assert finished_task_run(flow_run_id, "contend").run_count == 2
     assert "contend" in (standin / "dvc.lock").read_text()
 
 
-@pytest.mark.parametrize(
-    ("failing_stage", "params"),
-    [
-        ("validate", {"validate": {"fail": True}}),  # exits 1: the data failed validation
-        ("train_head", {"train_head": {"learning_rate": 0}}),  # exits 2: bad params
-    ],
-)
-def test_a_stage_failing_by_its_own_verdict_is_not_retried_and_stops_the_flow(
-    prefect_api: str, standin: Path, failing_stage: str, params: dict
-) -> None:
-    set_params(standin, **params)
+def test_bad_params_stop_the_flow_without_a_retry(prefect_api: str, standin: Path) -> None:
+    set_params(standin, train_head={"learning_rate": 0})  # the stage exits 2
     flow_run_id, state = run_flow(project_dir=str(standin))
-    assert state.is_failed()
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, StageFailed) and not isinstance(error, TransientStageFailure)
-    ran = stage_runs(standin)
-    assert ran[-1] == failing_stage and ran.count(failing_stage) == 1
-    assert finished_task_runs(flow_run_id, {failing_stage})[failing_stage].run_count == 1
+    assert_failed_once_without_retry(standin, flow_run_id, state, "train_head")
+
+
+def test_a_failed_validation_stops_the_flow_without_a_retry_and_reports_its_verdict(
+    prefect_api: str, standin: Path
+) -> None:
+    set_params(standin, validate={"fail": True})  # the stage exits 1
+    flow_run_id, state = run_flow(project_dir=str(standin))
+    assert_failed_once_without_retry(standin, flow_run_id, state, "validate")
+    artifacts = read_artifacts(flow_run_id)
+    assert set(artifacts) == {artifact_key("standin", "report")}, "no evaluation, no table"
+    markdown = artifacts[artifact_key("standin", "report")].data
+    assert "**FAILED**: 1 checks, 1 critical failures" in markdown
+    assert "| balance.train.class_ratio | critical | 9.0 | 1.5 |" in markdown
 
 
 # --- Reports --------------------------------------------------------------------------------
 
 
-def test_reports_are_artifacts_with_stable_keys_and_stage_logs_reach_prefect(
-    prefect_api: str, standin: Path
-) -> None:
-    first_run_id, _ = run_flow(project_dir=str(standin))
-    second_run_id, _ = run_flow(project_dir=str(standin))
+def test_reports_are_artifacts_with_stable_keys(prefect_api: str, reproduced: Path) -> None:
+    first_run_id, _ = run_flow(project_dir=str(reproduced))
+    second_run_id, _ = run_flow(project_dir=str(reproduced))
     report_key, table_key = artifact_key("standin", "report"), artifact_key("standin", "per-class")
     assert (report_key, table_key) == ("tlflax-standin-report", "tlflax-standin-per-class")
     first, second = read_artifacts(first_run_id), read_artifacts(second_run_id)
@@ -313,33 +341,12 @@ def test_reports_are_artifacts_with_stable_keys_and_stage_logs_reach_prefect(
     assert "**PASSED**: 1 checks, 0 critical failures" in markdown
     assert "reports/standin/data_docs/local_site/index.html" in markdown
     assert "reports/standin/dvc_plots/index.html" in markdown
-    assert (standin / "reports/standin/dvc_plots/index.html").is_file()
+    assert (reproduced / "reports/standin/dvc_plots/index.html").is_file()
 
     rows = json.loads(second[table_key].data)
     assert len(rows) == 4  # two models x two classes
     assert {"model": "fine-tuned", "class": "dog", "precision": 0.7, "recall": 0.7,
             "f1": 0.7, "support": 10} in rows  # fmt: skip
-
-    def read_logs() -> list[str]:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run_id]))
-            )
-        return [log.message for log in logs]
-
-    wait_for(read_logs, lambda messages: "> python standin_stage.py evaluate" in messages,
-             "the evaluate stage's output in the Prefect log")  # fmt: skip
-
-
-def test_a_failed_validation_still_publishes_its_verdict(prefect_api: str, standin: Path) -> None:
-    set_params(standin, validate={"fail": True})
-    flow_run_id, state = run_flow(project_dir=str(standin))
-    assert state.is_failed()
-    artifacts = read_artifacts(flow_run_id)
-    assert set(artifacts) == {artifact_key("standin", "report")}, "no evaluation, no table"
-    markdown = artifacts[artifact_key("standin", "report")].data
-    assert "**FAILED**: 1 checks, 1 critical failures" in markdown
-    assert "| balance.train.class_ratio | critical | 9.0 | 1.5 |" in markdown
 
 
 def test_missing_or_unreadable_report_inputs_never_fail_the_flow(
@@ -360,18 +367,6 @@ def test_missing_or_unreadable_report_inputs_never_fail_the_flow(
 # --- Experiments, remotes, the command line ---------------------------------------------------
 
 
-def dvc(project: Path, *arguments: str, timeout: float = 120) -> str:
-    """Run the dvc command line in ``project`` (with this interpreter as `python`)."""
-    environment = dict(os.environ)
-    environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment["PATH"]
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", *arguments],
-        cwd=project, env=environment, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    assert result.returncode == 0, f"dvc {' '.join(arguments)}:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
 def experiments(project: Path) -> dict[str, dict]:
     """``dvc exp show --json`` as {experiment name: {"params": ..., "metrics": ...}}."""
     rows = json.loads(dvc(project, "exp", "show", "--json"))
@@ -388,81 +383,95 @@ def experiments(project: Path) -> dict[str, dict]:
 
 
 def test_overrides_run_a_dvc_experiment_that_shows_in_exp_show(
-    prefect_api: str, standin: Path
+    prefect_api: str, reproduced: Path
 ) -> None:
     result = pipeline(
-        project_dir=str(standin),
+        project_dir=str(reproduced),
         overrides=["train_head.learning_rate=0.3"],
         experiment_name="lr-03",
     )
     assert result["metrics"]["head_only"]["accuracy"] == pytest.approx(0.8)
-    found = experiments(standin)
+    # DVC re-ran only the stages the changed param reaches.
+    assert stage_runs(reproduced) == ["train_head", "finetune", "evaluate"]
+    found = experiments(reproduced)
     assert found["lr-03"]["params"]["train_head"]["learning_rate"] == 0.3
     assert found["lr-03"]["metrics"]["head_only"]["accuracy"] == pytest.approx(0.8)
 
 
-def test_two_experiment_sweep_through_the_dvc_queue(standin: Path) -> None:
+def test_two_experiment_sweep_through_the_dvc_queue(reproduced: Path) -> None:
     for rate, name in ((0.2, "lr-02"), (0.4, "lr-04")):
-        dvc(standin, "exp", "run", "--queue", "-S", f"train_head.learning_rate={rate}", "-n", name)
-    dvc(standin, "queue", "start", "--jobs", "1")
+        dvc(
+            reproduced,
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            f"train_head.learning_rate={rate}",
+            "-n",
+            name,
+        )
+    dvc(reproduced, "queue", "start", "--jobs", "1")
     try:
         wait_for(
-            lambda: dvc(standin, "queue", "status"),
+            lambda: dvc(reproduced, "queue", "status"),
             lambda status: status.count("Success") == 2 or "Failed" in status,
             "both queued experiments",
         )
     finally:
         # The queue's workers are DVC's own background processes: DVC stops them.
-        dvc(standin, "queue", "stop")
-    found = experiments(standin)
+        dvc(reproduced, "queue", "stop")
+    found = experiments(reproduced)
+    assert found["lr-02"]["params"]["train_head"]["learning_rate"] == 0.2
     assert found["lr-02"]["metrics"]["head_only"]["accuracy"] == pytest.approx(0.7)
     assert found["lr-04"]["metrics"]["head_only"]["accuracy"] == pytest.approx(0.9)
-    assert found["lr-02"]["params"]["train_head"]["learning_rate"] == 0.2
 
 
 def test_a_fresh_clone_pulls_what_a_teammate_pushed_instead_of_rerunning(
-    prefect_api: str, standin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_api: str, reproduced: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     remote = tmp_path / "dvc-remote"
     monkeypatch.setenv("TLFLAX_DVC_REMOTE", str(remote))
-    pushed = pipeline(project_dir=str(standin), push=True)
-    assert pushed["stages_run"] == ALL_STAGES
+    pushed = pipeline(project_dir=str(reproduced), push=True)
     assert any(path.is_file() for path in remote.rglob("*")), "dvc push sent nothing"
-    # What a teammate commits: dvc.lock and the small, git-tracked metrics and reports.
-    git(standin, "add", "-A")
-    git(standin, "commit", "-qm", "results")
 
+    # The clone has what git holds (dvc.lock, metrics, reports), none of the DVC outputs.
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(standin), str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", str(reproduced), str(clone)], check=True)
+    assert not (clone / "models/standin/finetune.json").exists()
     pulled = pipeline(project_dir=str(clone), pull=True)
     assert pulled["stages_run"] == [], "pulled outputs must make every stage up to date"
     assert stage_runs(clone) == []
     assert (clone / "models/standin/finetune.json").read_text() == (
-        standin / "models/standin/finetune.json"
+        reproduced / "models/standin/finetune.json"
     ).read_text()
     assert pulled["metrics"] == pushed["metrics"]
 
 
-def test_the_command_line_prints_the_summary_and_exits_1_on_a_failed_stage(
-    prefect_api: str, standin: Path
-) -> None:
-    environment = dict(os.environ, PREFECT_API_URL=prefect_api)
-
-    def main(*arguments: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "pipelines.flows", "--project-dir", str(standin)]
-        return subprocess.run(
-            [*command, *arguments], env=environment, capture_output=True, text=True, timeout=300
-        )
-
-    succeeded = main()
-    assert succeeded.returncode == 0, succeeded.stderr[-3000:]
+def test_the_command_line_prints_the_summary(prefect_api: str, reproduced: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.flows", "--project-dir", str(reproduced)],
+        env=dict(os.environ, PREFECT_API_URL=prefect_api),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "test set: 20 images, trained on 60; head-only accuracy 0.6000 (macro-F1 0.5500); "
         "fine-tuned accuracy 0.7000 (macro-F1 0.6500)"
-    ) in succeeded.stdout + succeeded.stderr
+    ) in result.stdout + result.stderr
 
-    failed = main("--set", "validate.fail=true")
-    assert failed.returncode == 1
-    assert "pipeline: `dvc exp run --set-param validate.fail=true` failed (exit 255)" in (
-        failed.stderr
+
+def test_the_command_line_exits_1_with_one_line_on_a_failed_stage(
+    prefect_api: str,
+    reproduced: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    arguments = ["--project-dir", str(reproduced), "--set", "validate.fail=true", "--name", "bad"]
+    monkeypatch.setattr(sys, "argv", ["pipelines.flows", *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert (
+        "pipeline: `dvc exp run --set-param validate.fail=true --name bad` failed (exit 255)"
+        in capsys.readouterr().err
     )

@@ -38,9 +38,14 @@ def test_bad_params_stop_the_stage_with_one_line_naming_the_key(tiny_project):
     original = params.read_text()
     try:
         params.write_text(original.replace("learning_rate: 0.001", "learnig_rate: 0.001", 1))
-        result = run([sys.executable, "-m", "pipelines.stages.finetune"], cwd=tiny_project, timeout=120)
+        result = run(
+            [sys.executable, "-m", "pipelines.stages.finetune"], cwd=tiny_project, timeout=120
+        )
         assert result.returncode == 2
-        assert "finetune.learnig_rate" in result.stderr and "did you mean 'learning_rate'" in result.stderr
+        assert (
+            "finetune.learnig_rate" in result.stderr
+            and "did you mean 'learning_rate'" in result.stderr
+        )
         assert "Traceback" not in result.stderr
     finally:
         params.write_text(original)

@@ -43,9 +43,16 @@ def _classifier(seed=0):
 
 def _finetune_cfg(**overrides):
     values = dict(
-        learning_rate=3e-3, batch_size=32, epochs=3, warmup_fraction=0.1, patience=5,
+        learning_rate=3e-3,
+        batch_size=32,
+        epochs=3,
+        warmup_fraction=0.1,
+        patience=5,
         augment=AugmentParams(random_crop=False, flip=False),
-        rules=[TransferRule(pattern="^backbone/blocks/0/", freeze=True), TransferRule(pattern=".*")],
+        rules=[
+            TransferRule(pattern="^backbone/blocks/0/", freeze=True),
+            TransferRule(pattern=".*"),
+        ],
     )
     values.update(overrides)
     return FinetuneParams(**values)
@@ -54,7 +61,9 @@ def _finetune_cfg(**overrides):
 def _finetuner(cfg, train, model=None):
     model = model or _classifier()
     return Finetuner(
-        model, image_forward(16, cfg.augment), cfg,
+        model,
+        image_forward(16, cfg.augment),
+        cfg,
         steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size, drop_remainder=False),
         group_patterns=model.backbone.group_patterns(),
     )
@@ -64,8 +73,10 @@ def test_head_learns_on_cached_features(digits):
     train, validation = digits
     backbone = SmallCNN(widths=(16, 32, 64), rngs=nnx.Rngs(0))
     features = {
-        name: {"features": extract_features(backbone, split["image"], image_size=32, batch_size=64),
-               "label": split["label"]}
+        name: {
+            "features": extract_features(backbone, split["image"], image_size=32, batch_size=64),
+            "label": split["label"],
+        }
         for name, split in (("train", train), ("validation", validation))
     }
     assert features["train"]["features"].shape == (300, 64)
@@ -84,7 +95,11 @@ def test_finetune_trains_only_unfrozen_and_compiles_once(digits, tmp_path):
     finetuner = _finetuner(cfg, train)
     before = {
         n: np.asarray(x)
-        for n, x in zip(parameter_names(finetuner.initial.frozen), jax.tree_util.tree_leaves(finetuner.initial.frozen), strict=True)
+        for n, x in zip(
+            parameter_names(finetuner.initial.frozen),
+            jax.tree_util.tree_leaves(finetuner.initial.frozen),
+            strict=True,
+        )
     }
     assert all(n.startswith("backbone/blocks/0/") for n in before)
     checkpoints = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
@@ -93,7 +108,9 @@ def test_finetune_trains_only_unfrozen_and_compiles_once(digits, tmp_path):
     # One compilation per step function for the whole run (300 examples → a padded last batch).
     assert finetuner.train_step._cache_size() == 1
     assert finetuner.eval_step._cache_size() == 1
-    after = dict(zip(parameter_names(state.frozen), jax.tree_util.tree_leaves(state.frozen), strict=True))
+    after = dict(
+        zip(parameter_names(state.frozen), jax.tree_util.tree_leaves(state.frozen), strict=True)
+    )
     for name, value in before.items():
         np.testing.assert_array_equal(value, np.asarray(after[name]))
     assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
@@ -105,7 +122,9 @@ def test_resume_after_interruption_gives_identical_parameters(digits, tmp_path):
     cfg = _finetune_cfg(epochs=3)
 
     uninterrupted_ckpt = TrainingCheckpoints(tmp_path / "a", keep_best=1)
-    full, _ = run_finetuning(_finetuner(cfg, train), train, validation, uninterrupted_ckpt, eval_batch_size=64)
+    full, _ = run_finetuning(
+        _finetuner(cfg, train), train, validation, uninterrupted_ckpt, eval_batch_size=64
+    )
     uninterrupted_ckpt.close()
 
     # The first run is interrupted right after its first epoch; the second resumes.
@@ -114,14 +133,27 @@ def test_resume_after_interruption_gives_identical_parameters(digits, tmp_path):
 
     partial_ckpt = TrainingCheckpoints(tmp_path / "b", keep_best=1)
     with pytest.raises(KeyboardInterrupt):
-        run_finetuning(_finetuner(cfg, train), train, validation, partial_ckpt, eval_batch_size=64, on_epoch_end=interrupt)
+        run_finetuning(
+            _finetuner(cfg, train),
+            train,
+            validation,
+            partial_ckpt,
+            eval_batch_size=64,
+            on_epoch_end=interrupt,
+        )
     partial_ckpt.close()
     resumed_ckpt = TrainingCheckpoints(tmp_path / "b", keep_best=1)
-    resumed, history = run_finetuning(_finetuner(cfg, train), train, validation, resumed_ckpt, eval_batch_size=64)
+    resumed, history = run_finetuning(
+        _finetuner(cfg, train), train, validation, resumed_ckpt, eval_batch_size=64
+    )
     resumed_ckpt.close()
 
     assert len(history.epochs) == 3
-    for a, b in zip(jax.tree_util.tree_leaves(full.trainable), jax.tree_util.tree_leaves(resumed.trainable), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(full.trainable),
+        jax.tree_util.tree_leaves(resumed.trainable),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -131,5 +163,7 @@ def test_non_finite_loss_stops_with_the_step(digits, tmp_path):
     broken = dict(train, image=train["image"].copy())
     finetuner = _finetuner(cfg, broken)
     checkpoints = TrainingCheckpoints(tmp_path / "c", keep_best=1)
-    with pytest.raises(NonFiniteLossError, match=r"finetune: training loss became (nan|inf) at epoch \d+, step \d+"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"finetune: training loss became (nan|inf) at epoch \d+, step \d+"
+    ):
         run_finetuning(finetuner, broken, validation, checkpoints, eval_batch_size=64)

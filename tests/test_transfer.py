@@ -87,7 +87,9 @@ def test_frozen_parameters_never_change_and_groups_use_their_rates():
     labels = parameter_labels(params, settings)
     assert FROZEN in jax.tree_util.tree_leaves(labels)
     # The same optimizer also works over the full tree: frozen groups get set_to_zero.
-    tx = make_optimizer(params, settings, lambda step: 1e-2, weight_decay=0.0, gradient_clip_norm=None)
+    tx = make_optimizer(
+        params, settings, lambda step: 1e-2, weight_decay=0.0, gradient_clip_norm=None
+    )
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     flat = dict(zip(parameter_names(updates), jax.tree_util.tree_leaves(updates), strict=True))
@@ -101,7 +103,9 @@ def test_trainable_filter_splits_only_unfrozen_params():
     model = _model()
     names, ndims = _names_and_ndims(model)
     settings = resolve_settings(
-        names, [TransferRule(pattern="^head/"), TransferRule(pattern=".*", freeze=True)], ndims=ndims
+        names,
+        [TransferRule(pattern="^head/"), TransferRule(pattern=".*", freeze=True)],
+        ndims=ndims,
     )
     _, trainable, frozen, rest = nnx.split(model, trainable_filter(settings), nnx.Param, ...)
     assert parameter_names(trainable) == ["head/output/bias", "head/output/kernel"]

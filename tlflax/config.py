@@ -173,7 +173,9 @@ def _describe(error: dict[str, Any], source: str) -> str:
         parent = _model_for(location[:-1])
         valid = [f.alias or name for name, f in parent.model_fields.items()] if parent else []
         nearest = difflib.get_close_matches(str(location[-1]), valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{nearest[0]}'?)" if nearest else f" (valid keys: {', '.join(valid)})"
+        hint = (
+            f" (did you mean '{nearest[0]}'?)" if nearest else f" (valid keys: {', '.join(valid)})"
+        )
         return f"{source}: unknown key '{key}'{hint}"
     value = error.get("input")
     return f"{source}: '{key}': {error['msg']} (got {value!r})"
@@ -184,7 +186,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of stage sections, got {type(raw).__name__}")
+        raise ParamsError(
+            f"{source}: expected a mapping of stage sections, got {type(raw).__name__}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
@@ -203,11 +207,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except UnicodeDecodeError as error:
-        raise ParamsError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        raise ParamsError(
+            f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        raise ParamsError(
+            f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}"
+        ) from None
     return parse_params(raw, source=str(path))

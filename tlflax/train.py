@@ -13,8 +13,8 @@ happens once per run, so the per-step Python overhead is that of a pure function
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,13 +301,23 @@ class Finetuner:
         """One pass over ``train``; returns the new state and the mean training loss."""
         total_loss, total_count = 0.0, 0.0
         batches = iterate_batches(
-            train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=state.epoch,
+            train,
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            epoch=state.epoch,
             drop_remainder=False,
         )
         steps = num_batches(len(train["label"]), self.cfg.batch_size, drop_remainder=False)
         trainable, opt_state, rest, key = state.trainable, state.opt_state, state.rest, state.key
-        bar = tqdm(batches, total=steps, desc=f"finetune epoch {state.epoch}", unit="batch",
-                   disable=None if progress else True, leave=False)
+        bar = tqdm(
+            batches,
+            total=steps,
+            desc=f"finetune epoch {state.epoch}",
+            unit="batch",
+            disable=None if progress else True,
+            leave=False,
+        )
         for step, batch in enumerate(bar):
             key, step_key = jax.random.split(key)
             trainable, opt_state, rest, loss = self.train_step(
@@ -361,8 +371,12 @@ def run_finetuning(
     if latest is not None:
         restored, progress = checkpoints.restore(latest, _checkpoint_state(state))
         state = FinetuneState(
-            restored["trainable"], state.frozen, restored["rest"], restored["opt_state"],
-            progress["epoch"], jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)),
+            restored["trainable"],
+            state.frozen,
+            restored["rest"],
+            restored["opt_state"],
+            progress["epoch"],
+            jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)),
         )
         history = History(**progress["history"])
     while state.epoch < cfg.epochs and not history.stopped_early:
@@ -390,7 +404,11 @@ def run_finetuning(
     if best is not None and best != state.epoch - 1:
         restored, _ = checkpoints.restore(best, _checkpoint_state(state))
         state = FinetuneState(
-            restored["trainable"], state.frozen, restored["rest"], restored["opt_state"],
-            best + 1, state.key,
+            restored["trainable"],
+            state.frozen,
+            restored["rest"],
+            restored["opt_state"],
+            best + 1,
+            state.key,
         )
     return state, history

@@ -68,7 +68,9 @@ def is_decayed(name: str, ndim: int) -> bool:
     return ndim > 1 and leaf in {"kernel", "embedding"}
 
 
-def layer_depths(names: Sequence[str], group_patterns: Sequence[str], prefix: str) -> dict[str, int]:
+def layer_depths(
+    names: Sequence[str], group_patterns: Sequence[str], prefix: str
+) -> dict[str, int]:
     """Depth from the top for each parameter under ``prefix``.
 
     ``group_patterns`` lists one regex per backbone layer group in forward order (relative to

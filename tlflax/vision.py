@@ -43,6 +43,19 @@ def build_image_classifier(
     return ImageClassifier(backbone, head)
 
 
+def abstract_image_classifier(
+    backbone_name: str, num_classes: int, head_cfg: TrainHeadParams
+) -> ImageClassifier:
+    """The classifier's structure with shape-only weights, to restore a checkpoint into.
+
+    Random initialisation compiles one kernel per parameter shape (tens of seconds on a small
+    CPU); a model about to be overwritten by a checkpoint does not need it.
+    """
+    return nnx.eval_shape(
+        lambda: build_image_classifier(backbone_name, num_classes, head_cfg, pretrained=False)
+    )
+
+
 def image_forward(image_size: int, augment: AugmentParams) -> Forward:
     """The forward pass of an :class:`ImageClassifier` on a batch of uint8 images."""
 

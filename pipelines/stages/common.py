@@ -62,6 +62,17 @@ class ExperimentPaths:
         return Path("dvclive") / self.experiment / stage
 
 
+COMPILATION_CACHE = Path(".cache/jax")
+
+
+def enable_compilation_cache() -> None:
+    """Keep XLA compilations on disk: a re-run stage skips tens of seconds of compiling."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE.absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run_stage(name: str, body: Callable[[Params, ExperimentPaths], None]) -> None:
     """Parse ``--params``, validate them, run ``body``; bad input exits 2 with one line."""
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.stages.{name}")
@@ -69,6 +80,7 @@ def run_stage(name: str, body: Callable[[Params, ExperimentPaths], None]) -> Non
     arguments = parser.parse_args()
     # Quiet third-party telemetry before anything imports it.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    enable_compilation_cache()
     try:
         params = load_params(arguments.params)
         body(params, ExperimentPaths(params.experiment))

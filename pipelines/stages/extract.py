@@ -32,7 +32,10 @@ def extract(params: Params, paths: ExperimentPaths) -> None:
             images, labels = read_image_split(paths.dataset_dir, params.prepare.dataset, split)
             started = time.perf_counter()
             features = extract_features(
-                backbone, images, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                backbone,
+                images,
+                image_size=cfg.image_size,
+                batch_size=cfg.batch_size,
                 description=f"extract {split}",
             )
             seconds = time.perf_counter() - started

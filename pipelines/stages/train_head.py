@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dvclive import Live
 from flax import nnx
 
+from dvclive import Live
 from pipelines.stages.common import ExperimentPaths, run_stage
 from tlflax.checkpoint import save_tree
 from tlflax.config import Params
