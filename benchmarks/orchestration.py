@@ -19,8 +19,8 @@ orchestration tests use it too). Prints a table and writes benchmarks/results/or
 from __future__ import annotations
 
 import contextlib
-import io
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -192,12 +192,15 @@ def create_standin_project(directory: Path) -> Path:
     # `dvc exp run` commits experiments: give the repository an identity of its own.
     git(directory, "config", "user.name", "tlflax")
     git(directory, "config", "user.email", "tlflax@example.invalid")
-    with (
-        contextlib.redirect_stdout(io.StringIO()),  # DVC's "Initialized DVC repository" banner
-        Repo.init(directory) as repository,
-        repository.config.edit() as config,
-    ):
-        config["core"]["analytics"] = False
+    # `Repo.init` logs a banner meant for the command line; keep it out of test and bench output.
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)
+    try:
+        with Repo.init(directory) as repository, repository.config.edit() as config:
+            config["core"]["analytics"] = False
+    finally:
+        dvc_logger.setLevel(level)
     git(directory, "add", "-A")
     git(directory, "commit", "-qm", "stand-in pipeline")
     return directory

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from tests.conftest import run
 
@@ -37,7 +38,9 @@ def test_bad_params_stop_the_stage_with_one_line_naming_the_key(tiny_project):
     params = tiny_project / "params.yaml"
     original = params.read_text()
     try:
-        params.write_text(original.replace("learning_rate: 0.001", "learnig_rate: 0.001", 1))
+        broken = yaml.safe_load(original)
+        broken["finetune"]["learnig_rate"] = broken["finetune"].pop("learning_rate")
+        params.write_text(yaml.safe_dump(broken))
         result = run(
             [sys.executable, "-m", "pipelines.stages.finetune"], cwd=tiny_project, timeout=120
         )
@@ -47,5 +50,10 @@ def test_bad_params_stop_the_stage_with_one_line_naming_the_key(tiny_project):
             and "did you mean 'learning_rate'" in result.stderr
         )
         assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        # DVC records nothing for a stage that failed.
+        repro = run([sys.executable, "-m", "dvc", "repro", "finetune"], cwd=tiny_project, timeout=300)
+        assert repro.returncode != 0
+        assert "did you mean 'learning_rate'" in repro.stdout + repro.stderr
     finally:
         params.write_text(original)
