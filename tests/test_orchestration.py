@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -44,12 +45,13 @@ from pipelines.flows import (
     pipeline,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 ALL_STAGES = ["prepare", "validate", "extract", "train_head", "finetune", "evaluate"]
 # Waits for what the test server records asynchronously (task runs arrive as events).
 API_WAIT_SECONDS = 30
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def dvc_site_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep DVC's per-repository state of the throw-away projects out of /var/tmp."""
     previous = os.environ.get("DVC_SITE_CACHE_DIR")
@@ -61,7 +63,7 @@ def dvc_site_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["DVC_SITE_CACHE_DIR"] = previous
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_api() -> Iterator[str]:
     """A real Prefect API on a temporary database; yields its URL."""
     with prefect_test_harness(server_startup_timeout=120):
@@ -86,7 +88,7 @@ def standin(tmp_path: Path) -> Path:
     return create_standin_project(tmp_path / "standin")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The stand-in after `dvc repro`, dvc.lock and the small outputs committed (as a team
     keeps the real project)."""
@@ -304,21 +306,19 @@ def test_dvc_lock_held_by_another_process_is_retried_and_completes(
     assert "contend" in (standin / "dvc.lock").read_text()
 
 
-def test_bad_params_stop_the_flow_without_a_retry(prefect_api: str, standin: Path) -> None:
-    set_params(standin, train_head={"learning_rate": 0})  # the stage exits 2
-    flow_run_id, state = run_flow(project_dir=str(standin))
-    assert_failed_once_without_retry(standin, flow_run_id, state, "train_head")
+def test_bad_params_stop_the_flow_without_a_retry(prefect_api: str, reproduced: Path) -> None:
+    set_params(reproduced, train_head={"learning_rate": 0})  # the stage exits 2
+    flow_run_id, state = run_flow(project_dir=str(reproduced))
+    assert_failed_once_without_retry(reproduced, flow_run_id, state, "train_head")
 
 
 def test_a_failed_validation_stops_the_flow_without_a_retry_and_reports_its_verdict(
-    prefect_api: str, standin: Path
+    prefect_api: str, reproduced: Path
 ) -> None:
-    set_params(standin, validate={"fail": True})  # the stage exits 1
-    flow_run_id, state = run_flow(project_dir=str(standin))
-    assert_failed_once_without_retry(standin, flow_run_id, state, "validate")
-    artifacts = read_artifacts(flow_run_id)
-    assert set(artifacts) == {artifact_key("standin", "report")}, "no evaluation, no table"
-    markdown = artifacts[artifact_key("standin", "report")].data
+    set_params(reproduced, validate={"fail": True})  # the stage exits 1
+    flow_run_id, state = run_flow(project_dir=str(reproduced))
+    assert_failed_once_without_retry(reproduced, flow_run_id, state, "validate")
+    markdown = read_artifacts(flow_run_id)[artifact_key("standin", "report")].data
     assert "**FAILED**: 1 checks, 1 critical failures" in markdown
     assert "| balance.train.class_ratio | critical | 9.0 | 1.5 |" in markdown
 
@@ -475,3 +475,48 @@ def test_the_command_line_exits_1_with_one_line_on_a_failed_stage(
         "pipeline: `dvc exp run --set-param validate.fail=true --name bad` failed (exit 255)"
         in capsys.readouterr().err
     )
+
+
+# --- infra ----------------------------------------------------------------------------------
+
+
+def test_the_multihost_job_program_joins_its_processes(tmp_path: Path) -> None:
+    """infra/k8s/multihost-job.yaml's program and environment, run as two local CPU processes
+    in place of two pods (the Kubernetes part itself is untested here)."""
+    documents = yaml.safe_load_all((ROOT / "infra/k8s/multihost-job.yaml").read_text())
+    job = next(document for document in documents if document["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    declared = {variable["name"]: variable for variable in container["env"]}
+    processes = int(declared["JAX_NUM_PROCESSES"]["value"])
+    assert processes == job["spec"]["completions"] == job["spec"]["parallelism"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_PROCESSES=str(processes),
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",  # pod 0's DNS name, on one machine
+    )
+    # The image's `python` is its virtualenv's; here that is this interpreter.
+    assert container["command"][0] == "python"
+    command = [sys.executable, *container["command"][1:], *container["args"]]
+    running = [
+        subprocess.Popen(
+            command,
+            env=dict(environment, JAX_PROCESS_ID=str(index)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for index in range(processes)
+    ]
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in running]
+    finally:
+        for process in running:
+            process.kill()
+            process.wait()
+    for index, output in enumerate(outputs):
+        assert f"process {index} of {processes}:" in output, output
+        assert f"processes seen: {list(range(processes))}" in output, output

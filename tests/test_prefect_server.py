@@ -185,8 +185,13 @@ def assert_completed_with_reports(client: SyncPrefectClient, flow_run_id: UUID) 
 def test_prefect_yaml_deployment_is_scheduled_and_runs_on_a_process_worker(
     server: dict[str, str], client: SyncPrefectClient, standin: Path, tmp_path: Path
 ) -> None:
-    prefect(server, "work-pool", "create", WORK_POOL, "--type", "process")
+    work_pools = subprocess.run(
+        [str(ROOT / "infra/work-pools.sh")], cwd=ROOT, env=server, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert work_pools.returncode == 0, work_pools.stdout + work_pools.stderr
     prefect(server, "--no-prompt", "deploy", "--all")
+    assert client.read_work_pool("tlflax-gpu").concurrency_limit == 1
     deployment = client.read_deployment_by_name("tlflax-pipeline/nightly")
     assert deployment.work_pool_name == WORK_POOL
     assert deployment.parameters == {"pull": True, "push": True}

@@ -34,14 +34,45 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PrepareParams(_Section):
-    """Raw data → TFDS dataset, with the seeds' "small dataset" subset of train."""
+Modality = Literal["image", "text"]
+# What each dataset `prepare` can read holds; the backbone must take the same kind of input.
+DATASET_MODALITY: dict[str, Modality] = {"fashion_mnist": "image", "fine_foods": "text"}
 
-    dataset: Literal["fashion_mnist"] = "fashion_mnist"
+
+class PrepareParams(_Section):
+    """Raw data → TFDS dataset: seeded, stratified train and validation subsets; test whole.
+
+    Each subset's size is a count per class or a fraction of each class (give one, set the
+    other to null); train is drawn from what validation left (``train_fraction: 1.0``, or
+    both train sizes null, takes all of it). ``deduplicate`` drops training-pool records
+    that repeat an earlier one or appear in test, before either subset is drawn.
+    """
+
+    dataset: Literal["fashion_mnist", "fine_foods"] = "fashion_mnist"
     raw_dir: str = "data/raw/fashion-mnist"
-    train_per_class: PositiveInt = 100
-    validation_per_class: PositiveInt = 20
+    train_per_class: PositiveInt | None = 100
+    train_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    validation_per_class: PositiveInt | None = 20
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    deduplicate: bool = False
     seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _one_size_per_subset(self) -> PrepareParams:
+        if self.train_per_class is not None and self.train_fraction is not None:
+            raise ValueError(
+                "give train_per_class or train_fraction, not both (set the other to null)"
+            )
+        if (self.validation_per_class is None) == (self.validation_fraction is None):
+            raise ValueError(
+                "give exactly one of validation_per_class and validation_fraction "
+                "(set the other to null)"
+            )
+        return self
+
+    @property
+    def modality(self) -> Modality:
+        return DATASET_MODALITY[self.dataset]
 
 
 class ValidateParams(_Section):
@@ -52,15 +83,23 @@ class ValidateParams(_Section):
     min_examples_per_class: PositiveInt = 10
     max_split_kl_divergence: NonNegativeFloat = 0.1
     max_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
-    max_mean_intensity_shift: NonNegativeFloat = 0.15
+    max_leakage_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # Relative shift of each per-record feature's mean from train's: pixel intensity mean
+    # and spread for images, characters and tokens for text.
+    max_feature_mean_shift: NonNegativeFloat = 0.15
+    # Expected label distribution, one weight per class in label order; null means uniform.
+    expected_class_weights: list[PositiveFloat] | None = None
 
 
 class ExtractParams(_Section):
-    """The frozen pretrained backbone and the input resolution it sees."""
+    """The frozen pretrained backbone and the input size it sees (images or tokens)."""
 
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
+    # Every text is padded or truncated to this many WordPiece tokens ([CLS] and [SEP]
+    # included): one fixed shape, so every jitted function compiles once.
+    max_length: Annotated[int, Field(ge=8, le=512)] = 128
     batch_size: PositiveInt = 128
 
 
@@ -116,6 +155,10 @@ class FinetuneParams(_Section):
     patience: PositiveInt = 3
     keep_best_checkpoints: PositiveInt = 2
     augment: AugmentParams = AugmentParams()
+    # Run the fully frozen bottom layer groups once, in inference mode, and train the rest
+    # from their cached outputs: a step then costs only the layers that train. Needs
+    # outputs that do not change from step to step: no image augmentation, frozen BatchNorm.
+    cache_frozen_prefix: bool = False
     rules: list[TransferRule] = Field(
         default_factory=lambda: [
             TransferRule(pattern="^head/"),
@@ -123,6 +166,19 @@ class FinetuneParams(_Section):
         ],
         min_length=1,
     )
+    seed: NonNegativeInt = 0
+
+
+class TrainScratchParams(_Section):
+    """The from-scratch baseline: the same architecture, random init, the same data and epochs.
+
+    Everything trains, BatchNorm included (random statistics cannot stay frozen), at a
+    learning rate suited to random weights rather than to gentle fine-tuning.
+    """
+
+    learning_rate: PositiveFloat = 3e-3
+    batch_size: PositiveInt = 32
+    weight_decay: NonNegativeFloat = 1e-4
     seed: NonNegativeInt = 0
 
 
@@ -140,6 +196,7 @@ class Params(_Section):
     extract: ExtractParams = ExtractParams()
     train_head: TrainHeadParams = TrainHeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    train_scratch: TrainScratchParams = TrainScratchParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -147,6 +204,40 @@ class Params(_Section):
     @property
     def validate_params(self) -> ValidateParams:
         return self.validate_
+
+    @model_validator(mode="after")
+    def _keys_fit_the_modality(self) -> Params:
+        # A key of the other modality would be silently ignored; say so instead. (Whether
+        # extract.backbone takes this modality is checked where the backbone registry is
+        # loaded: importing the models here would make every params load import JAX.)
+        modality = self.prepare.modality
+        other_modality_keys = {
+            "image": [("extract", self.extract, "max_length")],
+            "text": [
+                ("extract", self.extract, "image_size"),
+                ("finetune", self.finetune, "augment"),
+                ("finetune", self.finetune, "batchnorm"),
+            ],
+        }[modality]
+        for section_name, section, key in other_modality_keys:
+            if key in section.model_fields_set:
+                raise ValueError(
+                    f"'{section_name}.{key}' does not apply to prepare.dataset "
+                    f"'{self.prepare.dataset}' ({modality} data); remove it"
+                )
+        finetune = self.finetune
+        augmented = finetune.augment.random_crop or finetune.augment.flip
+        if (
+            modality == "image"
+            and finetune.cache_frozen_prefix
+            and (augmented or finetune.batchnorm == "train")
+        ):
+            raise ValueError(
+                "'finetune.cache_frozen_prefix' needs finetune.augment off (random_crop and "
+                "flip false) and finetune.batchnorm 'frozen': both change the frozen layers' "
+                "outputs from step to step"
+            )
+        return self
 
 
 def _model_for(location: tuple[str | int, ...]) -> type[BaseModel] | None:
@@ -177,6 +268,10 @@ def _describe(error: dict[str, Any], source: str) -> str:
             f" (did you mean '{nearest[0]}'?)" if nearest else f" (valid keys: {', '.join(valid)})"
         )
         return f"{source}: unknown key '{key}'{hint}"
+    if error["type"] == "value_error":
+        # Our own cross-field checks: the message names the keys; the input is a whole section.
+        message = str(error["ctx"]["error"])
+        return f"{source}: '{key}': {message}" if key else f"{source}: {message}"
     value = error.get("input")
     return f"{source}: '{key}': {error['msg']} (got {value!r})"
 

@@ -238,8 +238,9 @@ class Finetuner:
         self.settings: dict[str, ParamSetting] = resolve_settings(
             names, cfg.rules, ndims=ndims, depths=depths, layer_lr_decay=cfg.layer_lr_decay
         )
+        self.is_trainable = trainable_filter(self.settings)
         self.graphdef, trainable, frozen, rest = nnx.split(
-            model, trainable_filter(self.settings), nnx.Param, ...
+            model, self.is_trainable, nnx.Param, ...
         )
         if not jax.tree_util.tree_leaves(trainable):
             raise ValueError("finetune.rules freeze every parameter: nothing would be trained")
@@ -266,15 +267,19 @@ class Finetuner:
         return nnx.merge(self.graphdef, trainable, frozen, rest)
 
     def _train_step(self, trainable, opt_state, frozen, rest, batch, key):
-        def loss_fn(trainable):
-            model = self._merge(trainable, frozen, rest)
-            logits = self.forward(model, batch, True, key)
-            # Batch statistics (when BatchNorm trains) are the only state a forward changes.
-            new_rest = nnx.state(model, nnx.Not(nnx.Param))
-            return masked_cross_entropy(logits, batch["label"], batch["mask"]), new_rest
+        model = self._merge(trainable, frozen, rest)
 
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        def loss_fn(model):
+            logits = self.forward(model, batch, True, key)
+            return masked_cross_entropy(logits, batch["label"], batch["mask"])
+
+        # nnx.value_and_grad with a DiffState filter differentiates the trainable variables
+        # only, and lets stateful layers (dropout RNG counters, BatchNorm statistics) update.
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, self.is_trainable))(
+            model
+        )
         updates, opt_state = self.tx.update(grads, opt_state, trainable)
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return optax.apply_updates(trainable, updates), opt_state, new_rest, loss
 
     def _eval_step(self, trainable, frozen, rest, batch):
