@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import AugmentParams, FinetuneParams, TrainHeadParams, TransferRule
-from tlflax.data.pipeline import num_batches
+from tlflax.data.pipeline import iterate_batches, num_batches
 from tlflax.models.heads import Head, ImageClassifier
 from tlflax.models.small_cnn import SmallCNN
 from tlflax.train import (
@@ -24,16 +24,7 @@ from tlflax.vision import extract_features, image_forward
 
 @pytest.fixture(scope="module")
 def digits():
-    data = load_digits()
-    images = (data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = data.target.astype(np.int64)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(labels))
-    train, validation = order[:300], order[300:400]
-    return (
-        {"image": images[train], "label": labels[train]},
-        {"image": images[validation], "label": labels[validation]},
-    )
+    return load_digits_split()
 
 
 def _classifier(seed=0):
@@ -167,3 +158,93 @@ def test_non_finite_loss_stops_with_the_step(digits, tmp_path):
         NonFiniteLossError, match=r"finetune: training loss became (nan|inf) at epoch \d+, step \d+"
     ):
         run_finetuning(finetuner, broken, validation, checkpoints, eval_batch_size=64)
+
+
+def test_mixed_precision_trains_with_float32_master_weights(digits, tmp_path):
+    train, validation = digits
+    cfg = _finetune_cfg(compute_dtype="bfloat16", epochs=2)
+    model = _classifier()
+    finetuner = Finetuner(
+        model,
+        image_forward(16, cfg.augment, cfg.compute_dtype),
+        cfg,
+        steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+        group_patterns=model.backbone.group_patterns(),
+    )
+    checkpoints = TrainingCheckpoints(tmp_path / "bf16", keep_best=1)
+    state, history = run_finetuning(finetuner, train, validation, checkpoints, eval_batch_size=64)
+    checkpoints.close()
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(state.trainable))
+    assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
+    # The compiled step really computes in bfloat16 (not silently promoted back to float32).
+    batch = next(iterate_batches(train, 32, shuffle=False, seed=0))
+    hlo = finetuner.train_step.lower(
+        state.trainable, state.opt_state, state.frozen, state.rest, batch, state.key
+    ).as_text()
+    assert "bf16" in hlo
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_train import _classifier, _finetune_cfg, load_digits_split
+from tlflax.checkpoint import TrainingCheckpoints
+from tlflax.data.pipeline import iterate_batches, num_batches
+from tlflax.train import Finetuner, run_finetuning
+from tlflax.vision import image_forward
+train, validation = load_digits_split()
+cfg = _finetune_cfg(epochs=2)
+model = _classifier()
+finetuner = Finetuner(model, image_forward(16, cfg.augment), cfg,
+    steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+    group_patterns=model.backbone.group_patterns())
+checkpoints = TrainingCheckpoints({directory!r}, keep_best=1)
+state, history = run_finetuning(finetuner, train, validation, checkpoints, eval_batch_size=64)
+checkpoints.close()
+leaves = [np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(state.trainable)]
+print(json.dumps({{"devices": jax.device_count(), "params": np.concatenate(leaves).tolist()[:5000],
+                  "loss": history.epochs[-1]["train_loss"]}}))
+"""
+
+
+def load_digits_split():
+    data = load_digits()
+    images = (data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = data.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, validation = order[:300], order[300:400]
+    return (
+        {"image": images[train], "label": labels[train]},
+        {"image": images[validation], "label": labels[validation]},
+    )
+
+
+@pytest.mark.slow
+def test_four_devices_match_one_device(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    results = {}
+    for devices in (1, 4):
+        script = MULTI_DEVICE_SCRIPT.format(root=root, directory=str(tmp_path / f"d{devices}"))
+        environment = dict(
+            os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=root,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        results[devices] = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert results[1]["devices"] == 1 and results[4]["devices"] == 4
+    np.testing.assert_allclose(results[4]["params"], results[1]["params"], atol=2e-4, rtol=1e-3)
+    assert abs(results[4]["loss"] - results[1]["loss"]) < 1e-3

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from tlflax.checkpoint import TrainingCheckpoints
@@ -239,9 +240,7 @@ class Finetuner:
             names, cfg.rules, ndims=ndims, depths=depths, layer_lr_decay=cfg.layer_lr_decay
         )
         self.is_trainable = trainable_filter(self.settings)
-        self.graphdef, trainable, frozen, rest = nnx.split(
-            model, self.is_trainable, nnx.Param, ...
-        )
+        self.graphdef, trainable, frozen, rest = nnx.split(model, self.is_trainable, nnx.Param, ...)
         if not jax.tree_util.tree_leaves(trainable):
             raise ValueError("finetune.rules freeze every parameter: nothing would be trained")
         self.schedule = warmup_cosine(
@@ -254,23 +253,47 @@ class Finetuner:
             weight_decay=cfg.weight_decay,
             gradient_clip_norm=cfg.gradient_clip_norm,
         )
+        # Data parallelism over every local device: weights replicated, batches split on their
+        # first axis; jit partitions the step (GSPMD). On one device this changes nothing.
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        if cfg.batch_size % self.mesh.size:
+            raise ValueError(
+                f"finetune.batch_size ({cfg.batch_size}) must be a multiple of the number of "
+                f"devices ({self.mesh.size}) for data parallelism"
+            )
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.split_batch = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        trainable, frozen, rest, opt_state = jax.device_put(
+            (trainable, frozen, rest, self.tx.init(trainable)), self.replicated
+        )
         self.initial = FinetuneState(
-            trainable, frozen, rest, self.tx.init(trainable), 0, jax.random.key(cfg.seed)
+            trainable, frozen, rest, opt_state, 0, jax.random.key(cfg.seed)
         )
         self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1, 3))
         self.eval_step = jax.jit(self._eval_step)
-        self.predict_step = jax.jit(self._predict_step)
         self.forward = forward
 
     # The step functions close over graphdef, optimizer and forward: all static per run.
     def _merge(self, trainable, frozen, rest) -> nnx.Module:
         return nnx.merge(self.graphdef, trainable, frozen, rest)
 
+    def _for_compute(self, tree):
+        """Floating leaves in the compute dtype (bfloat16 for mixed precision, else as is)."""
+        if self.compute_dtype == jnp.float32:
+            return tree
+        return jax.tree_util.tree_map(
+            lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            tree,
+        )
+
     def _train_step(self, trainable, opt_state, frozen, rest, batch, key):
-        model = self._merge(trainable, frozen, rest)
+        # Mixed precision: the forward and backward run on bfloat16 copies of the float32
+        # master weights; gradients, the optimizer and the loss stay float32.
+        model = self._merge(*self._for_compute((trainable, frozen, rest)))
 
         def loss_fn(model):
-            logits = self.forward(model, batch, True, key)
+            logits = self.forward(model, batch, True, key).astype(jnp.float32)
             return masked_cross_entropy(logits, batch["label"], batch["mask"])
 
         # nnx.value_and_grad with a DiffState filter differentiates the trainable variables
@@ -278,17 +301,17 @@ class Finetuner:
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, self.is_trainable))(
             model
         )
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trainable)
         updates, opt_state = self.tx.update(grads, opt_state, trainable)
-        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        new_rest = jax.tree_util.tree_map(
+            lambda new, old: new.astype(old.dtype), nnx.state(model, nnx.Not(nnx.Param)), rest
+        )
         return optax.apply_updates(trainable, updates), opt_state, new_rest, loss
 
     def _eval_step(self, trainable, frozen, rest, batch):
-        logits = self.forward(self._merge(trainable, frozen, rest), batch, False, None)
+        model = self._merge(*self._for_compute((trainable, frozen, rest)))
+        logits = self.forward(model, batch, False, None).astype(jnp.float32)
         return batch_counts(logits, batch["label"], batch["mask"])
-
-    def _predict_step(self, trainable, frozen, rest, batch):
-        logits = self.forward(self._merge(trainable, frozen, rest), batch, False, None)
-        return jax.nn.softmax(logits, axis=-1)
 
     def model(self, state: FinetuneState) -> nnx.Module:
         """The NNX model holding ``state``'s weights."""
@@ -297,6 +320,7 @@ class Finetuner:
     def evaluate(self, state: FinetuneState, arrays: dict[str, np.ndarray], batch_size: int):
         totals: dict[str, float] = {}
         for batch in iterate_batches(arrays, batch_size, shuffle=False, seed=0):
+            batch = jax.device_put(batch, self.split_batch)
             _add(totals, self.eval_step(state.trainable, state.frozen, state.rest, batch))
         return _finish(totals)
 
@@ -324,6 +348,7 @@ class Finetuner:
             leave=False,
         )
         for step, batch in enumerate(bar):
+            batch = jax.device_put(batch, self.split_batch)
             key, step_key = jax.random.split(key)
             trainable, opt_state, rest, loss = self.train_step(
                 trainable, opt_state, state.frozen, rest, batch, step_key

@@ -56,8 +56,14 @@ def abstract_image_classifier(
     )
 
 
-def image_forward(image_size: int, augment: AugmentParams) -> Forward:
-    """The forward pass of an :class:`ImageClassifier` on a batch of uint8 images."""
+def image_forward(
+    image_size: int, augment: AugmentParams, compute_dtype: str = "float32"
+) -> Forward:
+    """The forward pass of an :class:`ImageClassifier` on a batch of uint8 images.
+
+    ``compute_dtype`` is the dtype images enter the network in; with bfloat16 weights (mixed
+    precision) float32 images would silently promote every layer back to float32.
+    """
 
     def forward(model: nnx.Module, batch: Batch, train: bool, key: jax.Array | None):
         images = prepare_images(batch["image"], image_size)
@@ -67,7 +73,7 @@ def image_forward(image_size: int, augment: AugmentParams) -> Forward:
             images = augment_images(
                 augment_key, images, random_crop=augment.random_crop, flip=augment.flip
             )
-        return model(images, train=train, dropout_key=dropout_key)
+        return model(images.astype(compute_dtype), train=train, dropout_key=dropout_key)
 
     return forward
 
