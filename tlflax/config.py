@@ -159,6 +159,9 @@ class FinetuneParams(_Section):
     # from their cached outputs: a step then costs only the layers that train. Needs
     # outputs that do not change from step to step: no image augmentation, frozen BatchNorm.
     cache_frozen_prefix: bool = False
+    # bfloat16 compute with float32 master weights: for accelerators (GPU/TPU); on CPU it is
+    # slower than float32 and only useful to check that a run fits.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     rules: list[TransferRule] = Field(
         default_factory=lambda: [
             TransferRule(pattern="^head/"),
