@@ -248,3 +248,32 @@ def test_four_devices_match_one_device(tmp_path):
     assert results[1]["devices"] == 1 and results[4]["devices"] == 4
     np.testing.assert_allclose(results[4]["params"], results[1]["params"], atol=2e-4, rtol=1e-3)
     assert abs(results[4]["loss"] - results[1]["loss"]) < 1e-3
+
+
+def test_gradual_unfreezing_moves_one_more_group_per_epoch(digits):
+    train, _ = digits
+    cfg = _finetune_cfg(gradual_unfreezing=True, epochs=2)
+    finetuner = _finetuner(cfg, train)
+    assert finetuner.settings["backbone/blocks/1/conv/kernel"].unfreeze_epoch == 1
+    assert finetuner.settings["head/output/kernel"].unfreeze_epoch == 0
+
+    def snapshot(state):
+        names = parameter_names(state.trainable)
+        return {
+            n: np.asarray(x)
+            for n, x in zip(names, jax.tree_util.tree_leaves(state.trainable), strict=True)
+        }
+
+    start = snapshot(finetuner.initial)
+    after_first, _ = finetuner.run_epoch(finetuner.initial, train, progress=False)
+    first = snapshot(after_first)
+    np.testing.assert_array_equal(
+        first["backbone/blocks/1/conv/kernel"], start["backbone/blocks/1/conv/kernel"]
+    )
+    assert not np.array_equal(first["head/output/kernel"], start["head/output/kernel"])
+    after_second, _ = finetuner.run_epoch(after_first, train, progress=False)
+    second = snapshot(after_second)
+    assert not np.array_equal(
+        second["backbone/blocks/1/conv/kernel"], first["backbone/blocks/1/conv/kernel"]
+    )
+    assert finetuner.train_step._cache_size() == 1

@@ -151,6 +151,9 @@ class FinetuneParams(_Section):
     weight_decay: NonNegativeFloat = 1e-4
     gradient_clip_norm: PositiveFloat = 1.0
     layer_lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.8
+    # ULMFiT's gradual unfreezing: the head trains from epoch 0, then one more layer group
+    # from the top joins per epoch (the step still compiles once: later groups wait at lr 0).
+    gradual_unfreezing: bool = False
     batchnorm: Literal["frozen", "train"] = "frozen"
     patience: PositiveInt = 3
     keep_best_checkpoints: PositiveInt = 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from tlflax.transfer import FROZEN, ParamSetting, path_to_name
@@ -32,8 +33,12 @@ def warmup_cosine(peak_learning_rate: float, total_steps: int, warmup_fraction: 
     )
 
 
-def _scaled(schedule: Schedule, multiplier: float) -> Schedule:
-    return lambda step: multiplier * schedule(step)
+def _scaled(schedule: Schedule, multiplier: float, start_step: int = 0) -> Schedule:
+    if start_step == 0:
+        return lambda step: multiplier * schedule(step)
+    # Before its unfreezing step a group's rate is zero: its gradients flow (the step function
+    # is compiled once for the whole run) but its weights do not move.
+    return lambda step: jnp.where(step >= start_step, multiplier * schedule(step), 0.0)
 
 
 def parameter_labels(params: PyTree, settings: dict[str, ParamSetting]) -> PyTree:
@@ -50,6 +55,7 @@ def make_optimizer(
     *,
     weight_decay: float,
     gradient_clip_norm: float | None,
+    steps_per_epoch: int = 0,
 ) -> optax.GradientTransformation:
     """AdamW with per-group learning rates and decay, built on ``optax.multi_transform``.
 
@@ -59,6 +65,7 @@ def make_optimizer(
       schedule: the base learning-rate schedule; each group scales it by its multiplier.
       weight_decay: base decoupled weight decay; each group scales it by its multiplier.
       gradient_clip_norm: global-norm clipping over the gradients given to the optimizer.
+      steps_per_epoch: turns each group's ``unfreeze_epoch`` into the step it starts at.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -76,7 +83,7 @@ def make_optimizer(
             transforms[FROZEN] = optax.set_to_zero()
             continue
         transforms[setting.label] = optax.adamw(
-            _scaled(schedule, setting.lr_multiplier),
+            _scaled(schedule, setting.lr_multiplier, setting.unfreeze_epoch * steps_per_epoch),
             weight_decay=weight_decay * setting.weight_decay_multiplier,
         )
     used = set(jax.tree_util.tree_leaves(labels))

@@ -237,7 +237,12 @@ class Finetuner:
         self.sizes = {n: int(leaf.size) for n, leaf in zip(names, leaves, strict=True)}
         depths = layer_depths(names, group_patterns, backbone_prefix)
         self.settings: dict[str, ParamSetting] = resolve_settings(
-            names, cfg.rules, ndims=ndims, depths=depths, layer_lr_decay=cfg.layer_lr_decay
+            names,
+            cfg.rules,
+            ndims=ndims,
+            depths=depths,
+            layer_lr_decay=cfg.layer_lr_decay,
+            gradual_unfreezing=cfg.gradual_unfreezing,
         )
         self.is_trainable = trainable_filter(self.settings)
         self.graphdef, trainable, frozen, rest = nnx.split(model, self.is_trainable, nnx.Param, ...)
@@ -252,6 +257,7 @@ class Finetuner:
             self.schedule,
             weight_decay=cfg.weight_decay,
             gradient_clip_norm=cfg.gradient_clip_norm,
+            steps_per_epoch=steps_per_epoch,
         )
         # Data parallelism over every local device: weights replicated, batches split on their
         # first axis; jit partitions the step (GSPMD). On one device this changes nothing.

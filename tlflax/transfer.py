@@ -31,13 +31,16 @@ class ParamSetting:
     frozen: bool
     lr_multiplier: float
     weight_decay_multiplier: float
+    # Gradual unfreezing: the epoch from which this parameter starts to move (0 = at once).
+    unfreeze_epoch: int = 0
 
     @property
     def label(self) -> str:
         """The optimizer group of this parameter; equal settings share one group."""
         if self.frozen:
             return FROZEN
-        return f"lr{self.lr_multiplier:.6g}_wd{self.weight_decay_multiplier:.6g}"
+        label = f"lr{self.lr_multiplier:.6g}_wd{self.weight_decay_multiplier:.6g}"
+        return label + (f"_from{self.unfreeze_epoch}" if self.unfreeze_epoch else "")
 
 
 class UncoveredParametersError(ValueError):
@@ -100,8 +103,13 @@ def resolve_settings(
     ndims: dict[str, int],
     depths: dict[str, int] | None = None,
     layer_lr_decay: float = 1.0,
+    gradual_unfreezing: bool = False,
 ) -> dict[str, ParamSetting]:
     """Apply the ordered rules (first match wins) and layer-wise LR decay to every parameter.
+
+    With ``gradual_unfreezing`` (ULMFiT's top-down schedule) a parameter at depth ``d`` from
+    the top starts to train at epoch ``d``: the head first, then one more layer group per
+    epoch. Parameters frozen by a rule stay frozen.
 
     Raises:
       UncoveredParametersError: listing every parameter no rule matches.
@@ -122,6 +130,7 @@ def resolve_settings(
             frozen=frozen,
             lr_multiplier=0.0 if frozen else lr_multiplier,
             weight_decay_multiplier=0.0 if frozen else decay,
+            unfreeze_epoch=depth if gradual_unfreezing and not frozen else 0,
         )
     if uncovered:
         shown = ", ".join(uncovered[:10]) + (" ..." if len(uncovered) > 10 else "")
