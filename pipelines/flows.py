@@ -36,6 +36,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import networkx  # noqa: E402
 import yaml  # noqa: E402
+from dvc.exceptions import DvcException  # noqa: E402
 from dvc.lock import LockError  # noqa: E402
 from dvc.repo import Repo  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -169,8 +170,9 @@ def run_dvc(arguments: list[str], project_dir: str, description: str) -> None:
 
 # --- Tasks ----------------------------------------------------------------------------------
 
-# Every task opts out of Prefect's result cache: DVC alone decides what is up to date.
-_transient_retries: dict[str, Any] = {
+# The tasks that call DVC: retried on transient failures only, and out of Prefect's result
+# cache, since DVC alone decides what is up to date.
+_DVC_TASK_OPTIONS: dict[str, Any] = {
     "retries": RETRIES,
     "retry_delay_seconds": RETRY_DELAYS_SECONDS,
     "retry_condition_fn": _retry_only_transient,
@@ -178,39 +180,57 @@ _transient_retries: dict[str, Any] = {
 }
 
 
-@task(name="dvc-status", **_transient_retries)
-def plan_stages(project_dir: str, stages: list[str] | None) -> StagePlan:
-    """Order ``stages`` (all pipeline stages when None) as DVC's graph does; find the stale ones."""
+@task(name="dvc-status", **_DVC_TASK_OPTIONS)
+def plan_stages(project_dir: str, pipeline_file: str, stages: list[str] | None) -> StagePlan:
+    """Order the stages of ``pipeline_file`` (only ``stages``, by name or DVC address, when
+    given) as DVC's graph does, and find the stale ones; the plan holds DVC addresses."""
     with open_repository(project_dir) as repository:
         # Edges point from a stage to the stages it depends on, so the reversed topological
         # order puts every stage after its upstream stages.
-        pipeline_order = [
-            stage.addressing
+        in_pipeline = [
+            stage
             for stage in reversed(list(networkx.topological_sort(repository.index.graph)))
             if stage.cmd
+            and os.path.relpath(stage.dvcfile.path, repository.root_dir)
+            == os.path.normpath(pipeline_file)
         ]
-        unknown = sorted(set(stages or ()) - set(pipeline_order))
-        if unknown:
-            raise PipelineError(f"unknown stage(s) {unknown}; the pipeline has {pipeline_order}")
-        order = [stage for stage in pipeline_order if stages is None or stage in stages]
+        if not in_pipeline:
+            raise PipelineError(f"{pipeline_file}: no pipeline stages in {project_dir}")
+        wanted = set(stages or ())
+        known = {stage.name for stage in in_pipeline} | {stage.addressing for stage in in_pipeline}
+        if wanted - known:
+            names = [stage.name for stage in in_pipeline]
+            raise PipelineError(
+                f"unknown stage(s) {sorted(wanted - known)}; {pipeline_file} has {names}"
+            )
+        order = [
+            stage.addressing
+            for stage in in_pipeline
+            if stages is None or wanted & {stage.name, stage.addressing}
+        ]
         changed = repository.status()
     return StagePlan(order=order, stale=[stage for stage in order if stage in changed])
 
 
-@task(name="dvc-stage", task_run_name="{stage}", **_transient_retries)
+@task(name="dvc-stage", task_run_name="{stage}", **_DVC_TASK_OPTIONS)
 def run_stage(stage: str, project_dir: str) -> None:
     """Reproduce one DVC stage (and only it), streaming its output into the Prefect log."""
     run_dvc(["repro", "--single-item", stage], project_dir, f"stage '{stage}'")
 
 
-@task(name="dvc-exp-run", **_transient_retries)
+@task(name="dvc-exp-run", **_DVC_TASK_OPTIONS)
 def run_experiment(
-    project_dir: str, overrides: list[str], stages: list[str] | None, name: str | None
+    project_dir: str,
+    pipeline_file: str,
+    overrides: list[str],
+    stages: list[str] | None,
+    name: str | None,
 ) -> None:
-    """``dvc exp run -S key=value ...``: the stages with changed params, saved as an experiment.
+    """``dvc exp run -S key=value ...``: the pipeline (or ``stages``) with overridden params,
+    saved as a DVC experiment.
 
     DVC runs and records an experiment as one unit (one commit under refs/exps), so it is one
-    task here; DVC still skips the stages the overrides do not touch.
+    task here; DVC still skips the stages the overrides do not reach.
     """
     arguments = ["exp", "run"]
     for override in overrides:
@@ -218,7 +238,11 @@ def run_experiment(
     if name:
         arguments += ["--name", name]
     if stages:
-        arguments += ["--single-item", *stages]
+        # A stage of another pipeline file is addressed as <file>:<stage>.
+        arguments += ["--single-item"]
+        arguments += [stage if ":" in stage else f"{pipeline_file}:{stage}" for stage in stages]
+    else:
+        arguments.append(pipeline_file)
     run_dvc(arguments, project_dir, f"`dvc {' '.join(arguments)}`")
 
 
@@ -236,7 +260,7 @@ def _remote_options(remote: str | None) -> dict[str, Any]:
     return {"remote": ENVIRONMENT_REMOTE_NAME, "remote_config": {"url": url}}
 
 
-@task(name="dvc-pull", **_transient_retries)
+@task(name="dvc-pull", **_DVC_TASK_OPTIONS)
 def pull_data(project_dir: str, remote: str | None) -> int:
     """``dvc pull``: fetch and check out the outputs ``dvc.lock`` names; returns the fetched count.
 
@@ -251,7 +275,7 @@ def pull_data(project_dir: str, remote: str | None) -> int:
     return stats["fetched"]
 
 
-@task(name="dvc-push", **_transient_retries)
+@task(name="dvc-push", **_DVC_TASK_OPTIONS)
 def push_data(project_dir: str, remote: str | None) -> int:
     """``dvc push``: upload the cached outputs to the remote; returns how many were sent."""
     with open_repository(project_dir, **_remote_options(remote)) as repository:
@@ -265,13 +289,22 @@ def push_data(project_dir: str, remote: str | None) -> int:
 MODEL_LABELS = {"head_only": "head-only", "finetune": "fine-tuned", "scratch": "scratch"}
 
 
+def _score(scores: Any, name: str) -> str:
+    """``scores[name]`` to 4 decimals, or "?" where the evaluation left it out."""
+    value = scores.get(name) if isinstance(scores, dict) else None
+    return f"{value:.4f}" if isinstance(value, int | float) else "?"
+
+
 def summary_line(metrics: dict) -> str:
     """One line comparing the head-only and fine-tuned test results."""
-    parts = [f"test set: {metrics['n_test']} images, trained on {metrics['n_train']}"]
+    parts = [
+        f"test set: {metrics.get('n_test', '?')} images, trained on {metrics.get('n_train', '?')}"
+    ]
     for name, label in MODEL_LABELS.items():
         if name in metrics:
+            scores = metrics[name]
             parts.append(
-                f"{label} accuracy {metrics[name]['accuracy']:.4f} (macro-F1 {metrics[name]['macro_f1']:.4f})"
+                f"{label} accuracy {_score(scores, 'accuracy')} (macro-F1 {_score(scores, 'macro_f1')})"
             )
     return "; ".join(parts)
 
@@ -292,9 +325,10 @@ def _read_json(path: Path) -> Any | None:
         return None
 
 
-def _read_experiment(project: Path) -> str | None:
-    """The experiment params.yaml selects (after any overrides), which names the output paths."""
-    params_file = project / "params.yaml"
+def _read_experiment(project: Path, pipeline_file: str) -> str | None:
+    """The experiment named in the pipeline's params.yaml (after any overrides), which names
+    its output paths."""
+    params_file = (project / pipeline_file).parent / "params.yaml"
     if not params_file.is_file():
         return None
     experiment = (yaml.safe_load(params_file.read_text()) or {}).get("experiment")
@@ -302,15 +336,18 @@ def _read_experiment(project: Path) -> str | None:
 
 
 def _link(project: Path, path: Path) -> str:
-    return f"[`{path.relative_to(project)}`]({path.resolve().as_uri()})"
+    shown = path.relative_to(project) if path.is_relative_to(project) else path
+    return f"[`{shown}`]({path.resolve().as_uri()})"
 
 
 def _metrics_section(metrics: dict) -> list[str]:
     lines = ["## Test-set metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
     for name, label in MODEL_LABELS.items():
-        if isinstance(metrics.get(name), dict):
+        if name in metrics:
             scores = metrics[name]
-            lines.append(f"| {label} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} |")
+            lines.append(
+                f"| {label} | {_score(scores, 'accuracy')} | {_score(scores, 'macro_f1')} |"
+            )
     if "n_test" in metrics:
         lines += ["", f"{metrics['n_test']} test examples; trained on {metrics.get('n_train')}."]
     return lines
@@ -325,7 +362,11 @@ def _validation_section(validation: dict) -> list[str]:
         f"{validation.get('num_critical_failures', '?')} critical failures, "
         f"{validation.get('num_warnings', '?')} warnings.",
     ]
-    failed = [check for check in validation.get("checks", []) if not check.get("passed", True)]
+    failed = [
+        check
+        for check in validation.get("checks", [])
+        if isinstance(check, dict) and not check.get("passed", True)
+    ]
     if failed:
         lines += ["", "| check | severity | observed | threshold |", "|---|---|---|---|"]
         lines += [
@@ -362,6 +403,7 @@ def _per_class_rows(report: dict) -> list[dict[str, Any]]:
         for model, results in report.items()
         if isinstance(results, dict)
         for name, scores in results.get("per_class", {}).items()
+        if isinstance(scores, dict)
     ]
 
 
@@ -412,9 +454,11 @@ def publish_reports(project_dir: str, experiment: str, refresh_plots: bool) -> l
 # --- The flow -------------------------------------------------------------------------------
 
 
-def reproduce_stale_stages(project_dir: str, stages: list[str] | None) -> list[str]:
-    """Run the stale stages among ``stages`` in pipeline order; returns those that ran."""
-    plan = plan_stages(project_dir, stages)
+def reproduce_stale_stages(
+    project_dir: str, pipeline_file: str, stages: list[str] | None
+) -> list[str]:
+    """Run the stale stages (among ``stages``) in pipeline order; returns those that ran."""
+    plan = plan_stages(project_dir, pipeline_file, stages)
     stale = set(plan.stale)
     ran = []
     for position, stage in enumerate(plan.order):
@@ -425,7 +469,7 @@ def reproduce_stale_stages(project_dir: str, stages: list[str] | None) -> list[s
         later = plan.order[position + 1 :]
         if later:
             # The stage's new outputs may have made later stages stale: ask DVC again.
-            stale = set(plan_stages(project_dir, later).stale)
+            stale = set(plan_stages(project_dir, pipeline_file, later).stale)
     up_to_date = [stage for stage in plan.order if stage not in ran]
     get_run_logger().info(f"ran {ran or 'no stage'}; up to date: {up_to_date or 'none'}")
     return ran
@@ -435,6 +479,7 @@ def reproduce_stale_stages(project_dir: str, stages: list[str] | None) -> list[s
 def pipeline(
     stages: list[str] | None = None,
     project_dir: str | None = None,
+    pipeline_file: str = "dvc.yaml",
     overrides: list[str] | None = None,
     experiment_name: str | None = None,
     pull: bool = False,
@@ -444,8 +489,10 @@ def pipeline(
     """Reproduce the pipeline's stale DVC stages, publish reports, return the test metrics.
 
     Args:
-        stages: stage names to consider (default: every stage in dvc.yaml), run in DVC's order.
+        stages: stage names to consider (default: all of ``pipeline_file``), run in DVC's order.
         project_dir: the DVC project (default: this repository).
+        pipeline_file: the pipeline, relative to ``project_dir``: dvc.yaml (the vision job) or
+            experiments/text/dvc.yaml; its experiment is named in the params.yaml beside it.
         overrides: ``key=value`` params; when given, the run is ``dvc exp run -S ...``.
         experiment_name: the DVC experiment's name (with ``overrides``; DVC picks one if None).
         pull: ``dvc pull`` before running, so stages a teammate ran are not run again.
@@ -465,14 +512,14 @@ def pipeline(
         if pull:
             pull_data(project, remote)
         if overrides:
-            run_experiment(project, overrides, stages, experiment_name)
+            run_experiment(project, pipeline_file, overrides, stages, experiment_name)
         else:
-            stages_run = reproduce_stale_stages(project, stages)
+            stages_run = reproduce_stale_stages(project, pipeline_file, stages)
         if push:
             push_data(project, remote)
     finally:
         # Reports publish even after a failed stage: a failed data validation is worth reading.
-        experiment = _read_experiment(Path(project))
+        experiment = _read_experiment(Path(project), pipeline_file)
         if experiment is not None:
             publish_reports(project, experiment, refresh_plots=stages_run != [])
 
@@ -495,6 +542,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="the DVC project")
     parser.add_argument(
+        "--pipeline-file",
+        default="dvc.yaml",
+        help="the pipeline, e.g. experiments/text/dvc.yaml (default: dvc.yaml)",
+    )
+    parser.add_argument(
         "--stage", action="append", dest="stages", help="a stage to consider (repeatable)"
     )
     parser.add_argument(
@@ -515,13 +567,14 @@ def main() -> None:
         pipeline(
             stages=arguments.stages,
             project_dir=arguments.project_dir,
+            pipeline_file=arguments.pipeline_file,
             overrides=arguments.overrides,
             experiment_name=arguments.name,
             pull=arguments.pull,
             push=arguments.push,
             remote=arguments.remote,
         )
-    except PipelineError as error:
+    except (PipelineError, DvcException) as error:  # DVC's: a held lock, a missing remote
         print(f"pipeline: {error}", file=sys.stderr)
         sys.exit(1)
 

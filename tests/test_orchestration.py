@@ -231,6 +231,23 @@ def test_stages_run_in_pipeline_order_whatever_order_they_are_asked_in(
         pipeline(project_dir=str(standin), stages=["prepare", "trian_head"])
 
 
+def test_one_pipeline_file_at_a_time(prefect_api: str, reproduced: Path) -> None:
+    # A second pipeline in the same repository, as experiments/text/dvc.yaml is in the real one.
+    second = reproduced / "experiments/second"
+    second.mkdir(parents=True)
+    (second / "params.yaml").write_text("experiment: second\n")
+    command = "echo 2 > second.txt && echo second >> stage-runs.log"
+    stage = {"wdir": "../..", "cmd": command, "outs": ["second.txt"]}
+    (second / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"count": stage}}))
+
+    default = pipeline(project_dir=str(reproduced))
+    assert default["stages_run"] == [] and default["experiment"] == "standin"
+    chosen = pipeline(project_dir=str(reproduced), pipeline_file="experiments/second/dvc.yaml")
+    assert chosen["stages_run"] == ["experiments/second/dvc.yaml:count"]
+    assert chosen["experiment"] == "second"
+    assert stage_runs(reproduced) == ["second"]
+
+
 # --- Retries --------------------------------------------------------------------------------
 
 REPRODUCE_FAILED = "ERROR: failed to reproduce 'stage': failed to run: python s.py"
@@ -363,6 +380,12 @@ def test_missing_or_unreadable_report_inputs_never_fail_the_flow(
     assert state.is_completed(), state
     assert state.result()["metrics"] == {}
 
+    (standin / "metrics/standin/evaluate.json").write_text('{"head_only": {"accuracy": 0.5}}')
+    flow_run_id, state = run_flow(project_dir=str(standin), stages=["prepare"])
+    assert state.is_completed(), state
+    markdown = read_artifacts(flow_run_id)[artifact_key("standin", "report")].data
+    assert "| head-only | 0.5000 | ? |" in markdown
+
 
 # --- Experiments, remotes, the command line ---------------------------------------------------
 
@@ -472,7 +495,7 @@ def test_the_command_line_exits_1_with_one_line_on_a_failed_stage(
         main()
     assert exit_info.value.code == 1
     assert (
-        "pipeline: `dvc exp run --set-param validate.fail=true --name bad` failed (exit 255)"
+        "pipeline: `dvc exp run --set-param validate.fail=true --name bad dvc.yaml` failed (exit 255)"
         in capsys.readouterr().err
     )
 

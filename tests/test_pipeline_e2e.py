@@ -30,7 +30,7 @@ def test_flow_runs_every_stage_then_dvc_is_a_noop(tiny_project):
     again = run([sys.executable, "-m", "dvc", "repro"], cwd=tiny_project, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "Running stage" not in again.stdout, again.stdout
-    status = run([sys.executable, "-m", "dvc", "status"], cwd=tiny_project, timeout=120)
+    status = run([sys.executable, "-m", "dvc", "status", "dvc.yaml"], cwd=tiny_project, timeout=120)
     assert "up to date" in status.stdout, status.stdout
 
 

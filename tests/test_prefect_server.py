@@ -196,6 +196,8 @@ def test_prefect_yaml_deployment_is_scheduled_and_runs_on_a_process_worker(
     assert deployment.work_pool_name == WORK_POOL
     assert deployment.parameters == {"pull": True, "push": True}
     assert_nightly_schedule(client, deployment)
+    text_job = client.read_deployment_by_name("tlflax-pipeline/nightly-text")
+    assert text_job.parameters["pipeline_file"] == "experiments/text/dvc.yaml"
 
     run = client.create_flow_run_from_deployment(
         deployment.id, parameters={"project_dir": str(standin)}
