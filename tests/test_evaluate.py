@@ -27,3 +27,13 @@ def test_calibration_error():
     # Always 90% confident, right half the time: ECE = |0.9 - 0.5|.
     confident = np.tile([0.9, 0.1], (4, 1))
     assert expected_calibration_error(confident, labels) == pytest.approx(0.4)
+
+
+def test_learning_curves_png(tmp_path):
+    from tlflax.plots import plot_learning_curves
+
+    path = tmp_path / "curves.png"
+    plot_learning_curves({"fine-tuned": [0.7, 0.8, 0.85], "from scratch": [0.3, 0.5]}, path)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    assert not list(tmp_path.glob(".*tmp*"))
