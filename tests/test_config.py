@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.stages.common import ExperimentPaths
+from pipelines.stages.tasks import TextTask, task_for
 from tlflax.config import Params, ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +74,84 @@ def test_partial_file_takes_defaults():
     params = parse_params({"finetune": {"epochs": 2}})
     assert params.finetune.epochs == 2
     assert params.train_head.head == "linear"
+
+
+# ---------------------------------------------------------------- the text experiment
+
+TEXT_PARAMS = ROOT / "experiments" / "text" / "params.yaml"
+TEXT_SIZES = {"train_per_class": None, "validation_per_class": None, "validation_fraction": 0.1}
+
+
+def test_text_params_file_is_valid_and_explicit():
+    params = load_params(TEXT_PARAMS)
+    assert params.experiment == "text"
+    assert (params.prepare.dataset, params.prepare.modality) == ("fine_foods", "text")
+    assert params.extract.backbone == "minilm_l6"
+    assert params.finetune.cache_frozen_prefix
+    # Every section of a stage in the text pipeline is spelled out in the file.
+    stages = yaml.safe_load((TEXT_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    raw = yaml.safe_load(TEXT_PARAMS.read_text())
+    assert set(raw) == {"experiment", *stages}
+
+
+def test_backbone_must_take_the_datasets_modality():
+    text = load_params(TEXT_PARAMS)
+    assert isinstance(task_for(text, ExperimentPaths("text")), TextTask)
+    raw = yaml.safe_load(TEXT_PARAMS.read_text())
+    raw["extract"]["backbone"] = "efficientnet_lite0"
+    with pytest.raises(ParamsError, match="'extract.backbone': 'efficientnet_lite0' takes image"):
+        task_for(parse_params(raw), ExperimentPaths("text"))
+    vision = parse_params({"extract": {"backbone": "minilm_l6"}})
+    with pytest.raises(ParamsError, match="is image data; use one of: .*efficientnet_lite0"):
+        task_for(vision, ExperimentPaths("vision"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"prepare": {"dataset": "fine_foods", **TEXT_SIZES}, "extract": {"image_size": 64}},
+            "'extract.image_size' does not apply to prepare.dataset 'fine_foods' (text data)",
+        ),
+        (
+            {"prepare": {"dataset": "fine_foods", **TEXT_SIZES}, "finetune": {"augment": {}}},
+            "'finetune.augment' does not apply",
+        ),
+        ({"extract": {"max_length": 64}}, "'extract.max_length' does not apply"),
+        ({"prepare": {"train_fraction": 0.5}}, "give train_per_class or train_fraction, not both"),
+        (
+            {"prepare": {"validation_per_class": None}},
+            "give exactly one of validation_per_class and validation_fraction",
+        ),
+        ({"prepare": {"validation_fraction": 1.0, "validation_per_class": None}}, "less than 1"),
+        ({"prepare": {"dataset": "fine_food"}}, "'prepare.dataset'"),
+        ({"finetune": {"cache_frozen_prefix": True}}, "needs finetune.augment off"),
+        ({"extract": {"max_length": 1024}}, "'extract.max_length'"),
+        (
+            {"validate": {"expected_class_weights": [0.5, -1]}},
+            "'validate.expected_class_weights.1'",
+        ),
+        (
+            {"validate": {"max_mean_intensity_shift": 0.1}},
+            "did you mean 'max_feature_mean_shift'?",
+        ),
+    ],
+)
+def test_bad_text_and_cross_field_values_name_the_keys(raw, expected):
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw, source="params.yaml")
+    message = str(error.value)
+    assert expected in message
+    assert message.startswith("params.yaml: ") and "\n" not in message
+
+
+def test_cache_frozen_prefix_for_images_without_augmentation_is_valid():
+    params = parse_params(
+        {
+            "finetune": {
+                "cache_frozen_prefix": True,
+                "augment": {"random_crop": False, "flip": False},
+            }
+        }
+    )
+    assert params.finetune.cache_frozen_prefix

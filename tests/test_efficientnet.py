@@ -7,7 +7,6 @@ random initialisation alone costs ~35 s of PRNG compilation on this CPU.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -73,76 +72,15 @@ def flax_logits(models, images) -> dict[str, np.ndarray]:
     return {impl: np.asarray(forward(model, images)) for impl, model in models.items()}
 
 
-# --- PyTorch reference ------------------------------------------------------------------
-
-
-def _torch_lite0(torch):
-    """EfficientNet-Lite0 written independently in PyTorch, with TF "same" padding."""
-    nn, functional = torch.nn, torch.nn.functional
-
-    class SameConv(nn.Conv2d):
-        def forward(self, x):
-            pads = []
-            for size, k, s in zip(x.shape[:-3:-1], self.kernel_size, self.stride, strict=True):
-                total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-                pads += [total // 2, total - total // 2]
-            return super().forward(functional.pad(x, pads))
-
-    def conv(cin, cout, k, stride=1, groups=1):
-        return SameConv(cin, cout, k, stride, groups=groups, bias=False)
-
-    def norm(channels):
-        return nn.BatchNorm2d(channels, eps=1e-3)
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, expand, k, stride):
-            super().__init__()
-            hidden = cin * expand
-            if expand != 1:
-                self._expand_conv, self._bn0 = conv(cin, hidden, 1), norm(hidden)
-            self._depthwise_conv = conv(hidden, hidden, k, stride, groups=hidden)
-            self._bn1 = norm(hidden)
-            self._project_conv, self._bn2 = conv(hidden, cout, 1), norm(cout)
-            self.residual = stride == 1 and cin == cout
-
-        def forward(self, x):
-            out = x
-            if hasattr(self, "_expand_conv"):
-                out = functional.relu6(self._bn0(self._expand_conv(out)))
-            out = functional.relu6(self._bn1(self._depthwise_conv(out)))
-            out = self._bn2(self._project_conv(out))
-            return x + out if self.residual else out
-
-    class Lite0(nn.Module):
-        stages = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                  (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))  # fmt: skip
-
-        def __init__(self):
-            super().__init__()
-            self._conv_stem, self._bn0 = conv(3, 32, 3, 2), norm(32)
-            blocks, cin = [], 32
-            for expand, k, stride, cout, repeats in self.stages:
-                for repeat in range(repeats):
-                    blocks.append(Block(cin, cout, expand, k, stride if repeat == 0 else 1))
-                    cin = cout
-            self._blocks = nn.ModuleList(blocks)
-            self._conv_head, self._bn1 = conv(320, 1280, 1), norm(1280)
-            self._fc = nn.Linear(1280, 1000)
-
-        def forward(self, x):
-            x = functional.relu6(self._bn0(self._conv_stem(x)))
-            for block in self._blocks:
-                x = block(x)
-            x = functional.relu6(self._bn1(self._conv_head(x)))
-            return self._fc(x.mean(dim=(2, 3)))
-
-    return Lite0()
+# --- PyTorch reference (benchmarks/torch_reference.py) ----------------------------------
 
 
 @pytest.fixture(scope="module")
 def torch_logits(images) -> np.ndarray:
     torch = pytest.importorskip("torch")
-    model = _torch_lite0(torch)
+    from benchmarks.torch_reference import efficientnet_lite0
+
+    model = efficientnet_lite0()
     model.load_state_dict(torch.load(imagenet_weights_path(), weights_only=True), strict=True)
     model.eval()
     normalised = torch.from_numpy((images * 255 - 127) / 128).permute(0, 3, 1, 2)

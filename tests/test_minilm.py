@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import jax.numpy as jnp
@@ -60,50 +59,14 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def torch_bert_features(tensors: dict[str, np.ndarray], batch: dict[str, np.ndarray]):
-    """Reference: BERT written directly in torch.nn.functional over the Hugging Face names."""
+    """Reference: BERT in plain PyTorch (benchmarks/torch_reference.py) over the same tensors."""
     torch = pytest.importorskip("torch")
-    functional = torch.nn.functional
-    weight = {name: torch.from_numpy(array) for name, array in tensors.items()}
-    ids = torch.from_numpy(batch["input_ids"]).long()
-    mask = torch.from_numpy(batch["attention_mask"]).float()
-    size, length = ids.shape
-    heads, width = 12, 384
+    from benchmarks.torch_reference import minilm_reference
 
-    def layer_norm(x, prefix):
-        return functional.layer_norm(
-            x, (width,), weight[f"{prefix}.weight"], weight[f"{prefix}.bias"], eps=1e-12
-        )
-
-    def linear(x, prefix):
-        return functional.linear(x, weight[f"{prefix}.weight"], weight[f"{prefix}.bias"])
-
-    def split_heads(x):
-        return x.view(size, length, heads, width // heads).transpose(1, 2)
-
-    x = (
-        functional.embedding(ids, weight["embeddings.word_embeddings.weight"])
-        + weight["embeddings.position_embeddings.weight"][:length]
-        + weight["embeddings.token_type_embeddings.weight"][0]
-    )
-    x = layer_norm(x, "embeddings.LayerNorm")
-    key_bias = (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
-    for index in range(6):
-        layer = f"encoder.layer.{index}"
-        query, key, value = (
-            split_heads(linear(x, f"{layer}.attention.self.{name}"))
-            for name in ("query", "key", "value")
-        )
-        scores = query @ key.transpose(-1, -2) / math.sqrt(width // heads) + key_bias
-        context = (torch.softmax(scores, dim=-1) @ value).transpose(1, 2).reshape(x.shape)
-        x = layer_norm(
-            x + linear(context, f"{layer}.attention.output.dense"),
-            f"{layer}.attention.output.LayerNorm",
-        )
-        expanded = functional.gelu(linear(x, f"{layer}.intermediate.dense"))
-        x = layer_norm(x + linear(expanded, f"{layer}.output.dense"), f"{layer}.output.LayerNorm")
-    token_mask = mask[..., None]
-    pooled = (x * token_mask).sum(1) / token_mask.sum(1).clamp(min=1e-9)
-    return pooled.numpy()
+    with torch.no_grad():
+        return minilm_reference(tensors)(
+            torch.from_numpy(batch["input_ids"]).long(), torch.from_numpy(batch["attention_mask"])
+        ).numpy()
 
 
 @pytest.mark.torch

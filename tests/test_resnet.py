@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from tlflax.models import registry
-from tlflax.models.resnet import ResNet, load_resnet_weights, resnet18
+from tlflax.models.resnet import ResNet, load_resnet_weights
 from tlflax.models.torch_weights import read_torch_state_dict
 from tlflax.models.weights import flax_weights, write_npz
 
@@ -124,7 +124,7 @@ def state_dict(resnet18_file) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def loaded(state_dict) -> ResNet:
-    model = nnx.eval_shape(lambda: resnet18(include_top=True, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: ResNet("resnet18", include_top=True, rngs=nnx.Rngs(0)))
     report = load_resnet_weights(model, state_dict)
     assert report.missing == [] and report.unexpected == [] and report.skipped == []
     return model
@@ -163,7 +163,7 @@ def test_load_report_names_missing_and_unexpected_keys(state_dict) -> None:
     edited = dict(state_dict)
     del edited["layer2.0.downsample.1.running_var"]
     edited["layer5.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
-    model = nnx.eval_shape(lambda: resnet18(include_top=True, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: ResNet("resnet18", include_top=True, rngs=nnx.Rngs(0)))
     report = load_resnet_weights(model, edited)
     assert report.missing == ["blocks/2/downsample/norm/var"]
     assert report.unexpected == ["layer5.0.conv1.weight"]  # num_batches_tracked: ignored
@@ -171,7 +171,7 @@ def test_load_report_names_missing_and_unexpected_keys(state_dict) -> None:
 
 def test_shape_mismatch_is_refused_unless_dont_load(state_dict) -> None:
     ten_classes = nnx.eval_shape(
-        lambda: resnet18(include_top=True, num_classes=10, rngs=nnx.Rngs(0))
+        lambda: ResNet("resnet18", include_top=True, num_classes=10, rngs=nnx.Rngs(0))
     )
     with pytest.raises(ValueError, match=r"classifier/bias.*'fc.bias'.*\(1000,\).*\(10,\)"):
         load_resnet_weights(ten_classes, state_dict)
@@ -199,7 +199,7 @@ def test_group_patterns_cover_every_parameter_once_and_groups_compose(loaded, im
 def test_our_own_npz_loads_through_the_registry(loaded, tmp_path) -> None:
     path = tmp_path / "resnet18.npz"
     write_npz(path, flax_weights(loaded))
-    model = nnx.eval_shape(lambda: resnet18(include_top=True, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: ResNet("resnet18", include_top=True, rngs=nnx.Rngs(0)))
     report = registry.load_backbone_weights(model, "resnet18", path)
     assert report.missing == [] and report.unexpected == []
     np.testing.assert_array_equal(

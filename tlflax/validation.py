@@ -4,7 +4,8 @@ The suite is built from plain thresholds (:class:`ValidationThresholds`) and run
 manifest (:mod:`tlflax.data.manifest`): one row per example. Checks, by name prefix:
 
 - ``schema`` / ``records``: required columns, no nulls, known splits and labels, label id
-  matching label name, unique (split, index), non-empty records; constant records warn.
+  matching label name, unique (split, index), non-empty records, the modality's flags
+  (text: not blank, valid UTF-8); constant records warn.
 - ``splits``: every required split has records.
 - ``balance.<split>``: KL divergence of the label distribution from the expected one, the
   largest/smallest class count ratio, and a minimum count per class.
@@ -13,36 +14,33 @@ manifest (:mod:`tlflax.data.manifest`): one row per example. Checks, by name pre
   each split against the reference split (train).
 - ``leakage.<split>_vs_<other>``: records whose content also appears in an earlier split.
 
-GX runs every check it has an expectation for (so they appear in Data Docs); the few it
-has none for (class ratio, minimum per class, cross-split leakage, empty required splits)
-are computed here and reported beside them. Each check is ``critical`` or ``warning``;
-validation succeeds when no critical check fails.
+GX runs every check it has an expectation for (so they appear in Data Docs; see
+:mod:`tlflax.validation_suite`); the few it has none for (class ratio, minimum per class,
+cross-split leakage, empty required splits) are computed here and reported beside them.
+Each check is ``critical`` or ``warning``; validation succeeds when no critical check fails.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from tlflax.data.manifest import (
-    IMAGE_MANIFEST_SCHEMA,
-    ManifestSchema,
-    class_counts,
-    cross_split_matches,
+from tlflax.data.manifest import class_counts, cross_split_matches
+from tlflax.validation_suite import (
+    MAX_EXAMPLE_RECORDS,
+    CheckResult,
+    ValidationThresholds,
+    json_ready,
+    plan_expectations,
+    run_expectations,
 )
 
-Severity = Literal["critical", "warning"]
-MAX_EXAMPLE_RECORDS = 10
-_FEATURE_BINS = 10
-# Weight given to values outside the reference range, so one outlier in a split makes the
-# feature KL large but finite.
-_TAIL_WEIGHT_HOLDOUT = 0.001
+__all__ = ["CheckResult", "ValidationSummary", "ValidationThresholds", "validate_manifest"]
+
 # Report order of the check families (first part of each check name).
 _CHECK_ORDER = (
     "schema",
@@ -53,82 +51,6 @@ _CHECK_ORDER = (
     "representativeness",
     "leakage",
 )
-
-
-@dataclass(frozen=True)
-class ValidationThresholds:
-    """Limits the manifest must respect.
-
-    Attributes:
-        expected_classes: the label names, in label-id order.
-        max_label_kl_divergence: KL divergence of each split's label distribution from
-            ``expected_class_weights`` (uniform when None).
-        max_class_ratio: largest / smallest class count within a split.
-        min_examples_per_class: fewest examples any class may have in any split.
-        max_split_kl_divergence: KL divergence of each split's label and binned feature
-            distributions from the reference split's. With B bins (10 for features) and N
-            records, sampling noise alone gives about (B - 1) / (2 N).
-        max_duplicate_fraction: share of a split's records whose content repeats (< 1).
-        max_mean_intensity_shift: largest relative change of each distribution feature's
-            mean (for images: mean and std of intensity) from the reference split; None
-            skips the check.
-        expected_class_weights: expected label distribution (normalised here).
-        max_leakage_fraction: share of a split's records that may also occur in an earlier split.
-        required_splits: splits that must exist and be non-empty; the first is the
-            reference for representativeness and leakage.
-        optional_splits: other split names that are allowed.
-        feature_shift_severity: severity of the feature distribution and mean checks;
-            image statistics are a proxy, so by default they warn rather than block.
-        schema: the manifest's column contract (image by default).
-    """
-
-    expected_classes: list[str]
-    max_label_kl_divergence: float = 0.05
-    max_class_ratio: float = 2.0
-    min_examples_per_class: int = 5
-    max_split_kl_divergence: float = 0.05
-    max_duplicate_fraction: float = 0.01
-    max_mean_intensity_shift: float | None = 0.1
-    expected_class_weights: list[float] | None = None
-    max_leakage_fraction: float = 0.0
-    required_splits: tuple[str, ...] = ("train", "test")
-    optional_splits: tuple[str, ...] = ("validation",)
-    feature_shift_severity: Severity = "warning"
-    schema: ManifestSchema = IMAGE_MANIFEST_SCHEMA
-
-    def __post_init__(self) -> None:
-        if not self.expected_classes or not self.required_splits:
-            raise ValueError("expected_classes and required_splits must not be empty")
-        if self.expected_class_weights is not None and (
-            len(self.expected_class_weights) != len(self.expected_classes)
-            or sum(self.expected_class_weights) <= 0
-        ):
-            raise ValueError("expected_class_weights needs one positive-sum weight per class")
-        if not 0.0 <= self.max_duplicate_fraction < 1.0:
-            raise ValueError("max_duplicate_fraction must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one check.
-
-    Attributes:
-        name: dotted check name, e.g. ``"balance.train.class_ratio"``.
-        severity: ``"critical"`` (fails validation) or ``"warning"`` (reported only).
-        passed: whether the data met the threshold.
-        observed: the measured value.
-        threshold: the limit it was compared with.
-        failing_records: up to 10 offending records, each ``{"split", "index", ...}``.
-        source: the GX expectation type, or ``"computed"``.
-    """
-
-    name: str
-    severity: Severity
-    passed: bool
-    observed: Any
-    threshold: Any
-    failing_records: list[dict[str, Any]] = field(default_factory=list)
-    source: str = "computed"
 
 
 @dataclass(frozen=True)
@@ -147,7 +69,7 @@ class ValidationSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite numbers become strings such as ``"inf"``)."""
-        return _json_ready(
+        return json_ready(
             {
                 "success": self.success,
                 "num_checks": len(self.checks),
@@ -207,281 +129,11 @@ def validate_manifest(
         for split in (*thresholds.required_splits, *thresholds.optional_splits)
         if records_per_split.get(split)
     ]
-    checks = _run_great_expectations(
-        manifest, _plan_expectations(manifest, thresholds, splits), docs_dir
-    )
+    checks = run_expectations(manifest, plan_expectations(manifest, thresholds, splits), docs_dir)
     checks += _computed_checks(manifest, thresholds, splits, records_per_split)
     checks.sort(key=lambda check: (_CHECK_ORDER.index(check.name.split(".")[0]), check.name))
     success = not any(check.severity == "critical" and not check.passed for check in checks)
     return ValidationSummary(success, checks, docs_dir / "index.html")
-
-
-class _PlannedExpectation(NamedTuple):
-    """A GX expectation as plain data, built into GX objects only once GX is imported."""
-
-    name: str
-    expectation_type: str  # class name in `great_expectations.expectations`
-    kwargs: dict[str, Any]
-    severity: Severity
-    split: str | None  # restrict to the records of this split
-
-
-def _plan_expectations(
-    manifest: pd.DataFrame, thresholds: ValidationThresholds, splits: list[str]
-) -> list[_PlannedExpectation]:
-    planned: list[_PlannedExpectation] = []
-
-    def expect(
-        name: str,
-        expectation_type: str,
-        severity: Severity = "critical",
-        split: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        planned.append(_PlannedExpectation(name, expectation_type, kwargs, severity, split))
-
-    # Expectations on a missing column would only raise; `schema.columns` names it instead.
-    columns = set(manifest.columns)
-    schema = thresholds.schema
-    classes = list(thresholds.expected_classes)
-    expect(
-        "schema.columns",
-        "ExpectTableColumnsToMatchSet",
-        column_set=list(schema.columns),
-        exact_match=False,
-    )
-    for column in _present(schema.columns, columns):
-        expect(f"records.not_null.{column}", "ExpectColumnValuesToNotBeNull", column=column)
-    if "split" in columns:
-        known_splits = [*thresholds.required_splits, *thresholds.optional_splits]
-        expect(
-            "records.split_known",
-            "ExpectColumnValuesToBeInSet",
-            column="split",
-            value_set=known_splits,
-        )
-    if "label_name" in columns:
-        expect(
-            "records.label_known",
-            "ExpectColumnValuesToBeInSet",
-            column="label_name",
-            value_set=classes,
-        )
-    if "label" in columns:
-        expect(
-            "records.label_in_range",
-            "ExpectColumnValuesToBeBetween",
-            column="label",
-            min_value=0,
-            max_value=len(classes) - 1,
-        )
-    if {"label", "label_name"} <= columns:
-        pairs = list(enumerate(classes))
-        expect(
-            "records.label_matches_name",
-            "ExpectColumnPairValuesToBeInSet",
-            column_A="label",
-            column_B="label_name",
-            value_pairs_set=pairs,
-        )
-    if {"split", "index"} <= columns:
-        expect(
-            "records.unique_split_index",
-            "ExpectCompoundColumnsToBeUnique",
-            column_list=["split", "index"],
-        )
-    for column in _present(schema.size_columns, columns):
-        expect(
-            f"records.nonempty.{column}",
-            "ExpectColumnValuesToBeBetween",
-            column=column,
-            min_value=1,
-        )
-    if schema.variation_column in columns:
-        expect(
-            "records.not_constant",
-            "ExpectColumnValuesToBeBetween",
-            "warning",
-            column=schema.variation_column,
-            min_value=0,
-            strict_min=True,
-        )
-
-    weights = np.asarray(thresholds.expected_class_weights or [1.0] * len(classes), dtype=float)
-    expected_labels = {"values": classes, "weights": (weights / weights.sum()).tolist()}
-    for split in splits:
-        if "label_name" in columns:
-            expect(
-                f"balance.{split}.label_kl",
-                "ExpectColumnKLDivergenceToBeLessThan",
-                split=split,
-                column="label_name",
-                partition_object=expected_labels,
-                threshold=thresholds.max_label_kl_divergence,
-            )
-        if "content_hash" in columns:
-            expect(
-                f"duplicates.{split}",
-                "ExpectColumnValuesToBeUnique",
-                split=split,
-                column="content_hash",
-                mostly=1.0 - thresholds.max_duplicate_fraction,
-            )
-
-    reference = thresholds.required_splits[0]
-    if reference not in splits:
-        return planned
-    reference_rows = manifest[manifest["split"] == reference]
-    severity = thresholds.feature_shift_severity
-    for split in splits[1:]:
-        if "label_name" in columns:
-            shares = reference_rows["label_name"].dropna().value_counts(normalize=True)
-            reference_labels = {"values": shares.index.tolist(), "weights": shares.tolist()}
-            expect(
-                f"representativeness.{split}.label_kl",
-                "ExpectColumnKLDivergenceToBeLessThan",
-                split=split,
-                column="label_name",
-                partition_object=reference_labels,
-                threshold=thresholds.max_split_kl_divergence,
-            )
-        for feature in _present(schema.distribution_columns, columns):
-            values = reference_rows[feature].dropna().to_numpy(dtype=float)
-            # Quantile bins hold equal reference mass; ties (e.g. a constant feature) merge bins.
-            edges = np.unique(np.quantile(values, np.linspace(0, 1, _FEATURE_BINS + 1)))
-            if len(edges) >= 2:
-                binned = {
-                    "bins": edges.tolist(),
-                    "weights": (np.histogram(values, edges)[0] / len(values)).tolist(),
-                }
-                expect(
-                    f"representativeness.{split}.{feature}_kl",
-                    "ExpectColumnKLDivergenceToBeLessThan",
-                    severity,
-                    split,
-                    column=feature,
-                    partition_object=binned,
-                    threshold=thresholds.max_split_kl_divergence,
-                    tail_weight_holdout=_TAIL_WEIGHT_HOLDOUT,
-                )
-            if thresholds.max_mean_intensity_shift is not None:
-                mean = float(values.mean())
-                margin = thresholds.max_mean_intensity_shift * abs(mean)
-                expect(
-                    f"representativeness.{split}.{feature}_mean_shift",
-                    "ExpectColumnMeanToBeBetween",
-                    severity,
-                    split,
-                    column=feature,
-                    min_value=mean - margin,
-                    max_value=mean + margin,
-                )
-    return planned
-
-
-def _present(wanted: tuple[str, ...], columns: set[str]) -> list[str]:
-    # In schema order, not set order: string hashing is salted per process, and the suite
-    # (and its Data Docs) should come out the same on every run.
-    return [column for column in wanted if column in columns]
-
-
-def _run_great_expectations(
-    manifest: pd.DataFrame, planned: list[_PlannedExpectation], docs_dir: Path
-) -> list[CheckResult]:
-    # Set before the import: GX reads it when it loads. We make no network calls.
-    os.environ["GX_ANALYTICS_ENABLED"] = "false"
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-    from great_expectations.expectations.row_conditions import Column
-
-    # In-memory stores (nothing left behind) and a single Data Docs site, in docs_dir
-    # rather than the default temporary folder.
-    site_store = {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        data_docs_sites={
-            "local_site": {
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": site_store,
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            }
-        },
-        analytics_enabled=False,
-        progress_bars=ProgressBarsConfig(globally=False),
-    )
-    context = gx.get_context(project_config=config, mode="ephemeral")
-    expectations = []
-    for plan in planned:
-        kwargs = dict(plan.kwargs, meta={"check": plan.name}, severity=plan.severity)
-        if plan.split is not None:  # table-level expectations take no row condition
-            kwargs["row_condition"] = Column("split") == plan.split
-        expectations.append(getattr(gxe, plan.expectation_type)(**kwargs))
-    suite = context.suites.add(gx.ExpectationSuite(name="manifest", expectations=expectations))
-    batch = (
-        context.data_sources.add_pandas("manifest")
-        .add_dataframe_asset("manifest")
-        .add_batch_definition_whole_dataframe("manifest")
-    )
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="manifest", data=batch, suite=suite)
-    )
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="manifest",
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-            result_format={
-                "result_format": "SUMMARY",
-                # Failing records are reported by (split, index), not by dataframe row.
-                "unexpected_index_column_names": [c for c in ("split", "index") if c in manifest],
-                "partial_unexpected_count": MAX_EXAMPLE_RECORDS,
-            },
-        )
-    )
-    run = checkpoint.run(batch_parameters={"dataframe": manifest})
-    (validation_result,) = run.run_results.values()
-    return [_check_from_gx(result) for result in validation_result.results]
-
-
-def _check_from_gx(result: Any) -> CheckResult:
-    config = result.expectation_config
-    details, kwargs = result.result or {}, config.kwargs
-    if result.exception_info and result.exception_info.get("raised_exception"):
-        observed: Any = f"error: {result.exception_info.get('exception_message')}"
-    elif config.type == "expect_table_columns_to_match_set":
-        observed = (
-            {"missing_columns": details["details"]["mismatched"].get("missing", [])}
-            if "details" in details
-            else {}
-        )
-    elif "observed_value" in details:
-        # GX reports no KL value when a split holds a label the expected partition lacks.
-        observed = details["observed_value"] if details["observed_value"] is not None else math.inf
-    else:
-        observed = {key: details.get(key) for key in ("unexpected_count", "unexpected_percent")}
-    if "threshold" in kwargs:
-        threshold: Any = kwargs["threshold"]
-    elif kwargs.get("mostly", 1.0) < 1.0:
-        threshold = {"max_unexpected_fraction": 1.0 - kwargs["mostly"]}
-    else:
-        limits = ("min_value", "max_value", "value_set", "value_pairs_set", "column_set")
-        threshold = {key: kwargs[key] for key in limits if kwargs.get(key) is not None}
-    records = details.get("partial_unexpected_index_list") or []
-    return CheckResult(
-        name=config.meta["check"],
-        severity=config.severity.value,
-        passed=bool(result.success),
-        observed=_json_ready(observed),
-        threshold=_json_ready(threshold),
-        failing_records=_json_ready(records[:MAX_EXAMPLE_RECORDS]),
-        source=config.type,
-    )
 
 
 def _computed_checks(
@@ -511,7 +163,7 @@ def _computed_checks(
                     f"balance.{split}.class_ratio",
                     "critical",
                     passed=ratio <= thresholds.max_class_ratio,
-                    observed=_json_ready(
+                    observed=json_ready(
                         {"ratio": ratio, "largest": counts.idxmax(), "smallest": counts.idxmin()}
                     ),
                     threshold=thresholds.max_class_ratio,
@@ -522,7 +174,7 @@ def _computed_checks(
                     f"balance.{split}.min_per_class",
                     "critical",
                     passed=too_few.empty,
-                    observed=_json_ready(
+                    observed=json_ready(
                         {"classes_below": too_few.to_dict(), "min_count": counts.min()}
                     ),
                     threshold=thresholds.min_examples_per_class,
@@ -548,19 +200,6 @@ def _computed_checks(
                     )
                 )
     return checks
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain Python for json.dumps: numpy scalars unwrapped, NaN/inf as strings, tuples as lists."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
 
 
 def _short(value: Any) -> str:

@@ -73,19 +73,31 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def run_stage(name: str, body: Callable[[Params, ExperimentPaths], None]) -> None:
-    """Parse ``--params``, validate them, run ``body``; bad input exits 2 with one line."""
-    parser = argparse.ArgumentParser(prog=f"python -m pipelines.stages.{name}")
+def params_parser(program: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A command line with the ``--params`` option every stage (and ``predict``) takes."""
+    parser = argparse.ArgumentParser(prog=program, description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file")
-    arguments = parser.parse_args()
+    return parser
+
+
+def run_command(
+    name: str, params_file: str, body: Callable[[Params, ExperimentPaths], None]
+) -> None:
+    """Validate ``params_file``, run ``body``; bad input exits 2 with one line, no traceback."""
     # Quiet third-party telemetry before anything imports it.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     enable_compilation_cache()
     try:
-        params = load_params(arguments.params)
+        params = load_params(params_file)
         body(params, ExperimentPaths(params.experiment))
     except EXPECTED_ERRORS as error:
         if os.environ.get("TLFLAX_DEBUG"):
             raise
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def run_stage(name: str, body: Callable[[Params, ExperimentPaths], None]) -> None:
+    """Parse ``--params``, validate them, run ``body``; bad input exits 2 with one line."""
+    arguments = params_parser(f"python -m pipelines.stages.{name}").parse_args()
+    run_command(name, arguments.params, body)

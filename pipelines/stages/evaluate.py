@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import csv
-import functools
 
-import jax
+import numpy as np
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.tasks import Task, class_probabilities, task_for
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
-from tlflax.data.pipeline import prepare_images
-from tlflax.data.tfds_store import read_class_names, read_image_split
 from tlflax.evaluate import classification_report
 from tlflax.io import atomic_path, read_arrays, write_json
-from tlflax.train import create_head, predict_probabilities
-from tlflax.vision import abstract_image_classifier
+from tlflax.train import create_head
 
 HEADLINE = ("accuracy", "macro_f1", "ece")
 
@@ -25,35 +22,18 @@ def _head_only_probabilities(params: Params, paths: ExperimentPaths, num_classes
     test = read_arrays(paths.features / "test.npz")
     head = create_head(test["features"].shape[1], num_classes, params.train_head)
     nnx.update(head, restore_tree(paths.head, nnx.state(head, nnx.Param)))
-    graphdef, state = nnx.split(head)
 
-    @jax.jit
-    def predict(state, batch):
-        return jax.nn.softmax(nnx.merge(graphdef, state)(batch["features"]))
+    def forward(model, batch, train, key):
+        return model(batch["features"])
 
-    arrays = {"features": test["features"], "label": test["label"]}
-    return predict_probabilities(
-        functools.partial(predict, state), arrays, params.evaluate.batch_size
-    )
+    return class_probabilities(head, forward, test, params.evaluate.batch_size)
 
 
-def _finetuned_probabilities(params: Params, paths: ExperimentPaths, images, labels, num_classes):
-    model = abstract_image_classifier(params.extract.backbone, num_classes, params.train_head)
-    graphdef, abstract_state = nnx.split(model)
-    state = restore_tree(paths.finetune / "model", abstract_state)
-    image_size = params.extract.image_size
-
-    # Weights are an argument, not a closure: closed-over arrays become compile-time constants.
-    @jax.jit
-    def predict(state, batch):
-        logits = nnx.merge(graphdef, state)(prepare_images(batch["image"], image_size))
-        return jax.nn.softmax(logits)
-
-    return predict_probabilities(
-        functools.partial(predict, state),
-        {"image": images, "label": labels},
-        params.evaluate.batch_size,
-    )
+def _finetuned_probabilities(
+    task: Task, paths: ExperimentPaths, test: dict[str, np.ndarray], num_classes: int
+) -> np.ndarray:
+    model = task.load_classifier(num_classes, paths.finetune / "model")
+    return class_probabilities(model, task.forward(), test, task.params.evaluate.batch_size)
 
 
 def _write_confusion(path, labels, predictions, class_names) -> None:
@@ -66,13 +46,13 @@ def _write_confusion(path, labels, predictions, class_names) -> None:
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
-    dataset = params.prepare.dataset
-    class_names = read_class_names(paths.dataset_dir, dataset)
-    images, labels = read_image_split(paths.dataset_dir, dataset, "test")
-    _, train_labels = read_image_split(paths.dataset_dir, dataset, "train")
+    task = task_for(params, paths)
+    class_names = task.class_names()
+    test = task.read_inputs("test")
+    labels = test["label"]
     probabilities = {
         "head_only": _head_only_probabilities(params, paths, len(class_names)),
-        "finetune": _finetuned_probabilities(params, paths, images, labels, len(class_names)),
+        "finetune": _finetuned_probabilities(task, paths, test, len(class_names)),
     }
     reports = {
         name: classification_report(
@@ -81,7 +61,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         for name, probs in probabilities.items()
     }
     metrics = {name: {k: report[k] for k in HEADLINE} for name, report in reports.items()}
-    metrics["n_train"] = int(len(train_labels))
+    metrics["n_train"] = int(len(task.read_split("train")[1]))
     metrics["n_test"] = int(len(labels))
     write_json(paths.metrics("evaluate"), metrics)
     write_json(paths.plots / "classification_report.json", reports)

@@ -11,17 +11,17 @@ import time
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.tasks import task_for
 from tlflax.config import Params
-from tlflax.data.tfds_store import read_image_split
 from tlflax.io import atomic_path, write_arrays
 from tlflax.models.registry import create_backbone
-from tlflax.vision import extract_features
 
 SPLITS = ("train", "validation", "test")
 
 
 def extract(params: Params, paths: ExperimentPaths) -> None:
     cfg = params.extract
+    task = task_for(params, paths)
     backbone, report = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, rngs=nnx.Rngs(params.finetune.seed)
     )
@@ -29,20 +29,15 @@ def extract(params: Params, paths: ExperimentPaths) -> None:
         print(f"extract: loaded {len(report.loaded)} pretrained tensors for {cfg.backbone}")
     with atomic_path(paths.features, directory=True) as features_dir:
         for split in SPLITS:
-            images, labels = read_image_split(paths.dataset_dir, params.prepare.dataset, split)
+            inputs = task.read_inputs(split)
             started = time.perf_counter()
-            features = extract_features(
-                backbone,
-                images,
-                image_size=cfg.image_size,
-                batch_size=cfg.batch_size,
-                description=f"extract {split}",
-            )
+            features = task.extract_features(backbone, inputs, description=f"extract {split}")
             seconds = time.perf_counter() - started
-            write_arrays(features_dir / f"{split}.npz", features=features, label=labels)
+            count = len(inputs["label"])
+            write_arrays(features_dir / f"{split}.npz", features=features, label=inputs["label"])
             print(
-                f"extract: {split}: {len(labels)} images -> {features.shape[1]} features "
-                f"in {seconds:.1f} s ({len(labels) / max(seconds, 1e-9):.0f} images/s)"
+                f"extract: {split}: {count} examples -> {features.shape[1]} features "
+                f"in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} examples/s)"
             )
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from pipelines.stages.common import ExperimentPaths, run_stage
 from tlflax.config import Params
+from tlflax.data.manifest import MANIFEST_SCHEMAS
 from tlflax.data.tfds_store import read_class_names
 from tlflax.io import write_json
 from tlflax.validation import ValidationThresholds, validate_manifest
@@ -32,7 +33,10 @@ def validate(params: Params, paths: ExperimentPaths) -> None:
         min_examples_per_class=cfg.min_examples_per_class,
         max_split_kl_divergence=cfg.max_split_kl_divergence,
         max_duplicate_fraction=cfg.max_duplicate_fraction,
-        max_mean_intensity_shift=cfg.max_mean_intensity_shift,
+        max_mean_intensity_shift=cfg.max_feature_mean_shift,
+        expected_class_weights=cfg.expected_class_weights,
+        max_leakage_fraction=cfg.max_leakage_fraction,
+        schema=MANIFEST_SCHEMAS[params.prepare.modality],
     )
     summary = validate_manifest(manifest, thresholds, docs_dir=paths.data_docs.absolute())
     write_json(paths.metrics("validate"), summary.to_dict())

@@ -4,15 +4,15 @@ Column contract. Every manifest has the :data:`COMMON_COLUMNS`
 (``split, index, label, label_name, content_hash``); each modality adds its own
 columns and describes them with a :class:`ManifestSchema`, which tells validation
 which columns must exist, which give an example's size (0 = empty record), which one
-is 0 for a constant record, and whose distributions must agree between splits.
-A text manifest, for instance, would add ``text_length`` and a ``TEXT_MANIFEST_SCHEMA``
-beside :data:`IMAGE_MANIFEST_SCHEMA`.
+is 0 for a constant record, which flags a valid record must have, and whose
+distributions must agree between splits: :data:`IMAGE_MANIFEST_SCHEMA` and
+:data:`TEXT_MANIFEST_SCHEMA`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +32,14 @@ class ManifestSchema:
         size_columns: columns that must be >= 1 for a non-empty record.
         variation_column: column that is 0 for a constant (blank) record, or None.
         distribution_columns: numeric features compared between splits.
+        required_flags: (boolean column, the value every valid record has) pairs.
     """
 
     columns: tuple[str, ...]
     size_columns: tuple[str, ...]
     variation_column: str | None
     distribution_columns: tuple[str, ...]
+    required_flags: tuple[tuple[str, bool], ...] = ()
 
 
 IMAGE_MANIFEST_SCHEMA = ManifestSchema(
@@ -54,6 +56,27 @@ IMAGE_MANIFEST_SCHEMA = ManifestSchema(
     distribution_columns=("mean_intensity", "std_intensity"),
 )
 
+TEXT_MANIFEST_SCHEMA = ManifestSchema(
+    columns=(
+        *COMMON_COLUMNS,
+        "text_length",
+        "token_count",
+        "is_empty",
+        "valid_utf8",
+    ),
+    # An empty string has no characters, but a blank one has: `is_empty` covers both.
+    size_columns=(),
+    variation_column=None,
+    distribution_columns=("text_length", "token_count"),
+    required_flags=(("is_empty", False), ("valid_utf8", True)),
+)
+
+# The schema of each modality's manifest (see `image_manifest`, `text_manifest`).
+MANIFEST_SCHEMAS: dict[str, ManifestSchema] = {
+    "image": IMAGE_MANIFEST_SCHEMA,
+    "text": TEXT_MANIFEST_SCHEMA,
+}
+
 # Rows per chunk for the pixel statistics: bounds the float64 temporaries to ~25 MB
 # for 28x28 images instead of one copy of the whole split.
 _STATISTICS_CHUNK_ROWS = 4096
@@ -62,6 +85,30 @@ _STATISTICS_CHUNK_ROWS = 4096
 def content_hash(record: np.ndarray) -> str:
     """SHA-1 of a record's raw bytes (C order): equal records, equal hashes, on any machine."""
     return hashlib.sha1(np.ascontiguousarray(record).tobytes()).hexdigest()
+
+
+def text_content_hash(text: str | bytes) -> str:
+    """SHA-1 of a text's UTF-8 bytes (of the bytes themselves when given bytes)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
+    return hashlib.sha1(raw).hexdigest()
+
+
+def duplicate_records(hashes: Sequence[str], reference_hashes: Sequence[str] = ()) -> np.ndarray:
+    """Which records repeat an earlier record or occur in a reference set, by content hash.
+
+    Deduplicating a training pool with ``reference_hashes`` = the test split's hashes keeps
+    one copy of each repeated record and none of those the test split also holds.
+
+    Returns:
+        A boolean mask over ``hashes``: True for the records to drop.
+    """
+    reference = set(reference_hashes)
+    seen: set[str] = set()
+    drop = np.zeros(len(hashes), dtype=bool)
+    for position, record_hash in enumerate(hashes):
+        drop[position] = record_hash in seen or record_hash in reference
+        seen.add(record_hash)
+    return drop
 
 
 def _label_names(labels: np.ndarray, class_names: Sequence[str]) -> list[str | None]:
@@ -128,6 +175,69 @@ def image_manifest(
         )
     if not frames:
         return pd.DataFrame(columns=list(IMAGE_MANIFEST_SCHEMA.columns))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _decode_text(text: str | bytes) -> tuple[str, bool]:
+    """The text to measure, and whether it is valid UTF-8 (invalid bytes read as U+FFFD)."""
+    if isinstance(text, bytes):
+        try:
+            return text.decode("utf-8"), True
+        except UnicodeDecodeError:
+            return text.decode("utf-8", errors="replace"), False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a surrogateescape decode
+        return text.encode("utf-8", errors="replace").decode("utf-8"), False
+    return text, True
+
+
+def text_manifest(
+    splits: dict[str, tuple[Sequence[str | bytes], np.ndarray]],
+    class_names: Sequence[str],
+    *,
+    count_tokens: Callable[[Sequence[str]], np.ndarray],
+) -> pd.DataFrame:
+    """Describe every text of every split, one row each.
+
+    Args:
+        splits: split name -> (texts (N,) as str or raw bytes, integer labels (N,)).
+        class_names: label ``i`` is ``class_names[i]``.
+        count_tokens: the model's tokenizer, counting the tokens of each text untruncated.
+
+    Returns:
+        A DataFrame with the columns of :data:`TEXT_MANIFEST_SCHEMA`, in that order:
+        split, index, label, label_name (None when the label is out of range),
+        content_hash (SHA-1 of the UTF-8 bytes), text_length (characters), token_count,
+        is_empty (nothing but whitespace) and valid_utf8.
+
+    Raises:
+        DataError: naming the split whose label count differs from its text count.
+    """
+    frames = []
+    for split, (texts, labels) in splits.items():
+        if len(labels) != len(texts):
+            raise DataError(f"split {split!r}", f"{len(texts)} texts but {len(labels)} labels")
+        labels = np.asarray(labels, dtype=np.int64)
+        decoded, valid = zip(*map(_decode_text, texts), strict=True) if len(texts) else ((), ())
+        frames.append(
+            pd.DataFrame(
+                {
+                    "split": split,
+                    "index": np.arange(len(texts), dtype=np.int64),
+                    "label": labels,
+                    "label_name": _label_names(labels, class_names),
+                    "content_hash": [text_content_hash(text) for text in texts],
+                    "text_length": np.array([len(text) for text in decoded], dtype=np.int64),
+                    "token_count": np.asarray(count_tokens(list(decoded)), dtype=np.int64),
+                    "is_empty": np.array([not text.strip() for text in decoded], dtype=bool),
+                    "valid_utf8": np.array(valid, dtype=bool),
+                },
+                columns=list(TEXT_MANIFEST_SCHEMA.columns),
+            )
+        )
+    if not frames:
+        return pd.DataFrame(columns=list(TEXT_MANIFEST_SCHEMA.columns))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -1,4 +1,4 @@
-"""Store in-memory image datasets as real TFDS datasets, without TensorFlow.
+"""Store in-memory datasets as real TFDS datasets, without TensorFlow.
 
 Layout: ``<data_dir>/<name>/1.0.0/`` with ``dataset_info.json``, ``features.json`` and one
 ``array_record`` file per split, readable by any TFDS tooling
@@ -8,6 +8,10 @@ Choices that keep TensorFlow out (see STACK-NOTES, "TFDS without TensorFlow"):
 images are uint8 ``Tensor`` features, not ``Image`` (whose PNG encoding calls TF); the
 file format is ``array_record``, not tfrecord; reading goes through data sources, never
 ``as_dataset``.
+
+One builder, :class:`InMemoryDataset`, serves every modality: a modality names its
+features and hands over one column per feature. This module holds the image modality;
+:mod:`tlflax.data.tfds_text` the text one.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -25,10 +30,15 @@ from tlflax.data.errors import DataError
 
 DATASET_VERSION = "1.0.0"
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+# Records decoded per `__getitems__` call when reading: bounds the Python dicts alive at once.
+_READ_CHUNK = 8192
+
+# split name -> feature name -> one value per example (anything indexable by position).
+SplitColumns = Mapping[str, Mapping[str, Any]]
 
 
-class ArrayImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A TFDS builder over images and labels already in memory.
+class InMemoryDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder over examples already in memory, one column per feature.
 
     Registration is skipped because one class serves every dataset name; the name is
     set per instance (TFDS reads ``self.name`` for paths and ``dataset_info.json``).
@@ -42,14 +52,16 @@ class ArrayImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         self,
         *,
         name: str,
-        splits: dict[str, tuple[np.ndarray, np.ndarray]],
-        class_names: Sequence[str],
+        features: Mapping[str, tfds.features.FeatureConnector],
+        splits: SplitColumns,
+        supervised_keys: tuple[str, str],
         description: str,
         data_dir: Path,
     ) -> None:
         self.name = name
+        self._features = dict(features)
         self._splits = splits
-        self._class_names = list(class_names)
+        self._supervised_keys = supervised_keys
         self._description = description
         super().__init__(data_dir=data_dir, file_format="array_record")
 
@@ -65,18 +77,13 @@ class ArrayImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo is built directly: `dataset_info_from_configs` expects the builder to
         # live in a TFDS-style package with metadata files beside it.
-        image_shape = next(iter(self._splits.values()))[0].shape[1:]
         return tfds.core.DatasetInfo(
             builder=self,
             description=self._description,
             features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=image_shape, dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=self._class_names),
-                    "id": tfds.features.Scalar(dtype=np.int64),
-                }
+                {**self._features, "id": tfds.features.Scalar(dtype=np.int64)}
             ),
-            supervised_keys=("image", "label"),
+            supervised_keys=self._supervised_keys,
             disable_shuffling=True,
         )
 
@@ -86,9 +93,10 @@ class ArrayImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {split: self._generate_examples(split) for split in self._splits}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, object]]]:
-        images, labels = self._splits[split]
-        for position in range(len(labels)):
-            yield position, {"image": images[position], "label": labels[position], "id": position}
+        columns = self._splits[split]
+        for position in range(len(columns["label"])):
+            example = {feature: column[position] for feature, column in columns.items()}
+            yield position, {**example, "id": position}
 
 
 def dataset_version_dir(data_dir: Path, name: str) -> Path:
@@ -96,34 +104,42 @@ def dataset_version_dir(data_dir: Path, name: str) -> Path:
     return data_dir / name / DATASET_VERSION
 
 
-def write_image_dataset(
+def write_dataset(
     data_dir: Path,
     name: str,
-    splits: dict[str, tuple[np.ndarray, np.ndarray]],
-    class_names: Sequence[str],
+    features: Mapping[str, tfds.features.FeatureConnector],
+    splits: SplitColumns,
+    *,
+    supervised_keys: tuple[str, str],
     description: str = "",
 ) -> Path:
-    """Write image splits as a TFDS ``array_record`` dataset, replacing any previous one.
+    """Write columns of examples as a TFDS ``array_record`` dataset, replacing any previous one.
 
     The dataset is built in a temporary folder beside the target and renamed into
     place only once complete, so an interrupted or failing build leaves no half-written
-    dataset and an existing good dataset in place.
+    dataset and an existing good dataset in place. Modalities check their columns first
+    (see :func:`write_image_dataset`); this function checks only the name and the splits.
 
     Args:
         data_dir: the TFDS data directory (created if missing).
         name: dataset name, lowercase snake_case (also the folder name).
-        splits: split name -> (images uint8 (N, H, W, C), integer labels (N,)); every
-            split must have the same image shape.
-        class_names: label names; label ``i`` is ``class_names[i]``.
+        features: feature name -> TFDS feature; every split has one column per feature,
+            ``"label"`` included. An ``id`` feature (the position in the split) is added.
+        splits: split name -> feature name -> values, one per example.
+        supervised_keys: (input feature, label feature).
         description: free text stored in ``dataset_info.json``.
 
     Returns:
         ``data_dir / name``, the folder that was replaced.
 
     Raises:
-        DataError: naming the split whose arrays are malformed, or the bad name.
+        DataError: naming the bad name, or the split that is empty.
     """
-    _check_splits(name, splits, class_names)
+    _check_name_and_splits(name, splits)
+    for split, columns in splits.items():
+        if len(columns["label"]) == 0:
+            # TFDS cannot finalise a split without examples.
+            raise DataError(f"dataset {name!r}, split {split!r}", "split is empty")
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / name
     # A process killed outright (no `finally`) leaves its build folder behind; it must not
@@ -133,10 +149,11 @@ def write_image_dataset(
     # Same parent folder => same filesystem => the final renames are atomic.
     build_root = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=data_dir))
     try:
-        builder = ArrayImageDataset(
+        builder = InMemoryDataset(
             name=name,
+            features=features,
             splits=splits,
-            class_names=class_names,
+            supervised_keys=supervised_keys,
             description=description,
             data_dir=build_root,
         )
@@ -157,13 +174,51 @@ def write_image_dataset(
     return target
 
 
-def _check_splits(
-    name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]
-) -> None:
+def _check_name_and_splits(name: str, splits: Mapping[str, object]) -> None:
     if not _NAME_PATTERN.match(name):
         raise DataError(f"dataset {name!r}", "name must be lowercase snake_case ([a-z][a-z0-9_]*)")
     if not splits:
         raise DataError(f"dataset {name!r}", "no splits given")
+
+
+def check_labels(location: str, labels: np.ndarray, count: int, num_classes: int) -> None:
+    """Raise :class:`DataError` at ``location`` unless ``labels`` are ``count`` ids < ``num_classes``."""
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            location,
+            f"labels must be integers of shape ({count},), got {labels.dtype} {labels.shape}",
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            location,
+            f"labels span [{labels.min()}, {labels.max()}] but there are {num_classes} classes",
+        )
+
+
+def write_image_dataset(
+    data_dir: Path,
+    name: str,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    description: str = "",
+) -> Path:
+    """Write image splits as a TFDS ``array_record`` dataset (see :func:`write_dataset`).
+
+    Args:
+        data_dir: the TFDS data directory (created if missing).
+        name: dataset name, lowercase snake_case (also the folder name).
+        splits: split name -> (images uint8 (N, H, W, C), integer labels (N,)); every
+            split must have the same image shape.
+        class_names: label names; label ``i`` is ``class_names[i]``.
+        description: free text stored in ``dataset_info.json``.
+
+    Returns:
+        ``data_dir / name``, the folder that was replaced.
+
+    Raises:
+        DataError: naming the split whose arrays are malformed, or the bad name.
+    """
+    _check_name_and_splits(name, splits)
     image_shapes = {split: images.shape[1:] for split, (images, _) in splits.items()}
     for split, (images, labels) in splits.items():
         location = f"dataset {name!r}, split {split!r}"
@@ -171,21 +226,24 @@ def _check_splits(
             raise DataError(
                 location, f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}"
             )
-        if len(images) == 0:
-            # TFDS cannot finalise a split without examples.
-            raise DataError(location, "split is empty")
         if images.shape[1:] != next(iter(image_shapes.values())):
             raise DataError(location, f"image shapes differ between splits: {image_shapes}")
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(
-                location,
-                f"labels must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}",
-            )
-        if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-            raise DataError(
-                location,
-                f"labels span [{labels.min()}, {labels.max()}] but there are {len(class_names)} classes",
-            )
+        check_labels(location, labels, len(images), len(class_names))
+    features = {
+        "image": tfds.features.Tensor(shape=next(iter(image_shapes.values())), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=list(class_names)),
+    }
+    columns = {
+        split: {"image": images, "label": labels} for split, (images, labels) in splits.items()
+    }
+    return write_dataset(
+        data_dir,
+        name,
+        features,
+        columns,
+        supervised_keys=("image", "label"),
+        description=description,
+    )
 
 
 def _load_builder(data_dir: Path, name: str) -> tfds.core.DatasetBuilder:
@@ -197,16 +255,11 @@ def _load_builder(data_dir: Path, name: str) -> tfds.core.DatasetBuilder:
     return tfds.builder_from_directory(version_dir)
 
 
-def read_image_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Load one split of a dataset written by :func:`write_image_dataset` into memory.
+def read_columns(data_dir: Path, name: str, split: str) -> dict[str, list[Any]]:
+    """One split of a dataset written by :func:`write_dataset`, as feature name -> values.
 
-    Args:
-        data_dir: the TFDS data directory.
-        name: dataset name.
-        split: split name, e.g. ``"train"``.
-
-    Returns:
-        ``(images uint8 (N, H, W, C), labels int64 (N,))`` in the order they were written.
+    Values are as TFDS decodes them (numpy arrays and scalars; ``Text`` as UTF-8 bytes), in
+    the order they were written; the ``id`` feature is checked and dropped.
 
     Raises:
         DataError: naming the dataset folder when it or the split is missing, or when the
@@ -220,25 +273,37 @@ def read_image_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray,
         )
     source = builder.as_data_source(split=split)
     count = len(source)
-    feature_shape = builder.info.features["image"].shape
-    images = np.empty((count, *feature_shape), dtype=np.uint8)
-    labels = np.empty(count, dtype=np.int64)
-    ids = np.empty(count, dtype=np.int64)
-    # `__getitems__` decodes a whole batch in one call; chunks bound the Python dicts alive.
-    chunk_size = 8192
-    for start in range(0, count, chunk_size):
-        stop = min(start + chunk_size, count)
-        records = source.__getitems__(range(start, stop))
-        images[start:stop] = np.stack([record["image"] for record in records])
-        labels[start:stop] = [record["label"] for record in records]
-        ids[start:stop] = [record["id"] for record in records]
-    if not np.array_equal(ids, np.arange(count)):
+    columns: dict[str, list[Any]] = {feature: [] for feature in builder.info.features}
+    for start in range(0, count, _READ_CHUNK):
+        # `__getitems__` decodes a whole chunk in one call.
+        for record in source.__getitems__(range(start, min(start + _READ_CHUNK, count))):
+            for feature, values in columns.items():
+                values.append(record[feature])
+    if not np.array_equal(np.asarray(columns.pop("id"), dtype=np.int64), np.arange(count)):
         raise DataError(
             dataset_version_dir(data_dir, name),
             f"split {split!r}: stored ids are not 0..{count - 1} in order; the dataset was not "
-            "written by write_image_dataset or is damaged",
+            "written by this module or is damaged",
         )
-    return images, labels
+    return columns
+
+
+def read_image_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of a dataset written by :func:`write_image_dataset` into memory.
+
+    Returns:
+        ``(images uint8 (N, H, W, C), labels int64 (N,))`` in the order they were written.
+
+    Raises:
+        DataError: as :func:`read_columns`.
+    """
+    columns = read_columns(data_dir, name, split)
+    return np.stack(columns["image"]), np.asarray(columns["label"], dtype=np.int64)
+
+
+def read_image_shape(data_dir: Path, name: str) -> tuple[int, int, int]:
+    """The (height, width, channels) every image of dataset ``name`` has."""
+    return tuple(_load_builder(data_dir, name).info.features["image"].shape)
 
 
 def read_class_names(data_dir: Path, name: str) -> list[str]:

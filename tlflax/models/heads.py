@@ -1,4 +1,4 @@
-"""New task heads and the backbone + head classifier used for fine-tuning.
+"""New task heads and the backbone + head classifiers (image, text) used for fine-tuning.
 
 The final kernel of every head starts at zero (BiT / ViT fine-tuning practice): the model
 starts from a uniform prediction instead of a random one, so the first updates do not push
@@ -57,19 +57,79 @@ class Head(nnx.Module):
         return self.output(x)
 
 
-class ImageClassifier(nnx.Module):
-    """Pretrained image backbone (original top dropped) followed by a new :class:`Head`.
+class _BackboneClassifier(nnx.Module):
+    """A pretrained backbone (original top dropped) followed by a new :class:`Head`.
 
     Parameter paths are ``backbone/...`` and ``head/...``, the names the fine-tuning rules in
-    ``params.yaml`` match against.
+    ``params.yaml`` match against. Besides the whole forward pass, a subclass can run its
+    backbone in two parts, ``run_prefix`` (layer groups ``[0, k)``, inference mode) and
+    ``from_prefix`` (groups ``[k, end)``, pooling and the head), so that the activations of a
+    frozen prefix can be computed once and cached (:mod:`tlflax.prefix_cache`).
     """
 
     def __init__(self, backbone: nnx.Module, head: Head):
         self.backbone = backbone
         self.head = head
 
+    def _classify(
+        self, features: jax.Array, train: bool, dropout_key: jax.Array | None
+    ) -> jax.Array:
+        return self.head(features, dropout_key=dropout_key if train else None)
+
+
+class ImageClassifier(_BackboneClassifier):
+    """An image backbone (``features``, ``run_groups``) followed by a new :class:`Head`."""
+
     def __call__(
         self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
     ) -> jax.Array:
-        features = self.backbone.features(images, train=train)
-        return self.head(features, dropout_key=dropout_key if train else None)
+        return self._classify(self.backbone.features(images, train=train), train, dropout_key)
+
+    def run_prefix(self, images: jax.Array, stop: int) -> jax.Array:
+        """Activations of backbone groups ``[0, stop)`` in inference mode."""
+        return self.backbone.run_groups(images, 0, stop, train=False)
+
+    def from_prefix(
+        self,
+        activations: jax.Array,
+        start: int,
+        *,
+        train: bool = False,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits from the activations :meth:`run_prefix` returned for ``stop=start``."""
+        unpooled = self.backbone.run_groups(activations, start, None, train=train)
+        # Global average pooling, as the image backbones' own `features` ends.
+        return self._classify(jnp.mean(unpooled, axis=(1, 2)), train, dropout_key)
+
+
+class TextClassifier(_BackboneClassifier):
+    """A text encoder (MiniLM: ``run_groups`` over token ids, masked mean ``pool``) and a head."""
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        train: bool = False,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        features = self.backbone.features(input_ids, attention_mask, train=train)
+        return self._classify(features, train, dropout_key)
+
+    def run_prefix(self, input_ids: jax.Array, attention_mask: jax.Array, stop: int) -> jax.Array:
+        """Hidden states (B, T, D) after groups ``[0, stop)`` in inference mode (no dropout)."""
+        return self.backbone.run_groups(input_ids, attention_mask, 0, stop, train=False)
+
+    def from_prefix(
+        self,
+        hidden: jax.Array,
+        attention_mask: jax.Array,
+        start: int,
+        *,
+        train: bool = False,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits from the hidden states :meth:`run_prefix` returned for ``stop=start``."""
+        hidden = self.backbone.run_groups(hidden, attention_mask, start, None, train=train)
+        return self._classify(self.backbone.pool(hidden, attention_mask), train, dropout_key)

@@ -1,43 +1,65 @@
-"""Backbones by name: how to build each one and load its pretrained weights.
+"""Backbones by name: how to build each one and load its pretrained or user-supplied weights.
 
 Adding a backbone is one `BackboneSpec` entry in `_SPECS`. A backbone module provides
 `features`, `run_groups`, `group_patterns` and a `feature_dim`; its constructor takes
-`include_top` and `rngs` as keywords; its loader fills a built model in place.
+`include_top` and `rngs` as keywords (plus any options of its own); its importer maps
+the state dicts of the framework its checkpoints come from.
+
+Weights come from three places: the packaged checkpoint of a backbone that has one
+(`pretrained=True`), a file the user brings (`weights_path=`, any format
+`tlflax.models.weights.read_weights` reads), or nowhere (`pretrained=False`).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import jax
+import numpy as np
 from flax import nnx
 
-from tlflax.models import efficientnet
+from tlflax.models import efficientnet, minilm, resnet, small_cnn
 from tlflax.models.torch_weights import LoadReport
+from tlflax.models.weights import is_flax_layout, load_flax_weights, read_weights
 
 __all__ = [
     "BackboneConstructor",
     "BackboneSpec",
+    "StateDictLoader",
     "WeightsLoader",
     "backbone_names",
     "create_backbone",
     "get_backbone_spec",
+    "load_backbone_weights",
 ]
+
+# A checkpoint of a whole classifier (`tlflax.models.heads`) keeps its backbone under this.
+_CLASSIFIER_BACKBONE_PREFIX = "backbone/"
 
 
 class BackboneConstructor(Protocol):
     """Builds a randomly initialised backbone, with or without its original classifier."""
 
-    def __call__(self, *, include_top: bool, rngs: nnx.Rngs) -> nnx.Module: ...
+    def __call__(self, *, include_top: bool, rngs: nnx.Rngs, **options: Any) -> nnx.Module: ...
 
 
 class WeightsLoader(Protocol):
-    """Fills a built backbone with pretrained weights in place, except `dont_load` matches."""
+    """Fills a built backbone with its packaged pretrained weights, except `dont_load` matches."""
 
     def __call__(self, model: nnx.Module, *, dont_load: Sequence[str]) -> LoadReport: ...
+
+
+class StateDictLoader(Protocol):
+    """Fills a built backbone from a state dict in its source framework's names and layout."""
+
+    def __call__(
+        self, model: nnx.Module, state_dict: dict[str, np.ndarray], *, dont_load: Sequence[str]
+    ) -> LoadReport: ...
 
 
 @dataclass(frozen=True)
@@ -49,8 +71,10 @@ class BackboneSpec:
       constructor: builds the randomly initialised module.
       feature_dim: width of `features(...)`.
       input_kind: "image" (NHWC floats in [0, 1]) or "text" (token ids and a mask).
-      load_pretrained: fills a built module with its pretrained weights; None when the
-        backbone has none.
+      load_pretrained: fills a built module with its packaged pretrained weights; None
+        when the backbone ships none.
+      load_state_dict: the family's importer of foreign state dicts (PyTorch, Hugging
+        Face names); None when only files of our own (our parameter paths) fit.
     """
 
     name: str
@@ -58,6 +82,18 @@ class BackboneSpec:
     feature_dim: int
     input_kind: Literal["image", "text"]
     load_pretrained: WeightsLoader | None
+    load_state_dict: StateDictLoader | None = None
+
+
+def _without_top(build: Callable[..., nnx.Module], name: str) -> BackboneConstructor:
+    """Adapts a constructor that has no original classifier to the `include_top` interface."""
+
+    def constructor(*, include_top: bool, rngs: nnx.Rngs, **options: Any) -> nnx.Module:
+        if include_top:
+            raise ValueError(f"backbone {name!r} has no original classifier: use include_top=False")
+        return build(rngs=rngs, **options)
+
+    return constructor
 
 
 _SPECS: dict[str, BackboneSpec] = {
@@ -69,6 +105,34 @@ _SPECS: dict[str, BackboneSpec] = {
             feature_dim=efficientnet.EfficientNetLite0.feature_dim,
             input_kind="image",
             load_pretrained=efficientnet.load_pretrained,
+            load_state_dict=efficientnet.load_imagenet_weights,
+        ),
+        BackboneSpec(
+            name="minilm_l6",
+            constructor=_without_top(minilm.MiniLM, "minilm_l6"),
+            feature_dim=minilm.MiniLM.feature_dim,
+            input_kind="text",
+            load_pretrained=minilm.load_pretrained,
+            load_state_dict=minilm.load_minilm_weights,
+        ),
+        # No pretrained ResNet ships here: users bring torchvision/timm weights files.
+        *(
+            BackboneSpec(
+                name=variant_name,
+                constructor=functools.partial(resnet.ResNet, variant_name),
+                feature_dim=variant.feature_dim,
+                input_kind="image",
+                load_pretrained=None,
+                load_state_dict=resnet.load_resnet_weights,
+            )
+            for variant_name, variant in resnet.VARIANTS.items()
+        ),
+        BackboneSpec(
+            name="small_cnn",
+            constructor=_without_top(small_cnn.SmallCNN, "small_cnn"),
+            feature_dim=128,  # with the default widths; `widths=` changes it
+            input_kind="image",
+            load_pretrained=None,
         ),
     )
 }
@@ -95,45 +159,113 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         ) from None
 
 
+def load_backbone_weights(
+    model: nnx.Module,
+    name: str,
+    weights: str | Path | Mapping[str, np.ndarray],
+    *,
+    dont_load: Sequence[str] = (),
+) -> LoadReport:
+    """Fills a built backbone registered as `name` from a weights file or mapping, in place.
+
+    Files of our own (names are our '/'-joined parameter paths: `write_npz`, Orbax
+    checkpoints) load directly; a whole classifier's checkpoint gives up its `backbone/`
+    part. Anything else goes through the family's importer: EfficientNet-Lite0 and ResNet
+    `.pth`/`.npz` state dicts in PyTorch names, MiniLM safetensors in Hugging Face names.
+
+    Args:
+      model: a module built by `name`'s constructor.
+      name: the registered backbone name, which picks the importer.
+      weights: a path for `tlflax.models.weights.read_weights`, or its result.
+      dont_load: regexes over the backbone's parameter paths to leave initialised.
+
+    Returns:
+      The `LoadReport`.
+
+    Raises:
+      WeightsFileError: the file is missing, unreadable or unsafe.
+      ValueError: a shape differs outside `dont_load`; or foreign names for a backbone
+        without an importer.
+    """
+    spec = get_backbone_spec(name)
+    arrays = dict(weights) if isinstance(weights, Mapping) else read_weights(weights)
+    if is_flax_layout(arrays):
+        from_classifier = any(key.startswith(_CLASSIFIER_BACKBONE_PREFIX) for key in arrays)
+        prefix = _CLASSIFIER_BACKBONE_PREFIX if from_classifier else ""
+        return load_flax_weights(model, arrays, prefix=prefix, dont_load=dont_load)
+    if spec.load_state_dict is None:
+        raise ValueError(
+            f"backbone {name!r} loads only weights saved by tlflax (named by parameter "
+            f"paths, such as 'blocks/0/conv/kernel'); got names like {next(iter(arrays), None)!r}"
+        )
+    return spec.load_state_dict(model, arrays, dont_load=dont_load)
+
+
 def create_backbone(
     name: str,
     *,
     pretrained: bool = True,
     include_top: bool = False,
     dont_load: Sequence[str] = (),
+    weights_path: str | Path | None = None,
     rngs: nnx.Rngs,
+    **options: Any,
 ) -> tuple[nnx.Module, LoadReport | None]:
-    """Builds the backbone registered as `name`, with its pretrained weights if asked.
+    """Builds the backbone registered as `name`, with pretrained weights if asked.
 
     Args:
       name: a registered name (see `backbone_names`).
-      pretrained: load the pretrained weights; an error for a backbone that has none.
+      pretrained: load weights: those in `weights_path` if given, else the packaged ones
+        (an error for a backbone that ships none).
       include_top: keep the original classifier (ImageNet's, for image backbones).
       dont_load: regexes over the backbone's parameter paths to leave initialised.
+      weights_path: a weights file or Orbax folder to load instead of the packaged
+        weights (see `load_backbone_weights`).
       rngs: initialisation randomness; unused when the checkpoint sets every variable.
+      **options: passed to the constructor, e.g. `conv_impl="xla"` for EfficientNet's
+        depthwise convolutions or `dropout_rate=0.0` for MiniLM.
 
     Returns:
       The module, and the `LoadReport` (None when `pretrained` is False).
 
     Raises:
-      ValueError: unknown name (with the valid names and the nearest one).
-      ValueError: `pretrained` for a backbone without pretrained weights.
+      ValueError: unknown name (with the valid names and the nearest one); `pretrained`
+        without `weights_path` for a backbone with no packaged weights; `weights_path`
+        with `pretrained=False`.
     """
     spec = get_backbone_spec(name)
+
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return spec.constructor(include_top=include_top, rngs=rngs, **options)
+
     if not pretrained:
-        return spec.constructor(include_top=include_top, rngs=rngs), None
-    if spec.load_pretrained is None:
-        raise ValueError(f"backbone {name!r} has no pretrained weights: use pretrained=False")
+        if weights_path is not None:
+            raise ValueError(f"weights_path={weights_path!s} was given with pretrained=False")
+        return build(rngs), None
+    load: Callable[[nnx.Module], LoadReport]
+    if weights_path is not None:
+        # Read once: the model may be loaded twice (abstractly, then for real; see below).
+        arrays = read_weights(weights_path)
+        load = functools.partial(
+            load_backbone_weights, name=name, weights=arrays, dont_load=dont_load
+        )
+    elif spec.load_pretrained is not None:
+        load = functools.partial(spec.load_pretrained, dont_load=dont_load)
+    else:
+        raise ValueError(
+            f"backbone {name!r} ships no pretrained weights: pass weights_path= (a "
+            ".pth/.npz/.safetensors file or an Orbax checkpoint folder) or pretrained=False"
+        )
     # Random initialisation compiles a PRNG program per parameter shape — 35 s for
     # EfficientNet-Lite0 on a 2-core CPU — for values the checkpoint then overwrites. So
     # build abstractly and load; only if something is left unset (missing from the file,
     # `dont_load`, RNG state) is the model built for real.
-    model = nnx.eval_shape(lambda: spec.constructor(include_top=include_top, rngs=nnx.Rngs(0)))
-    report = spec.load_pretrained(model, dont_load=dont_load)
+    model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    report = load(model)
     if _fully_loaded(model):
         return model, report
-    model = spec.constructor(include_top=include_top, rngs=rngs)
-    return model, spec.load_pretrained(model, dont_load=dont_load)
+    model = build(rngs)
+    return model, load(model)
 
 
 def _fully_loaded(model: nnx.Module) -> bool:

@@ -1,0 +1,154 @@
+"""Classify new inputs with an experiment's fine-tuned model.
+
+    python -m pipelines.predict --params experiments/text/params.yaml "Stale and overpriced."
+    python -m pipelines.predict --params experiments/text/params.yaml --file reviews.txt
+    python -m pipelines.predict --params params.yaml sneaker.png shirt.jpg
+
+A text experiment takes sentences, and with ``--file`` UTF-8 files of one text per line;
+an image experiment takes image files (PNG, JPEG, anything Pillow reads), converted to the
+stored dataset's channels and size. Each input gets one line: label, its probability,
+and the input. The model is ``models/<experiment>/finetune/model``; the class names are
+those stored with the prepared dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.stages.common import ExperimentPaths, params_parser, run_command
+from pipelines.stages.tasks import class_probabilities, task_for
+from tlflax.config import Params
+from tlflax.data.errors import DataError
+from tlflax.data.tfds_store import read_image_shape
+
+# Longest input echoed back on an output line.
+_SHOWN_CHARACTERS = 60
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The most probable class of one input."""
+
+    source: str  # the sentence, "file:line", or the image path
+    label: str
+    probability: float
+
+    def format(self) -> str:
+        shown = self.source.replace("\n", " ")
+        if len(shown) > _SHOWN_CHARACTERS:
+            shown = shown[: _SHOWN_CHARACTERS - 3] + "..."
+        return f"{self.label}\t{self.probability:.3f}\t{shown}"
+
+
+def read_texts(sentences: Sequence[str], files: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """The texts to classify and where each came from: sentences, then each file's lines.
+
+    Blank lines of a file are skipped.
+
+    Raises:
+      DataError: naming the file that is missing, not UTF-8 or holds no text, or the blank
+        sentence.
+    """
+    texts, sources = [], []
+    for position, sentence in enumerate(sentences, start=1):
+        if not sentence.strip():
+            raise DataError(f"input {position}", "the text is blank")
+        texts.append(sentence)
+        sources.append(sentence)
+    for path in files:
+        try:
+            content = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise DataError(path, "no such file") from None
+        except UnicodeDecodeError as error:
+            raise DataError(path, f"not valid UTF-8 (byte {error.start})") from None
+        lines = [(number, line) for number, line in enumerate(content.splitlines(), 1)]
+        found = [(number, line) for number, line in lines if line.strip()]
+        if not found:
+            raise DataError(path, "holds no text")
+        texts += [line for _, line in found]
+        sources += [f"{path}:{number}" for number, _ in found]
+    return texts, sources
+
+
+def read_images(paths: Sequence[Path], shape: tuple[int, int, int]) -> np.ndarray:
+    """Decode image files to uint8 (N, H, W, C) in the stored dataset's ``shape``.
+
+    Images are converted to its channels (grayscale or RGB) and resized to its size, so
+    they reach the model as the training images did.
+
+    Raises:
+      DataError: naming the file that is missing or not an image Pillow can read.
+    """
+    height, width, channels = shape
+    mode = {1: "L", 3: "RGB"}[channels]
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                converted = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+        except FileNotFoundError:
+            raise DataError(path, "no such file") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(path, f"not an image Pillow can read ({error})") from None
+        images.append(np.asarray(converted, dtype=np.uint8).reshape(height, width, channels))
+    return np.stack(images)
+
+
+def predict(
+    params: Params, paths: ExperimentPaths, inputs: Sequence[str], files: Sequence[Path] = ()
+) -> list[Prediction]:
+    """The fine-tuned model's prediction for each input (see the module docstring).
+
+    Raises:
+      DataError: a bad input (named), or ``--file`` given to an image experiment.
+      FileNotFoundError: the experiment has no fine-tuned model yet.
+    """
+    task = task_for(params, paths)
+    model_path = paths.finetune / "model"
+    if not model_path.exists():
+        raise FileNotFoundError(f"{model_path}: no fine-tuned model; run the experiment first")
+    if params.prepare.modality == "text":
+        records, sources = read_texts(inputs, files)
+    elif files:
+        raise DataError("--file", "text files are for text experiments; pass images directly")
+    else:
+        image_paths = [Path(name) for name in inputs]
+        shape = read_image_shape(paths.dataset_dir, params.prepare.dataset)
+        records, sources = read_images(image_paths, shape), list(inputs)
+    if not sources:
+        raise DataError("inputs", "nothing to classify; give sentences, --file or images")
+    class_names = task.class_names()
+    model = task.load_classifier(len(class_names), model_path)
+    probabilities = class_probabilities(
+        model, task.forward(), task.model_inputs(records), params.evaluate.batch_size
+    )
+    best = probabilities.argmax(axis=1)
+    return [
+        Prediction(source, class_names[label], float(row[label]))
+        for source, label, row in zip(sources, best, probabilities, strict=True)
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = params_parser("python -m pipelines.predict", __doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="*", help="sentences (text) or image files (images)")
+    parser.add_argument(
+        "--file", type=Path, action="append", default=[], help="a text file, one input per line"
+    )
+    arguments = parser.parse_args(argv)
+
+    def body(params: Params, paths: ExperimentPaths) -> None:
+        for prediction in predict(params, paths, arguments.inputs, arguments.file):
+            print(prediction.format())
+
+    run_command("predict", arguments.params, body)
+
+
+if __name__ == "__main__":
+    main()

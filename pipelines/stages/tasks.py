@@ -1,0 +1,195 @@
+"""The one place the stages tell images from text: a :class:`Task` per input modality.
+
+The stage scripts are the same for both experiments; they ask :func:`task_for` how to read
+a split's model inputs, build and run the classifier, extract features and cut the forward
+pass for a prefix cache. The modality comes from ``prepare.dataset``; the backbone named by
+``extract.backbone`` must take that kind of input (the registry says which it takes).
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pipelines.stages.common import ExperimentPaths
+from tlflax import text, vision
+from tlflax.checkpoint import restore_tree
+from tlflax.config import Params, ParamsError
+from tlflax.data.tfds_store import read_class_names, read_image_split
+from tlflax.data.tfds_text import read_text_split
+from tlflax.models.registry import backbone_names, get_backbone_spec
+from tlflax.prefix_cache import PrefixCut, image_prefix_cut, text_prefix_cut
+from tlflax.train import Forward, predict_probabilities
+
+# Records of a split: uint8 images (N, H, W, C), or N texts.
+Records = np.ndarray | Sequence[str]
+
+
+class Task(ABC):
+    """How the stages handle one modality, given the experiment's params and paths."""
+
+    def __init__(self, params: Params, paths: ExperimentPaths):
+        self.params = params
+        self.paths = paths
+
+    @abstractmethod
+    def read_split(self, split: str) -> tuple[Records, np.ndarray]:
+        """The stored records and labels of ``split``."""
+
+    @abstractmethod
+    def model_inputs(self, records: Records) -> dict[str, np.ndarray]:
+        """The arrays the classifier's forward pass reads, one row per record."""
+
+    @abstractmethod
+    def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
+        """Backbone (pretrained or random) plus a new head shaped by ``train_head``."""
+
+    @abstractmethod
+    def abstract_classifier(self, num_classes: int) -> nnx.Module:
+        """The classifier with shape-only weights, to restore a checkpoint into."""
+
+    @abstractmethod
+    def forward(self) -> Forward:
+        """The forward pass (model, batch, train, key) -> logits on :meth:`model_inputs`."""
+
+    @abstractmethod
+    def extract_features(
+        self, backbone: nnx.Module, inputs: dict[str, np.ndarray], description: str
+    ) -> np.ndarray:
+        """Pooled features of the frozen backbone, one row per example."""
+
+    @abstractmethod
+    def prefix_cut(self, groups: int) -> PrefixCut:
+        """The forward pass cut after ``groups`` backbone groups (see tlflax.prefix_cache)."""
+
+    def class_names(self) -> list[str]:
+        return read_class_names(self.paths.dataset_dir, self.params.prepare.dataset)
+
+    def load_classifier(self, num_classes: int, path: Path) -> nnx.Module:
+        """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one)."""
+        graphdef, abstract_state = nnx.split(self.abstract_classifier(num_classes))
+        return nnx.merge(graphdef, restore_tree(path, abstract_state))
+
+    def read_inputs(self, split: str) -> dict[str, np.ndarray]:
+        """Model inputs and ``label`` of ``split``."""
+        records, labels = self.read_split(split)
+        return {**self.model_inputs(records), "label": labels}
+
+
+class ImageTask(Task):
+    def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return read_image_split(self.paths.dataset_dir, self.params.prepare.dataset, split)
+
+    def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
+        return {"image": records}
+
+    def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
+        return vision.build_image_classifier(
+            self.params.extract.backbone,
+            num_classes,
+            self.params.train_head,
+            pretrained=pretrained,
+            seed=seed,
+        )
+
+    def abstract_classifier(self, num_classes: int) -> nnx.Module:
+        return vision.abstract_image_classifier(
+            self.params.extract.backbone, num_classes, self.params.train_head
+        )
+
+    def forward(self) -> Forward:
+        return vision.image_forward(self.params.extract.image_size, self.params.finetune.augment)
+
+    def extract_features(
+        self, backbone: nnx.Module, inputs: dict[str, np.ndarray], description: str
+    ) -> np.ndarray:
+        return vision.extract_features(
+            backbone,
+            inputs["image"],
+            image_size=self.params.extract.image_size,
+            batch_size=self.params.extract.batch_size,
+            description=description,
+        )
+
+    def prefix_cut(self, groups: int) -> PrefixCut:
+        return image_prefix_cut(self.params.extract.image_size, groups)
+
+
+class TextTask(Task):
+    def read_split(self, split: str) -> tuple[list[str], np.ndarray]:
+        return read_text_split(self.paths.dataset_dir, self.params.prepare.dataset, split)
+
+    def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
+        # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
+        return text.tokenize_texts(records, self.params.extract.max_length)
+
+    def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
+        return text.build_text_classifier(
+            self.params.extract.backbone,
+            num_classes,
+            self.params.train_head,
+            pretrained=pretrained,
+            seed=seed,
+        )
+
+    def abstract_classifier(self, num_classes: int) -> nnx.Module:
+        return text.abstract_text_classifier(
+            self.params.extract.backbone, num_classes, self.params.train_head
+        )
+
+    def forward(self) -> Forward:
+        return text.text_forward()
+
+    def extract_features(
+        self, backbone: nnx.Module, inputs: dict[str, np.ndarray], description: str
+    ) -> np.ndarray:
+        return text.extract_features(
+            backbone, inputs, batch_size=self.params.extract.batch_size, description=description
+        )
+
+    def prefix_cut(self, groups: int) -> PrefixCut:
+        return text_prefix_cut(groups)
+
+
+_TASKS: dict[str, type[Task]] = {"image": ImageTask, "text": TextTask}
+
+
+def task_for(params: Params, paths: ExperimentPaths) -> Task:
+    """The task of ``prepare.dataset``'s modality, once the backbone is known to fit it.
+
+    Raises:
+      ParamsError: ``extract.backbone`` takes the other modality's input.
+      ValueError: ``extract.backbone`` is not a registered backbone.
+    """
+    modality = params.prepare.modality
+    spec = get_backbone_spec(params.extract.backbone)
+    if spec.input_kind != modality:
+        fitting = [
+            name for name in backbone_names() if get_backbone_spec(name).input_kind == modality
+        ]
+        raise ParamsError(
+            f"'extract.backbone': {spec.name!r} takes {spec.input_kind} input but "
+            f"prepare.dataset {params.prepare.dataset!r} is {modality} data; "
+            f"use one of: {', '.join(fitting)}"
+        )
+    return _TASKS[modality](params, paths)
+
+
+def class_probabilities(
+    model: nnx.Module, forward: Forward, inputs: dict[str, np.ndarray], batch_size: int
+) -> np.ndarray:
+    """Softmax of ``forward`` in inference mode over every example of ``inputs``, in order."""
+    graphdef, state = nnx.split(model)
+
+    # Weights are an argument, not a closure: closed-over arrays become compile-time constants.
+    @jax.jit
+    def predict(state, batch):
+        return jax.nn.softmax(forward(nnx.merge(graphdef, state), batch, False, None), axis=-1)
+
+    return predict_probabilities(functools.partial(predict, state), inputs, batch_size)

@@ -1,0 +1,115 @@
+"""The text task: tokenization, the text classifier, feature extraction, the forward pass.
+
+The counterpart of :mod:`tlflax.vision`. Texts are tokenized once on the host, padded or
+truncated to one fixed ``max_length``, and travel as int32 ``input_ids`` and
+``attention_mask`` arrays: every batch has one shape, so each jitted function compiles
+once, and no step ever tokenizes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import tokenizers
+from flax import nnx
+
+from tlflax.config import TrainHeadParams
+from tlflax.models.heads import TextClassifier
+from tlflax.models.minilm import load_tokenizer, minilm_tokenizer_path, tokenize
+from tlflax.models.registry import create_backbone
+from tlflax.prefix_cache import map_batches
+from tlflax.train import Batch, Forward, create_head
+
+TOKEN_KEYS = ("input_ids", "attention_mask")
+
+
+@functools.lru_cache(maxsize=4)
+def _fixed_length_tokenizer(max_length: int) -> tokenizers.Tokenizer:
+    return load_tokenizer(max_length)
+
+
+@functools.lru_cache(maxsize=1)
+def _untruncated_tokenizer() -> tokenizers.Tokenizer:
+    # The packaged tokenizer.json pads and truncates to 128 by itself; counting needs neither.
+    tokenizer = tokenizers.Tokenizer.from_file(str(minilm_tokenizer_path()))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def tokenize_texts(texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
+    """``input_ids`` and ``attention_mask``, int32 (N, max_length), of MiniLM's WordPiece."""
+    return tokenize(_fixed_length_tokenizer(max_length), texts)
+
+
+def count_tokens(texts: Sequence[str]) -> np.ndarray:
+    """Untruncated WordPiece token counts, [CLS] and [SEP] included, int64 (N,)."""
+    encodings = _untruncated_tokenizer().encode_batch(list(texts))
+    return np.array([len(encoding.ids) for encoding in encodings], dtype=np.int64)
+
+
+def build_text_classifier(
+    backbone_name: str,
+    num_classes: int,
+    head_cfg: TrainHeadParams,
+    *,
+    pretrained: bool,
+    seed: int = 0,
+) -> TextClassifier:
+    """Text encoder from the backbone registry, plus a new head shaped by ``head_cfg``.
+
+    ``seed`` also seeds the encoder's dropout stream, so a fine-tuning run is repeatable.
+    """
+    backbone, _ = create_backbone(backbone_name, pretrained=pretrained, rngs=nnx.Rngs(seed))
+    return TextClassifier(backbone, create_head(backbone.feature_dim, num_classes, head_cfg))
+
+
+def abstract_text_classifier(
+    backbone_name: str, num_classes: int, head_cfg: TrainHeadParams
+) -> TextClassifier:
+    """The classifier's structure with shape-only weights, to restore a checkpoint into."""
+    return nnx.eval_shape(
+        lambda: build_text_classifier(backbone_name, num_classes, head_cfg, pretrained=False)
+    )
+
+
+def text_forward() -> Forward:
+    """The forward pass of a :class:`TextClassifier` on a batch of token ids and masks."""
+
+    def forward(model: nnx.Module, batch: Batch, train: bool, key: jax.Array | None):
+        return model(batch["input_ids"], batch["attention_mask"], train=train, dropout_key=key)
+
+    return forward
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features_step(graphdef, state, input_ids: jax.Array, attention_mask: jax.Array):
+    # Module-level and keyed on graphdef: every split reuses one compilation.
+    return nnx.merge(graphdef, state).features(input_ids, attention_mask, train=False)
+
+
+def extract_features(
+    backbone: nnx.Module,
+    tokens: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    description: str = "extract",
+) -> np.ndarray:
+    """Mean-pooled features (N, feature_dim) float32 of the frozen encoder, in order.
+
+    Args:
+      backbone: the text encoder (dropout off: it runs in inference mode).
+      tokens: ``input_ids`` and ``attention_mask`` from :func:`tokenize_texts`.
+      batch_size: texts per call; batches have one fixed shape, so this compiles once.
+    """
+    graphdef, state = nnx.split(backbone)
+    features = map_batches(
+        lambda batch: _features_step(graphdef, state, batch["input_ids"], batch["attention_mask"]),
+        {key: tokens[key] for key in TOKEN_KEYS},
+        batch_size=batch_size,
+        description=description,
+    )
+    return features.astype(np.float32)
