@@ -52,6 +52,10 @@ class ExperimentPaths:
         return Path("models") / self.experiment / "finetune"
 
     @property
+    def scratch(self) -> Path:
+        return Path("models") / self.experiment / "scratch"
+
+    @property
     def plots(self) -> Path:
         return Path("plots") / self.experiment
 

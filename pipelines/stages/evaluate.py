@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -13,9 +14,16 @@ from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
 from tlflax.evaluate import classification_report
 from tlflax.io import atomic_path, read_arrays, write_json
+from tlflax.plots import plot_learning_curves
 from tlflax.train import create_head
 
 HEADLINE = ("accuracy", "macro_f1", "ece")
+# The seeds' "higher start, higher slope, higher asymptote", one curve per way of training.
+CURVES = (
+    ("train_head", "head only (frozen backbone)"),
+    ("finetune", "fine-tuned (from the head)"),
+    ("train_scratch", "from scratch (random weights)"),
+)
 
 
 def _head_only_probabilities(params: Params, paths: ExperimentPaths, num_classes: int):
@@ -29,11 +37,23 @@ def _head_only_probabilities(params: Params, paths: ExperimentPaths, num_classes
     return class_probabilities(head, forward, test, params.evaluate.batch_size)
 
 
-def _finetuned_probabilities(
-    task: Task, paths: ExperimentPaths, test: dict[str, np.ndarray], num_classes: int
+def _saved_model_probabilities(
+    task: Task, model_dir: Path, test: dict[str, np.ndarray], num_classes: int
 ) -> np.ndarray:
-    model = task.load_classifier(num_classes, paths.finetune / "model")
+    model = task.load_classifier(num_classes, model_dir / "model")
     return class_probabilities(model, task.forward(), test, task.params.evaluate.batch_size)
+
+
+def _learning_curves(paths: ExperimentPaths) -> dict[str, list[float]]:
+    """Validation accuracy per epoch of each phase that ran, from its dvclive log."""
+    curves = {}
+    for stage, label in CURVES:
+        tsv = paths.live(stage) / "plots" / "metrics" / "validation_accuracy.tsv"
+        if tsv.exists():
+            with open(tsv, newline="") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t"))
+            curves[label] = [float(row["validation_accuracy"]) for row in rows]
+    return curves
 
 
 def _write_confusion(path, labels, predictions, class_names) -> None:
@@ -52,8 +72,13 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     labels = test["label"]
     probabilities = {
         "head_only": _head_only_probabilities(params, paths, len(class_names)),
-        "finetune": _finetuned_probabilities(task, paths, test, len(class_names)),
+        "finetune": _saved_model_probabilities(task, paths.finetune, test, len(class_names)),
     }
+    # The from-scratch baseline exists where the pipeline has a train_scratch stage.
+    if (paths.scratch / "model").exists():
+        probabilities["scratch"] = _saved_model_probabilities(
+            task, paths.scratch, test, len(class_names)
+        )
     reports = {
         name: classification_report(
             probs, labels, class_names, calibration_bins=params.evaluate.calibration_bins
@@ -67,6 +92,11 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     write_json(paths.plots / "classification_report.json", reports)
     _write_confusion(
         paths.plots / "confusion.csv", labels, probabilities["finetune"].argmax(axis=1), class_names
+    )
+    plot_learning_curves(
+        _learning_curves(paths),
+        paths.plots / "learning_curves.png",
+        title=f"{params.experiment}: validation accuracy per epoch",
     )
     for name, report in reports.items():
         print(

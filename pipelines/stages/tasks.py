@@ -104,7 +104,11 @@ class ImageTask(Task):
         )
 
     def forward(self) -> Forward:
-        return vision.image_forward(self.params.extract.image_size, self.params.finetune.augment)
+        return vision.image_forward(
+            self.params.extract.image_size,
+            self.params.finetune.augment,
+            self.params.finetune.compute_dtype,
+        )
 
     def extract_features(
         self, backbone: nnx.Module, inputs: dict[str, np.ndarray], description: str

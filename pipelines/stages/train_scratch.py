@@ -5,11 +5,10 @@ from __future__ import annotations
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.tasks import task_for
 from pipelines.stages.training import fit_and_save
 from tlflax.config import Params, TransferRule
-from tlflax.data.tfds_store import read_class_names, read_image_split
 from tlflax.models.layers import set_batchnorm_training
-from tlflax.vision import build_image_classifier, image_forward
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
@@ -27,34 +26,24 @@ def run(params: Params, paths: ExperimentPaths) -> None:
             "seed": scratch.seed,
         }
     )
-    dataset = params.prepare.dataset
-    splits = {}
-    for split in ("train", "validation"):
-        images, labels = read_image_split(paths.dataset_dir, dataset, split)
-        splits[split] = {"image": images, "label": labels}
-    num_classes = len(read_class_names(paths.dataset_dir, dataset))
+    task = task_for(params, paths)
+    num_classes = len(task.class_names())
 
     # One compiled program initialises every parameter (eagerly, each shape compiles alone).
     @nnx.jit
     def create():
-        return build_image_classifier(
-            params.extract.backbone,
-            num_classes,
-            params.train_head,
-            pretrained=False,
-            seed=scratch.seed,
-        )
+        return task.build_classifier(num_classes, pretrained=False, seed=scratch.seed)
 
     model = create()
     set_batchnorm_training(model.backbone, True)
     fit_and_save(
         "train_scratch",
         model,
-        image_forward(params.extract.image_size, cfg.augment),
+        task.forward(),
         cfg,
-        splits["train"],
-        splits["validation"],
-        output_dir=paths.finetune.parent / "scratch",
+        task.read_inputs("train"),
+        task.read_inputs("validation"),
+        output_dir=paths.scratch,
         live_dir=paths.live("train_scratch"),
         metrics_path=paths.metrics("train_scratch"),
         eval_batch_size=params.evaluate.batch_size,
