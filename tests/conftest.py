@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Prefect and DVC configure logging on import (logging.config.dictConfig), which closes every
+# handler installed before - including absl's, whose stream is pytest's capture file; a test
+# module importing them after TFDS/Orbax would then break pytest's output capture. Import
+# them first, before any such handler exists.
+import pipelines.flows  # noqa: F401, I001
+
 ROOT = Path(__file__).resolve().parent.parent
 RAW_FASHION_MNIST = ROOT / "data" / "raw" / "fashion-mnist"
 
