@@ -29,6 +29,7 @@ from tlflax.models.layers import (
     Conv2d,
     DepthwiseConv2d,
     DepthwiseImpl,
+    pretrained_batch_norm,
     set_batchnorm_training,
 )
 from tlflax.models.torch_weights import LoadReport, load_state_dict_into, read_torch_state_dict
@@ -84,15 +85,8 @@ LITE0_STAGES: tuple[StageSpec, ...] = (
 
 
 def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    # Running statistics by default, train or not: fine-tuning on a small data set with
-    # batch statistics wrecks pretrained BatchNorm (Keras' transfer-learning advice).
-    # `set_batchnorm_training` flips this for callers that want batch statistics.
-    return nnx.BatchNorm(
-        channels,
-        use_running_average=True,
-        momentum=_BATCHNORM_MOMENTUM,
-        epsilon=_BATCHNORM_EPSILON,
-        rngs=rngs,
+    return pretrained_batch_norm(
+        channels, epsilon=_BATCHNORM_EPSILON, momentum=_BATCHNORM_MOMENTUM, rngs=rngs
     )
 
 

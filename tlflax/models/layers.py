@@ -271,6 +271,20 @@ class DepthwiseConv2d(nnx.Module):
         return depthwise_conv(x, self.kernel[...], self.stride, self.padding, self.impl)
 
 
+def pretrained_batch_norm(
+    channels: int, *, epsilon: float, momentum: float, rngs: nnx.Rngs
+) -> nnx.BatchNorm:
+    """BatchNorm on running statistics by default, whatever ``train`` says.
+
+    Fine-tuning on a small data set with batch statistics wrecks pretrained BatchNorm (Keras'
+    transfer-learning advice); :func:`set_batchnorm_training` flips this for callers that
+    want batch statistics.
+    """
+    return nnx.BatchNorm(
+        channels, use_running_average=True, momentum=momentum, epsilon=epsilon, rngs=rngs
+    )
+
+
 def set_batchnorm_training(model: nnx.Module, enabled: bool) -> None:
     """Switches every BatchNorm in `model` to batch statistics (True) or running ones (False).
 

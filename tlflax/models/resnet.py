@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tlflax.models.layers import pretrained_batch_norm
 from tlflax.models.torch_weights import LoadReport, load_state_dict_into
 
 __all__ = [
@@ -69,15 +70,8 @@ def _conv(
 
 
 def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    # Running statistics whatever `train` says, like the other backbones (fine-tuning on a
-    # small data set with batch statistics wrecks pretrained BatchNorm); see
-    # `tlflax.models.layers.set_batchnorm_training` to switch.
-    return nnx.BatchNorm(
-        channels,
-        use_running_average=True,
-        momentum=_BATCHNORM_MOMENTUM,
-        epsilon=_BATCHNORM_EPSILON,
-        rngs=rngs,
+    return pretrained_batch_norm(
+        channels, epsilon=_BATCHNORM_EPSILON, momentum=_BATCHNORM_MOMENTUM, rngs=rngs
     )
 
 
