@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
@@ -35,13 +34,14 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import networkx  # noqa: E402
-import yaml  # noqa: E402
 from dvc.exceptions import DvcException  # noqa: E402
 from dvc.lock import LockError  # noqa: E402
 from dvc.repo import Repo  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pipelines import reports  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,103 +286,6 @@ def push_data(project_dir: str, remote: str | None) -> int:
 
 # --- Reports --------------------------------------------------------------------------------
 
-MODEL_LABELS = {"head_only": "head-only", "finetune": "fine-tuned", "scratch": "scratch"}
-
-
-def _score(scores: Any, name: str) -> str:
-    """``scores[name]`` to 4 decimals, or "?" where the evaluation left it out."""
-    value = scores.get(name) if isinstance(scores, dict) else None
-    return f"{value:.4f}" if isinstance(value, int | float) else "?"
-
-
-def summary_line(metrics: dict) -> str:
-    """One line comparing the head-only and fine-tuned test results."""
-    parts = [
-        f"test set: {metrics.get('n_test', '?')} images, trained on {metrics.get('n_train', '?')}"
-    ]
-    for name, label in MODEL_LABELS.items():
-        if name in metrics:
-            scores = metrics[name]
-            parts.append(
-                f"{label} accuracy {_score(scores, 'accuracy')} (macro-F1 {_score(scores, 'macro_f1')})"
-            )
-    return "; ".join(parts)
-
-
-def artifact_key(experiment: str, kind: str) -> str:
-    """A stable artifact key (lowercase letters, digits, dashes), so reports version per run."""
-    return re.sub(r"[^a-z0-9]+", "-", f"tlflax-{experiment}-{kind}".lower()).strip("-")
-
-
-def _read_json(path: Path) -> Any | None:
-    """The JSON in ``path``, or None (logged) when it is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        get_run_logger().warning(f"report input {path} is unreadable, left out: {error}")
-        return None
-
-
-def _read_experiment(project: Path, pipeline_file: str) -> str | None:
-    """The experiment named in the pipeline's params.yaml (after any overrides), which names
-    its output paths."""
-    params_file = (project / pipeline_file).parent / "params.yaml"
-    if not params_file.is_file():
-        return None
-    experiment = (yaml.safe_load(params_file.read_text()) or {}).get("experiment")
-    return str(experiment) if experiment is not None else None
-
-
-def _link(project: Path, path: Path) -> str:
-    shown = path.relative_to(project) if path.is_relative_to(project) else path
-    return f"[`{shown}`]({path.resolve().as_uri()})"
-
-
-def _metrics_section(metrics: dict) -> list[str]:
-    lines = ["## Test-set metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
-    for name, label in MODEL_LABELS.items():
-        if name in metrics:
-            scores = metrics[name]
-            lines.append(
-                f"| {label} | {_score(scores, 'accuracy')} | {_score(scores, 'macro_f1')} |"
-            )
-    if "n_test" in metrics:
-        lines += ["", f"{metrics['n_test']} test examples; trained on {metrics.get('n_train')}."]
-    return lines
-
-
-def _validation_section(validation: dict) -> list[str]:
-    verdict = "PASSED" if validation.get("success") else "FAILED"
-    lines = [
-        "## Data validation",
-        "",
-        f"**{verdict}**: {validation.get('num_checks', '?')} checks, "
-        f"{validation.get('num_critical_failures', '?')} critical failures, "
-        f"{validation.get('num_warnings', '?')} warnings.",
-    ]
-    failed = [
-        check
-        for check in validation.get("checks", [])
-        if isinstance(check, dict) and not check.get("passed", True)
-    ]
-    if failed:
-        lines += ["", "| check | severity | observed | threshold |", "|---|---|---|---|"]
-        lines += [
-            f"| {check.get('name')} | {check.get('severity')} | {check.get('observed')} "
-            f"| {check.get('threshold')} |"
-            for check in failed
-        ]
-    return lines
-
-
-def _data_docs_index(project: Path, experiment: str, validation: dict | None) -> Path | None:
-    named = (validation or {}).get("data_docs_index")
-    candidates = [project / named] if named else []
-    candidates += sorted((project / "reports" / experiment / "data_docs").glob("**/index.html"))
-    return next((path for path in candidates if path.is_file()), None)
-
 
 def _render_dvc_plots(project: Path, experiment: str, refresh: bool) -> Path | None:
     """``dvc plots show`` into reports/<experiment>/dvc_plots/, re-rendered only when
@@ -397,16 +300,6 @@ def _render_dvc_plots(project: Path, experiment: str, refresh: bool) -> Path | N
     return index if index.is_file() else None
 
 
-def _per_class_rows(report: dict) -> list[dict[str, Any]]:
-    return [
-        {"model": MODEL_LABELS.get(model, model), "class": name, **scores}
-        for model, results in report.items()
-        if isinstance(results, dict)
-        for name, scores in results.get("per_class", {}).items()
-        if isinstance(scores, dict)
-    ]
-
-
 @task(name="publish-reports", cache_policy=NO_CACHE)
 def publish_reports(project_dir: str, experiment: str, refresh_plots: bool) -> list[str]:
     """Markdown report and per-class table as Prefect artifacts; returns the keys written.
@@ -414,36 +307,19 @@ def publish_reports(project_dir: str, experiment: str, refresh_plots: bool) -> l
     Each part appears only when its input file exists: a missing report input never fails.
     """
     project = Path(project_dir)
-    metrics = _read_json(project / "metrics" / experiment / "evaluate.json")
-    validation = _read_json(project / "metrics" / experiment / "validate.json")
-    sections = [f"# tlflax report: experiment `{experiment}`"]
-    if isinstance(metrics, dict):
-        sections.append("\n".join(_metrics_section(metrics)))
-    if isinstance(validation, dict):
-        sections.append("\n".join(_validation_section(validation)))
-    links = []
-    data_docs = _data_docs_index(project, experiment, validation)
-    if data_docs:
-        links.append(f"- Great Expectations Data Docs: {_link(project, data_docs)}")
-    plots = _render_dvc_plots(project, experiment, refresh_plots)
-    if plots:
-        links.append(f"- DVC plots: {_link(project, plots)}")
-    if links:
-        sections.append("\n".join(["## Reports", "", *links]))
-
+    warn = get_run_logger().warning
     written = []
-    if len(sections) > 1:
-        key = artifact_key(experiment, "report")
+    plots_index = _render_dvc_plots(project, experiment, refresh_plots)
+    markdown = reports.report_markdown(project, experiment, warn, plots_index)
+    if markdown is not None:
+        key = reports.artifact_key(experiment, "report")
         create_markdown_artifact(
-            "\n\n".join(sections),
-            key=key,
-            description=f"tlflax {experiment}: metrics, validation, reports",
+            markdown, key=key, description=f"tlflax {experiment}: metrics, validation, reports"
         )
         written.append(key)
-    report = _read_json(project / "plots" / experiment / "classification_report.json")
-    rows = _per_class_rows(report) if isinstance(report, dict) else []
+    rows = reports.per_class_rows(project, experiment, warn)
     if rows:
-        key = artifact_key(experiment, "per-class")
+        key = reports.artifact_key(experiment, "per-class")
         create_table_artifact(
             rows, key=key, description=f"tlflax {experiment}: per-class test metrics"
         )
@@ -519,15 +395,17 @@ def pipeline(
             push_data(project, remote)
     finally:
         # Reports publish even after a failed stage: a failed data validation is worth reading.
-        experiment = _read_experiment(Path(project), pipeline_file)
+        experiment = reports.read_experiment(Path(project), pipeline_file)
         if experiment is not None:
             publish_reports(project, experiment, refresh_plots=stages_run != [])
 
     metrics = None
     if experiment is not None:
-        metrics = _read_json(Path(project) / "metrics" / experiment / "evaluate.json")
+        metrics = reports.read_json(
+            Path(project) / "metrics" / experiment / "evaluate.json", get_run_logger().warning
+        )
     if isinstance(metrics, dict):
-        print(summary_line(metrics))
+        print(reports.summary_line(metrics))
     else:
         print(f"no evaluation metrics yet (experiment {experiment})")
     return {

@@ -39,11 +39,11 @@ from pipelines.flows import (
     PipelineError,
     StageFailed,
     TransientStageFailure,
-    artifact_key,
     is_transient_failure,
     main,
     pipeline,
 )
+from pipelines.reports import artifact_key
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_STAGES = ["prepare", "validate", "extract", "train_head", "finetune", "evaluate"]
@@ -478,7 +478,7 @@ def test_the_command_line_prints_the_summary(prefect_api: str, reproduced: Path)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
-        "test set: 20 images, trained on 60; head-only accuracy 0.6000 (macro-F1 0.5500); "
+        "test set: 20 examples, trained on 60; head-only accuracy 0.6000 (macro-F1 0.5500); "
         "fine-tuned accuracy 0.7000 (macro-F1 0.6500)"
     ) in result.stdout + result.stderr
 

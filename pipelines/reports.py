@@ -1,0 +1,161 @@
+"""What the flow publishes after a run, built from the files the stages wrote.
+
+Plain functions from metric files to Markdown and table rows: no Prefect, no DVC, so they
+can be read (and tested) without a flow run. ``pipelines/flows.py`` turns their output into
+Prefect artifacts. Each part appears only when its input file exists and parses: a missing
+report input never fails a run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODEL_LABELS = {"head_only": "head-only", "finetune": "fine-tuned", "scratch": "scratch"}
+
+Warn = Callable[[str], None]
+
+
+def _score(scores: Any, name: str) -> str:
+    """``scores[name]`` to 4 decimals, or "?" where the evaluation left it out."""
+    value = scores.get(name) if isinstance(scores, dict) else None
+    return f"{value:.4f}" if isinstance(value, int | float) else "?"
+
+
+def summary_line(metrics: dict) -> str:
+    """One line comparing the head-only, fine-tuned and scratch test results."""
+    parts = [
+        f"test set: {metrics.get('n_test', '?')} examples, trained on {metrics.get('n_train', '?')}"
+    ]
+    for name, label in MODEL_LABELS.items():
+        if name in metrics:
+            scores = metrics[name]
+            parts.append(
+                f"{label} accuracy {_score(scores, 'accuracy')} "
+                f"(macro-F1 {_score(scores, 'macro_f1')})"
+            )
+    return "; ".join(parts)
+
+
+def artifact_key(experiment: str, kind: str) -> str:
+    """A stable artifact key (lowercase letters, digits, dashes), so reports version per run."""
+    return re.sub(r"[^a-z0-9]+", "-", f"tlflax-{experiment}-{kind}".lower()).strip("-")
+
+
+def read_json(path: Path, warn: Warn) -> Any | None:
+    """The JSON in ``path``; None when it is missing, or (after ``warn``) unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        warn(f"report input {path} is unreadable, left out: {error}")
+        return None
+
+
+def read_experiment(project: Path, pipeline_file: str) -> str | None:
+    """The experiment named in the params.yaml beside the pipeline file (after any
+    overrides): it names the pipeline's output paths."""
+    params_file = (project / pipeline_file).parent / "params.yaml"
+    if not params_file.is_file():
+        return None
+    experiment = (yaml.safe_load(params_file.read_text()) or {}).get("experiment")
+    return str(experiment) if experiment is not None else None
+
+
+def _link(project: Path, path: Path) -> str:
+    shown = path.relative_to(project) if path.is_relative_to(project) else path
+    return f"[`{shown}`]({path.resolve().as_uri()})"
+
+
+def metrics_section(metrics: dict) -> list[str]:
+    lines = ["## Test-set metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
+    for name, label in MODEL_LABELS.items():
+        if name in metrics:
+            scores = metrics[name]
+            lines.append(
+                f"| {label} | {_score(scores, 'accuracy')} | {_score(scores, 'macro_f1')} |"
+            )
+    if "n_test" in metrics:
+        lines += ["", f"{metrics['n_test']} test examples; trained on {metrics.get('n_train')}."]
+    return lines
+
+
+def validation_section(validation: dict) -> list[str]:
+    verdict = "PASSED" if validation.get("success") else "FAILED"
+    lines = [
+        "## Data validation",
+        "",
+        f"**{verdict}**: {validation.get('num_checks', '?')} checks, "
+        f"{validation.get('num_critical_failures', '?')} critical failures, "
+        f"{validation.get('num_warnings', '?')} warnings.",
+    ]
+    failed = [
+        check
+        for check in validation.get("checks", [])
+        if isinstance(check, dict) and not check.get("passed", True)
+    ]
+    if failed:
+        lines += ["", "| check | severity | observed | threshold |", "|---|---|---|---|"]
+        lines += [
+            f"| {check.get('name')} | {check.get('severity')} | {check.get('observed')} "
+            f"| {check.get('threshold')} |"
+            for check in failed
+        ]
+    return lines
+
+
+def data_docs_index(project: Path, experiment: str, validation: dict | None) -> Path | None:
+    """The Great Expectations Data Docs page of the experiment's last validation, if any."""
+    named = (validation or {}).get("data_docs_index")
+    candidates = [project / named] if named else []
+    candidates += sorted((project / "reports" / experiment / "data_docs").glob("**/index.html"))
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def report_markdown(
+    project: Path, experiment: str, warn: Warn, plots_index: Path | None = None
+) -> str | None:
+    """The run's Markdown report (metrics, validation, links); None when nothing is there yet.
+
+    Args:
+        project: the DVC project root.
+        experiment: names the ``metrics/<experiment>/`` and ``reports/<experiment>/`` paths.
+        warn: told about report inputs that exist but cannot be read.
+        plots_index: the rendered ``dvc plots show`` page, when there is one.
+    """
+    metrics = read_json(project / "metrics" / experiment / "evaluate.json", warn)
+    validation = read_json(project / "metrics" / experiment / "validate.json", warn)
+    sections = [f"# tlflax report: experiment `{experiment}`"]
+    if isinstance(metrics, dict):
+        sections.append("\n".join(metrics_section(metrics)))
+    if isinstance(validation, dict):
+        sections.append("\n".join(validation_section(validation)))
+    links = []
+    data_docs = data_docs_index(project, experiment, validation)
+    if data_docs:
+        links.append(f"- Great Expectations Data Docs: {_link(project, data_docs)}")
+    if plots_index:
+        links.append(f"- DVC plots: {_link(project, plots_index)}")
+    if links:
+        sections.append("\n".join(["## Reports", "", *links]))
+    return "\n\n".join(sections) if len(sections) > 1 else None
+
+
+def per_class_rows(project: Path, experiment: str, warn: Warn) -> list[dict[str, Any]]:
+    """One row per (model, class) of the evaluation's classification report."""
+    report = read_json(project / "plots" / experiment / "classification_report.json", warn)
+    if not isinstance(report, dict):
+        return []
+    return [
+        {"model": MODEL_LABELS.get(model, model), "class": name, **scores}
+        for model, results in report.items()
+        if isinstance(results, dict)
+        for name, scores in results.get("per_class", {}).items()
+        if isinstance(scores, dict)
+    ]
