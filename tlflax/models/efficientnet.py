@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -29,10 +28,16 @@ from tlflax.models.layers import (
     Conv2d,
     DepthwiseConv2d,
     DepthwiseImpl,
+    PooledConvBackbone,
     pretrained_batch_norm,
     set_batchnorm_training,
 )
-from tlflax.models.torch_weights import LoadReport, load_state_dict_into, read_torch_state_dict
+from tlflax.models.torch_weights import (
+    TORCH_LEAF_NAMES,
+    LoadReport,
+    load_state_dict_into,
+    read_torch_state_dict,
+)
 
 __all__ = [
     "EfficientNetLite0",
@@ -138,7 +143,7 @@ class MBConvBlock(nnx.Module):
         return x + out if self.residual else out
 
 
-class EfficientNetLite0(nnx.Module):
+class EfficientNetLite0(PooledConvBackbone):
     """EfficientNet-Lite0: 3.37M parameters, 4.65M with the ImageNet classifier (`include_top`).
 
     Layer groups, the unit of `run_groups` and `group_patterns`, are in forward order:
@@ -206,30 +211,9 @@ class EfficientNetLite0(nnx.Module):
             r"^head_conv/",
         ]
 
-    def run_groups(
-        self, x: jax.Array, start: int, stop: int | None, *, train: bool = False
-    ) -> jax.Array:
-        """Runs layer groups [start, stop) on `x`; group 0 takes images (NHWC RGB in [0, 1]).
-
-        `stop=None` runs to the end, giving the head's (B, h, w, 1280) activation, unpooled.
-        """
-        del train  # no stochastic layer; see the class docstring
-        for group in self._groups()[start:stop]:
-            x = group(x)
-        return x
-
-    def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Globally average-pooled features (B, 1280) of NHWC RGB images in [0, 1]."""
-        return jnp.mean(self.run_groups(images, 0, None, train=train), axis=(1, 2))
-
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Logits (B, num_classes) with `include_top`, else pooled features (B, 1280)."""
-        features = self.features(images, train=train)
-        return self.classifier(features) if self.classifier is not None else features
-
 
 # Our module path → the PyTorch module name holding its weights; the leaf names map
-# through `_TORCH_LEAF_NAMES`. The one place that knows the checkpoint's naming.
+# through `TORCH_LEAF_NAMES`. The one place that knows the checkpoint's naming.
 _TORCH_MODULE_NAMES: tuple[tuple[str, str], ...] = (
     (r"stem/conv", "_conv_stem"),
     (r"stem/norm", "_bn0"),
@@ -243,20 +227,13 @@ _TORCH_MODULE_NAMES: tuple[tuple[str, str], ...] = (
     (r"head_conv/norm", "_bn1"),
     (r"classifier", "_fc"),
 )
-_TORCH_LEAF_NAMES = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-}
 
 
 def _torch_key(path: str) -> str | None:
     module, _, leaf = path.rpartition("/")
     for pattern, torch_module in _TORCH_MODULE_NAMES:
-        if re.fullmatch(pattern, module) and leaf in _TORCH_LEAF_NAMES:
-            return f"{re.sub(pattern, torch_module, module)}.{_TORCH_LEAF_NAMES[leaf]}"
+        if re.fullmatch(pattern, module) and leaf in TORCH_LEAF_NAMES:
+            return f"{re.sub(pattern, torch_module, module)}.{TORCH_LEAF_NAMES[leaf]}"
     return None
 
 

@@ -17,7 +17,7 @@ Two things here are not what `nnx.Conv` gives you:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Literal
 
@@ -30,6 +30,7 @@ __all__ = [
     "Conv2d",
     "DepthwiseConv2d",
     "DepthwiseImpl",
+    "PooledConvBackbone",
     "depthwise_conv",
     "resolve_depthwise_impl",
     "set_batchnorm_training",
@@ -296,3 +297,42 @@ def set_batchnorm_training(model: nnx.Module, enabled: bool) -> None:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.BatchNorm):
             module.use_running_average = not enabled
+
+
+class PooledConvBackbone(nnx.Module):
+    """What the convolutional backbones share: layer groups run in order, global average
+    pooling, and an optional ImageNet classifier on top.
+
+    A subclass sets ``self.classifier`` (an ``nnx.Linear`` or None) and ``feature_dim``, and
+    says what its groups are in ``_groups``; the classifier belongs to no group.
+    """
+
+    classifier: nnx.Linear | None
+    feature_dim: int
+
+    def _groups(self) -> list[Callable[[jax.Array], jax.Array]]:
+        raise NotImplementedError
+
+    def run_groups(
+        self, x: jax.Array, start: int, stop: int | None, *, train: bool = False
+    ) -> jax.Array:
+        """Runs layer groups [start, stop) on `x`; group 0 takes images (NHWC RGB in [0, 1]).
+
+        `stop=None` runs to the end, giving the last group's (B, h, w, feature_dim)
+        activation, unpooled.
+        """
+        # No layer is stochastic: `train` is accepted for the common backbone interface;
+        # BatchNorm's mode is set by `set_batchnorm_training`.
+        del train
+        for group in self._groups()[start:stop]:
+            x = group(x)
+        return x
+
+    def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Globally average-pooled features (B, feature_dim) of NHWC RGB images in [0, 1]."""
+        return jnp.mean(self.run_groups(images, 0, None, train=train), axis=(1, 2))
+
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Logits (B, num_classes) with a classifier, else pooled features (B, feature_dim)."""
+        features = self.features(images, train=train)
+        return self.classifier(features) if self.classifier is not None else features

@@ -21,12 +21,11 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tlflax.models.layers import pretrained_batch_norm
-from tlflax.models.torch_weights import LoadReport, load_state_dict_into
+from tlflax.models.layers import PooledConvBackbone, pretrained_batch_norm
+from tlflax.models.torch_weights import TORCH_LEAF_NAMES, LoadReport, load_state_dict_into
 
 __all__ = [
     "VARIANTS",
@@ -173,7 +172,7 @@ VARIANTS: dict[str, ResNetVariant] = {
 }
 
 
-class ResNet(nnx.Module):
+class ResNet(PooledConvBackbone):
     """A torchvision-layout ResNet with the common backbone interface.
 
     Layer groups, the unit of `run_groups` and `group_patterns`, are in forward order:
@@ -225,28 +224,6 @@ class ResNet(nnx.Module):
         """One regex per layer group, in forward order, over '/'-joined parameter paths."""
         return [r"^stem/", *(rf"^blocks/{index}/" for index in range(len(self.blocks)))]
 
-    def run_groups(
-        self, x: jax.Array, start: int, stop: int | None, *, train: bool = False
-    ) -> jax.Array:
-        """Runs layer groups [start, stop) on `x`; group 0 takes images (NHWC RGB in [0, 1]).
-
-        `stop=None` runs to the end, giving the last block's (B, h, w, feature_dim)
-        activation, unpooled.
-        """
-        del train  # no stochastic layer; see the class docstring
-        for group in self._groups()[start:stop]:
-            x = group(x)
-        return x
-
-    def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Globally average-pooled features (B, feature_dim) of NHWC RGB images in [0, 1]."""
-        return jnp.mean(self.run_groups(images, 0, None, train=train), axis=(1, 2))
-
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Logits (B, num_classes) with `include_top`, else pooled features (B, feature_dim)."""
-        features = self.features(images, train=train)
-        return self.classifier(features) if self.classifier is not None else features
-
 
 # --- torchvision / timm state dicts: the one place that knows their names ---------------
 
@@ -258,13 +235,6 @@ _TORCH_BLOCK_MODULES = {
     **{f"norm{n}": f"bn{n}" for n in (1, 2, 3)},
     "downsample/conv": "downsample.0",
     "downsample/norm": "downsample.1",
-}
-_TORCH_LEAF_NAMES = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
 }
 
 
@@ -289,9 +259,9 @@ def torch_key(path: str, torch_block_names: Sequence[str]) -> str | None:
             torch_module = f"{torch_block_names[int(block[1])]}.{torch_module}"
     else:
         torch_module = _TORCH_TOP_MODULES.get(module)
-    if torch_module is None or leaf not in _TORCH_LEAF_NAMES:
+    if torch_module is None or leaf not in TORCH_LEAF_NAMES:
         return None
-    return f"{torch_module}.{_TORCH_LEAF_NAMES[leaf]}"
+    return f"{torch_module}.{TORCH_LEAF_NAMES[leaf]}"
 
 
 def load_resnet_weights(

@@ -306,6 +306,17 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
 
 
+# Our leaf name → PyTorch's, for convolutions, linear layers and BatchNorm (whose running
+# statistics PyTorch keeps as buffers beside its weight and bias).
+TORCH_LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+
+
 def torch_layout_to_flax(array: np.ndarray) -> np.ndarray:
     """PyTorch weight layout → Flax: conv OIHW → HWIO, linear (out, in) → (in, out), else as is.
 
