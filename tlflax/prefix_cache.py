@@ -31,10 +31,9 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from tlflax.config import TransferRule
-from tlflax.data.pipeline import iterate_batches, num_batches, prepare_images
+from tlflax.data.pipeline import map_batches, prepare_images
 from tlflax.train import Batch, Forward
 from tlflax.transfer import parameter_names, resolve_settings
 
@@ -112,31 +111,6 @@ def frozen_prefix_groups(
             break
         frozen_groups += 1
     return frozen_groups
-
-
-def map_batches(
-    function: Callable[[dict[str, np.ndarray]], jax.Array],
-    arrays: dict[str, np.ndarray],
-    *,
-    batch_size: int,
-    description: str,
-) -> np.ndarray:
-    """``function`` over fixed-shape batches of ``arrays`` in order, padding rows dropped.
-
-    Every batch has the same shape (the last is padded), so a jitted ``function`` compiles
-    once; a progress bar shows in a terminal and stays out of CI logs.
-
-    Raises:
-      ValueError: ``arrays`` hold no examples.
-    """
-    total = num_batches(len(next(iter(arrays.values()))), batch_size)
-    if total == 0:
-        raise ValueError(f"{description}: no examples")
-    outputs = []
-    batches = iterate_batches(arrays, batch_size, shuffle=False, seed=0)
-    for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=None):
-        outputs.append(np.asarray(function(batch))[batch["mask"] > 0])
-    return np.concatenate(outputs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

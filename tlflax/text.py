@@ -17,10 +17,10 @@ import tokenizers
 from flax import nnx
 
 from tlflax.config import TrainHeadParams
+from tlflax.data.pipeline import map_batches
 from tlflax.models.heads import TextClassifier
 from tlflax.models.minilm import load_tokenizer, minilm_tokenizer_path, tokenize
 from tlflax.models.registry import create_backbone
-from tlflax.prefix_cache import map_batches
 from tlflax.train import Batch, Forward, create_head
 
 TOKEN_KEYS = ("input_ids", "attention_mask")

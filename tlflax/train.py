@@ -367,17 +367,6 @@ class Finetuner:
         return new_state, total_loss / max(total_count, 1.0)
 
 
-def predict_probabilities(
-    predict: Callable[[Batch], jax.Array], arrays: dict[str, np.ndarray], batch_size: int
-) -> np.ndarray:
-    """Class probabilities for every real row of ``arrays`` (padding rows dropped)."""
-    outputs = []
-    for batch in iterate_batches(arrays, batch_size, shuffle=False, seed=0):
-        probabilities = np.asarray(predict(batch))
-        outputs.append(probabilities[batch["mask"] > 0])
-    return np.concatenate(outputs, axis=0)
-
-
 def _checkpoint_state(state: FinetuneState) -> dict[str, Any]:
     return {"trainable": state.trainable, "rest": state.rest, "opt_state": state.opt_state}
 

@@ -7,15 +7,13 @@ happen inside the jitted step, so the host never holds a resized copy of the dat
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from tlflax.config import AugmentParams, TrainHeadParams
-from tlflax.data.pipeline import augment_images, iterate_batches, num_batches, prepare_images
+from tlflax.data.pipeline import augment_images, map_batches, prepare_images
 from tlflax.models.heads import Head, ImageClassifier
 from tlflax.models.registry import create_backbone
 from tlflax.train import Batch, Forward
@@ -98,14 +96,13 @@ def extract_features(
     The backbone runs in inference mode (BatchNorm on running statistics). Batches have one
     fixed shape, so this compiles once whatever the dataset size.
     """
-    graphdef, state = nnx.split(backbone)
-    arrays = {"image": images, "index": np.arange(len(images))}
-    outputs: list[np.ndarray] = []
-    batches: Iterator = iterate_batches(arrays, batch_size, shuffle=False, seed=0)
-    total = num_batches(len(images), batch_size, drop_remainder=False)
-    for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=None):
-        features = np.asarray(_features_step(graphdef, state, batch["image"], image_size))
-        outputs.append(features[batch["mask"] > 0])
-    if not outputs:
+    if len(images) == 0:
         return np.zeros((0, backbone.feature_dim), np.float32)
-    return np.concatenate(outputs).astype(np.float32)
+    graphdef, state = nnx.split(backbone)
+    features = map_batches(
+        lambda batch: _features_step(graphdef, state, batch["image"], image_size),
+        {"image": images},
+        batch_size=batch_size,
+        description=description,
+    )
+    return features.astype(np.float32)

@@ -21,11 +21,12 @@ from pipelines.stages.common import ExperimentPaths
 from tlflax import text, vision
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params, ParamsError
+from tlflax.data.pipeline import map_batches
 from tlflax.data.tfds_store import read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
 from tlflax.models.registry import backbone_names, get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, image_prefix_cut, text_prefix_cut
-from tlflax.train import Forward, predict_probabilities
+from tlflax.train import Forward
 
 # Records of a split: uint8 images (N, H, W, C), or N texts.
 Records = np.ndarray | Sequence[str]
@@ -69,7 +70,7 @@ class Task(ABC):
         """The forward pass cut after ``groups`` backbone groups (see tlflax.prefix_cache)."""
 
     def class_names(self) -> list[str]:
-        return read_class_names(self.paths.dataset_dir, self.params.prepare.dataset)
+        return read_class_names(self.paths.dataset_dir, self.params.prepare.stored_name)
 
     def load_classifier(self, num_classes: int, path: Path) -> nnx.Module:
         """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one)."""
@@ -84,7 +85,7 @@ class Task(ABC):
 
 class ImageTask(Task):
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return read_image_split(self.paths.dataset_dir, self.params.prepare.dataset, split)
+        return read_image_split(self.paths.dataset_dir, self.params.prepare.stored_name, split)
 
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": records}
@@ -127,7 +128,7 @@ class ImageTask(Task):
 
 class TextTask(Task):
     def read_split(self, split: str) -> tuple[list[str], np.ndarray]:
-        return read_text_split(self.paths.dataset_dir, self.params.prepare.dataset, split)
+        return read_text_split(self.paths.dataset_dir, self.params.prepare.stored_name, split)
 
     def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
@@ -196,4 +197,6 @@ def class_probabilities(
     def predict(state, batch):
         return jax.nn.softmax(forward(nnx.merge(graphdef, state), batch, False, None), axis=-1)
 
-    return predict_probabilities(functools.partial(predict, state), inputs, batch_size)
+    return map_batches(
+        functools.partial(predict, state), inputs, batch_size=batch_size, description="predict"
+    )

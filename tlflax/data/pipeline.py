@@ -8,11 +8,12 @@ one batch at a time, so host memory stays at one batch whatever the dataset size
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from tlflax.data.errors import DataError
 
@@ -92,6 +93,32 @@ def _generate_batches(
         batch = {key: array[indices] for key, array in arrays.items()}
         batch[MASK_KEY] = (np.arange(batch_size) < num_real).astype(np.float32)
         yield batch
+
+
+def map_batches(
+    function: Callable[[dict[str, np.ndarray]], jax.Array],
+    arrays: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    description: str,
+) -> np.ndarray:
+    """``function`` over fixed-shape batches of ``arrays`` in order, padding rows dropped.
+
+    The one inference loop of the library (features, cached activations, predictions):
+    every batch has the same shape (the last is padded), so a jitted ``function`` compiles
+    once; a progress bar shows in a terminal and stays out of CI logs.
+
+    Raises:
+      DataError: ``arrays`` hold no examples (naming ``description``).
+    """
+    total = num_batches(len(next(iter(arrays.values()))), batch_size)
+    if total == 0:
+        raise DataError(description, "no examples")
+    outputs = []
+    batches = iterate_batches(arrays, batch_size, shuffle=False, seed=0)
+    for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=None):
+        outputs.append(np.asarray(function(batch))[batch[MASK_KEY] > 0])
+    return np.concatenate(outputs)
 
 
 def prepare_images(images: jax.Array, image_size: int) -> jax.Array:
