@@ -302,7 +302,7 @@ def _render_dvc_plots(project: Path, experiment: str, refresh: bool) -> Path | N
 
 @task(name="publish-reports", cache_policy=NO_CACHE)
 def publish_reports(project_dir: str, experiment: str, refresh_plots: bool) -> list[str]:
-    """Markdown report and per-class table as Prefect artifacts; returns the keys written.
+    """Markdown report, strategy advice and per-class table as Prefect artifacts; returns keys.
 
     Each part appears only when its input file exists: a missing report input never fails.
     """
@@ -315,6 +315,13 @@ def publish_reports(project_dir: str, experiment: str, refresh_plots: bool) -> l
         key = reports.artifact_key(experiment, "report")
         create_markdown_artifact(
             markdown, key=key, description=f"tlflax {experiment}: metrics, validation, reports"
+        )
+        written.append(key)
+    advice = reports.advice_report(project, experiment, warn)
+    if advice is not None:
+        key = reports.artifact_key(experiment, "advice")
+        create_markdown_artifact(
+            advice, key=key, description=f"tlflax {experiment}: transfer strategy advice"
         )
         written.append(key)
     rows = reports.per_class_rows(project, experiment, warn)

@@ -119,7 +119,7 @@ def predict(
         raise DataError("--file", "text files are for text experiments; pass images directly")
     else:
         image_paths = [Path(name) for name in inputs]
-        shape = read_image_shape(paths.dataset_dir, params.prepare.dataset)
+        shape = read_image_shape(paths.dataset_dir, params.prepare.stored_name)
         records, sources = read_images(image_paths, shape), list(inputs)
     if not sources:
         raise DataError("inputs", "nothing to classify; give sentences, --file or images")

@@ -147,6 +147,18 @@ def report_markdown(
     return "\n\n".join(sections) if len(sections) > 1 else None
 
 
+def advice_report(project: Path, experiment: str, warn: Warn) -> str | None:
+    """The advise stage's recommendation with its evidence (``reports/<experiment>/advice.md``)."""
+    path = project / "reports" / experiment / "advice.md"
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:
+        warn(f"report input {path} is unreadable, left out: {error}")
+        return None
+
+
 def per_class_rows(project: Path, experiment: str, warn: Warn) -> list[dict[str, Any]]:
     """One row per (model, class) of the evaluation's classification report."""
     report = read_json(project / "plots" / experiment / "classification_report.json", warn)

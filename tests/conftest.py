@@ -85,3 +85,16 @@ def tiny_project(tmp_path_factory) -> Path:
     if not RAW_FASHION_MNIST.exists():
         pytest.fail(f"{RAW_FASHION_MNIST} is missing: run `make assets` (scripts/fetch_assets.sh)")
     return make_project_copy(tmp_path_factory.mktemp("project"), TINY_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def small_project(tmp_path_factory) -> Path:
+    """A tiny project on a small CNN whose pipeline has run once (tests/small_project.py).
+
+    Shared by the reliability tests: copy it (``copy_project``) before changing anything.
+    """
+    if not RAW_FASHION_MNIST.exists():
+        pytest.fail(f"{RAW_FASHION_MNIST} is missing: run `make assets` (scripts/fetch_assets.sh)")
+    from tests.small_project import build_small_project
+
+    return build_small_project(tmp_path_factory.mktemp("small_project"))

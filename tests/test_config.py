@@ -88,10 +88,11 @@ def test_text_params_file_is_valid_and_explicit():
     assert (params.prepare.dataset, params.prepare.modality) == ("fine_foods", "text")
     assert params.extract.backbone == "minilm_l6"
     assert params.finetune.cache_frozen_prefix
-    # Every section of a stage in the text pipeline is spelled out in the file.
+    # Every section of a stage in the text pipeline is spelled out in the file, and
+    # train_scratch, which finetune's `scratch` strategy trains with.
     stages = yaml.safe_load((TEXT_PARAMS.parent / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load(TEXT_PARAMS.read_text())
-    assert set(raw) == {"experiment", *stages}
+    assert set(raw) == {"experiment", "train_scratch", *stages}
 
 
 def test_backbone_must_take_the_datasets_modality():

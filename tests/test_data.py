@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -168,6 +169,35 @@ def test_rebuild_replaces_dataset_and_clears_stale_builds(tmp_path: Path, digit_
     assert len(read_image_split(tmp_path, "digits", "train")[1]) == 10
     with pytest.raises(DataError, match="no split 'test'"):
         read_image_split(tmp_path, "digits", "test")
+
+
+_WRITE_TWICE = """
+import sys
+from pathlib import Path
+import numpy as np
+from tlflax.data.tfds_store import write_image_dataset
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+labels = np.arange(40) % 4
+splits = {"train": (images, labels), "test": (images[:8], labels[:8])}
+write_image_dataset(Path(sys.argv[1]), "tiny", splits, ["a", "b", "c", "d"])
+"""
+
+
+def test_the_same_records_write_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    # Protobuf seeds its map order per process, so only two processes can show a difference;
+    # DVC hashes these files, and a byte change would re-run every stage after `prepare`.
+    def written(folder: str) -> dict[str, bytes]:
+        subprocess.run(
+            [sys.executable, "-c", _WRITE_TWICE, str(tmp_path / folder)], check=True,
+            capture_output=True,
+        )  # fmt: skip
+        root = tmp_path / folder / "tiny"
+        return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+    first, second = written("first"), written("second")
+    assert any(name.endswith("array_record-00000-of-00001") for name in first)
+    assert first == second
 
 
 def test_tfds_store_rejects_bad_input(tmp_path: Path, digit_splits) -> None:

@@ -23,7 +23,8 @@ def test_flow_runs_every_stage_then_dvc_is_a_noop(tiny_project):
         assert metrics[phase]["accuracy"] > 0.3, metrics
     assert "head-only accuracy" in result.stdout + result.stderr
     lock = (tiny_project / "dvc.lock").read_text()
-    for stage in ("prepare", "validate", "extract", "train_head", "finetune", "evaluate"):
+    stages = ("prepare", "validate", "extract", "advise", "train_head", "finetune", "evaluate")
+    for stage in stages:
         assert f"  {stage}:" in lock
 
     # Nothing changed: DVC reruns nothing.
@@ -52,7 +53,9 @@ def test_bad_params_stop_the_stage_with_one_line_naming_the_key(tiny_project):
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         # DVC records nothing for a stage that failed.
-        repro = run([sys.executable, "-m", "dvc", "repro", "finetune"], cwd=tiny_project, timeout=300)
+        repro = run(
+            [sys.executable, "-m", "dvc", "repro", "finetune"], cwd=tiny_project, timeout=300
+        )
         assert repro.returncode != 0
         assert "did you mean 'learning_rate'" in repro.stdout + repro.stderr
     finally:

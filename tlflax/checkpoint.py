@@ -3,17 +3,29 @@
 A single ``max_to_keep`` with ``best_fn`` deletes the latest checkpoint whenever it is not
 among the best (orbax issue 526), which makes resuming after a crash restart from an older
 epoch. A preservation policy that keeps "latest 1 OR best N" avoids that trap.
+
+Checkpoints are resumed only by the run that wrote them: a folder carries the fingerprint
+of its run (the caller's digest of config, inputs and code, see :func:`tree_digest`), and
+a run with another fingerprint starts afresh instead of continuing someone else's training.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
 METRIC = "validation_loss"
+# Beside the step folders; Orbax ignores files that are not steps.
+FINGERPRINT_FILE = "run_fingerprint.txt"
+# Orbax writes this file last into a single-tree checkpoint folder.
+_TREE_METADATA = "_METADATA"
 
 
 def _score(metrics: dict[str, float]) -> float:
@@ -21,20 +33,62 @@ def _score(metrics: dict[str, float]) -> float:
     return -float(metrics[METRIC])
 
 
-class TrainingCheckpoints:
-    """Checkpoints of one training run under ``directory`` (one sub-folder per epoch)."""
+def tree_digest(*trees: PyTree) -> str:
+    """SHA-256 of the structure, dtypes, shapes and values of ``trees`` (any pytrees of arrays)."""
+    digest = hashlib.sha256()
+    for tree in trees:
+        leaves, structure = jax.tree_util.tree_flatten(tree)
+        digest.update(str(structure).encode())
+        for leaf in leaves:
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)  # dropout RNG state: keys have no array form
+            array = np.asarray(leaf)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, directory: str | Path, *, keep_best: int):
+
+class TrainingCheckpoints:
+    """Checkpoints of one training run under ``directory`` (one sub-folder per epoch).
+
+    Args:
+      directory: where the step folders live (created if missing).
+      keep_best: how many of the best epochs (by validation loss) to keep besides the latest.
+      fingerprint: identifies the run; checkpoints written under another fingerprint (or
+        none) are deleted first, and :attr:`discarded` says whether there were any.
+    """
+
+    def __init__(self, directory: str | Path, *, keep_best: int, fingerprint: str | None = None):
+        self.directory = Path(directory).absolute()
+        self.discarded = False
+        if fingerprint is not None:
+            self._claim(fingerprint)
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(
                 [policies.LatestN(n=1), policies.BestN(get_metric_fn=_score, n=keep_best)]
             ),
+            # Without best_fn Orbax neither writes the metrics nor reads them back, and after
+            # a restart BestN could not rank the epochs run before it.
+            best_fn=_score,
             create=True,
+            # What a killed save left half-written is deleted, never restored.
             cleanup_tmp_directories=True,
         )
-        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _claim(self, fingerprint: str) -> None:
+        marker = self.directory / FINGERPRINT_FILE
+        if self.directory.exists() and (
+            not marker.is_file() or marker.read_text().strip() != fingerprint
+        ):
+            self.discarded = any(self.directory.iterdir())
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            temporary = marker.with_name(f".{marker.name}.tmp")
+            temporary.write_text(fingerprint + "\n")
+            temporary.replace(marker)
 
     def save(self, step: int, state: dict[str, PyTree], progress: dict, metrics: dict) -> None:
         """Save ``state`` (pytrees) and ``progress`` (JSON) asynchronously.
@@ -73,6 +127,12 @@ class TrainingCheckpoints:
         self.manager.check_for_errors()
         self.manager.close()
 
+    def delete(self) -> None:
+        """Delete the folder (after :meth:`close`), its fingerprint first: a deletion cut
+        short leaves steps that no run will resume from, never a half-deleted one to resume."""
+        (self.directory / FINGERPRINT_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
 
 def save_tree(path: str | Path, tree: PyTree) -> None:
     """Save one pytree synchronously; Orbax writes to a temporary folder, then renames."""
@@ -81,9 +141,34 @@ def save_tree(path: str | Path, tree: PyTree) -> None:
     checkpointer.wait_until_finished()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored into the model asked for; names its folder."""
+
+
 def restore_tree(path: str | Path, abstract_tree: PyTree) -> PyTree:
-    """Restore a pytree saved by :func:`save_tree` into ``abstract_tree``'s structure."""
-    path = Path(path).absolute()
+    """Restore a pytree saved by :func:`save_tree` into ``abstract_tree``'s structure.
+
+    Raises:
+      FileNotFoundError: naming ``path`` when it does not exist.
+      CheckpointError: naming ``path`` when it is damaged, or was written for another
+        structure (another backbone, head or number of classes).
+    """
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return ocp.StandardCheckpointer().restore(path, abstract_tree)
+    if not (path / _TREE_METADATA).is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (it has no {_TREE_METADATA})")
+    try:
+        return ocp.StandardCheckpointer().restore(path.absolute(), abstract_tree)
+    except ValueError as error:
+        # Orbax's own messages run to many lines of TensorStore specs: keep the first.
+        lines = str(error).strip().splitlines() or [repr(error)]
+        detail = lines[0].split(". Truncating/padding")[0][:300]
+        if "not compatible with the stored shape" in detail or "structure" in detail:
+            problem = (
+                "checkpoint does not fit the model built from params (was it written for "
+                f"another backbone, head or number of classes?): {detail}"
+            )
+        else:
+            problem = f"checkpoint is damaged or incomplete: {detail}"
+        raise CheckpointError(f"{path}: {problem}") from None

@@ -12,11 +12,12 @@ and hand the typed sections to ``tlflax`` functions.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -35,8 +36,27 @@ class _Section(BaseModel):
 
 
 Modality = Literal["image", "text"]
-# What each dataset `prepare` can read holds; the backbone must take the same kind of input.
-DATASET_MODALITY: dict[str, Modality] = {"fashion_mnist": "image", "fine_foods": "text"}
+NonEmptyString = Annotated[str, Field(min_length=1)]
+# The sources `prepare` reads by name, and the kind of input each holds; the backbone must
+# take the same kind. A TFDS catalog source (`tfds:<name>`) says its kind in
+# `prepare.modality`: finding it in the catalog would make every params load import TFDS.
+DATASET_MODALITY: dict[str, Modality] = {
+    "fashion_mnist": "image",
+    "fine_foods": "text",
+    "image_folder": "image",
+    "text_file": "text",
+}
+TFDS_PREFIX = "tfds:"
+# tfds:<name>[/<config>][:<version>] as the TFDS catalog spells them (tfds:beans,
+# tfds:imdb_reviews/plain_text:1.0.0); nothing that could reach outside a folder.
+TFDS_DATASET_PATTERN = re.compile(
+    r"^tfds:[a-z][a-z0-9_]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?(:[0-9]+\.[0-9]+\.[0-9]+)?$"
+)
+_IMAGE_SOURCE_KEYS = frozenset({"image_size", "channels", "max_pixels"})
+_TEXT_FILE_KEYS = frozenset({"text_column", "label_column", "classes"})
+_TFDS_KEYS = frozenset({"modality", "train_split", "test_split", "download"})
+# Keys of `prepare` that only some sources read; any other source refuses them.
+_SOURCE_SPECIFIC_KEYS = _IMAGE_SOURCE_KEYS | _TEXT_FILE_KEYS | _TFDS_KEYS | {"test_fraction"}
 
 
 class PrepareParams(_Section):
@@ -46,9 +66,29 @@ class PrepareParams(_Section):
     other to null); train is drawn from what validation left (``train_fraction: 1.0``, or
     both train sizes null, takes all of it). ``deduplicate`` drops training-pool records
     that repeat an earlier one or appear in test, before either subset is drawn.
+
+    ``dataset`` names the source, ``raw_dir`` where it is:
+
+    - ``fashion_mnist``, ``fine_foods``: the packaged datasets (``make assets``).
+    - ``image_folder``: ``raw_dir/<class>/<image>`` (PNG, JPEG, BMP, GIF), or
+      ``raw_dir/{train,test}/<class>/<image>``; read with ``image_size``, ``channels``
+      and ``max_pixels``.
+    - ``text_file``: one CSV (with a header row) or JSONL file, or a folder holding
+      ``{train,test}.{csv,jsonl}``; read with ``text_column``, ``label_column`` and,
+      optionally, ``classes``.
+    - ``tfds:<name>[/<config>][:<version>]``: a TFDS catalog dataset, prepared as
+      ``array_record`` in the TFDS data dir ``raw_dir``. ``modality`` says whether it
+      holds images or texts, ``train_split`` / ``test_split`` which TFDS splits (or
+      slices) to read, and ``download: true`` allows downloading it (needs a network).
+
+    A source without a test split of its own (one image folder, one text file, a TFDS
+    dataset with ``test_split: null``) gets one with ``test_fraction``: that share of
+    each class, drawn with ``seed`` before validation and train, so runs with other
+    subset sizes are tested on the same examples. Class names come from the source.
+    Keys a source does not read are refused.
     """
 
-    dataset: Literal["fashion_mnist", "fine_foods"] = "fashion_mnist"
+    dataset: str = "fashion_mnist"
     raw_dir: str = "data/raw/fashion-mnist"
     train_per_class: PositiveInt | None = 100
     train_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -56,6 +96,49 @@ class PrepareParams(_Section):
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
     deduplicate: bool = False
     seed: NonNegativeInt = 0
+    # A source without a test split: hold out this share of each class as test.
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # Image sources: every image is stored at image_size x image_size (None keeps the
+    # images' own size, which must then be one size) with 1 or 3 channels. The backbone
+    # sees extract.image_size, whatever size is stored.
+    image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
+    channels: Literal[1, 3] = 3
+    # Largest image accepted, in pixels (a decompression-bomb guard); None: the reader's
+    # default, 8192 x 8192.
+    max_pixels: PositiveInt | None = None
+    # text_file: the column (CSV) or key (JSONL) of each text and of its label, and the
+    # label names in label-id order (None: the sorted distinct labels found).
+    text_column: NonEmptyString = "text"
+    label_column: NonEmptyString = "label"
+    classes: Annotated[list[NonEmptyString], Field(min_length=2)] | None = None
+    # tfds: sources. The other sources imply their modality (filled in from the dataset).
+    modality: Modality | None = Field(
+        default_factory=lambda fields: DATASET_MODALITY.get(fields.get("dataset"))
+    )
+    # TFDS split expressions: "train", "train[:80%]", "train+validation".
+    train_split: NonEmptyString = "train"
+    test_split: NonEmptyString | None = "test"
+    download: bool = False
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_source(cls, dataset: str) -> str:
+        if dataset in DATASET_MODALITY:
+            return dataset
+        if dataset.startswith(TFDS_PREFIX):
+            if not TFDS_DATASET_PATTERN.match(dataset):
+                raise ValueError(
+                    f"{dataset!r} is not a TFDS catalog name: expected "
+                    "tfds:<name>[/<config>][:<version>], the name in lowercase snake_case, "
+                    "e.g. tfds:beans or tfds:imdb_reviews/plain_text:1.0.0"
+                )
+            return dataset
+        nearest = difflib.get_close_matches(dataset, list(DATASET_MODALITY), n=1, cutoff=0.5)
+        hint = f"did you mean '{nearest[0]}'? " if nearest else ""
+        raise ValueError(
+            f"unknown dataset {dataset!r} ({hint}valid: {', '.join(DATASET_MODALITY)}, "
+            f"or {TFDS_PREFIX}<catalog name>)"
+        )
 
     @model_validator(mode="after")
     def _one_size_per_subset(self) -> PrepareParams:
@@ -70,9 +153,64 @@ class PrepareParams(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _keys_fit_the_source(self) -> PrepareParams:
+        packaged = self.dataset in ("fashion_mnist", "fine_foods")
+        if self.catalog_name is not None and self.modality is None:
+            raise ValueError(
+                f"dataset '{self.dataset}' needs 'modality': image or text, the kind of "
+                "input it holds"
+            )
+        if not packaged and "raw_dir" not in self.model_fields_set:
+            raise ValueError(f"dataset '{self.dataset}' needs 'raw_dir': where to read it")
+        unread = (self.model_fields_set & _SOURCE_SPECIFIC_KEYS) - self._keys_read_by_source()
+        if unread:
+            kind = f" ({self.modality} data)" if self.catalog_name is not None else ""
+            raise ValueError(
+                f"'{min(unread)}' does not apply to dataset '{self.dataset}'{kind}; remove it"
+            )
+        if self.catalog_name is not None and (self.test_split is None) == (
+            self.test_fraction is None
+        ):
+            raise ValueError(
+                "give exactly one of test_split and test_fraction (test_split: null holds "
+                "out test_fraction of train_split as test)"
+            )
+        if self.text_column == self.label_column:
+            raise ValueError(
+                f"text_column and label_column are both {self.text_column!r}; they must differ"
+            )
+        if self.classes is not None and len(set(self.classes)) < len(self.classes):
+            repeated = next(name for name in self.classes if self.classes.count(name) > 1)
+            raise ValueError(f"classes lists {repeated!r} more than once")
+        return self
+
+    def _keys_read_by_source(self) -> frozenset[str]:
+        """The source-specific keys that ``dataset`` reads."""
+        if self.dataset == "image_folder":
+            return _IMAGE_SOURCE_KEYS | {"test_fraction"}
+        if self.dataset == "text_file":
+            return _TEXT_FILE_KEYS | {"test_fraction"}
+        if self.catalog_name is not None:
+            image_keys = _IMAGE_SOURCE_KEYS if self.modality == "image" else frozenset()
+            return _TFDS_KEYS | image_keys | {"test_fraction"}
+        return frozenset()
+
     @property
-    def modality(self) -> Modality:
-        return DATASET_MODALITY[self.dataset]
+    def catalog_name(self) -> str | None:
+        """The TFDS catalog name of a ``tfds:`` source (``tfds:beans`` -> ``beans``), else None."""
+        if self.dataset.startswith(TFDS_PREFIX):
+            return self.dataset.removeprefix(TFDS_PREFIX)
+        return None
+
+    @property
+    def stored_name(self) -> str:
+        """The prepared dataset's TFDS name (its folder in ``data/<experiment>/tfds``).
+
+        Lowercase snake_case, safe as a file name: the dataset itself for the named sources,
+        ``tfds_imdb_reviews_plain_text_1_0_0`` for ``tfds:imdb_reviews/plain_text:1.0.0``.
+        """
+        return re.sub(r"[^a-z0-9]+", "_", self.dataset.lower()).strip("_")
 
 
 class ValidateParams(_Section):
@@ -141,16 +279,31 @@ class AugmentParams(_Section):
     flip: bool = True
 
 
-class FinetuneParams(_Section):
-    """Backbone + trained head, unfrozen by rules, with per-group learning rates."""
+Strategy = Literal["auto", "feature_extraction", "top_k", "full", "scratch"]
 
+
+class FinetuneParams(_Section):
+    """Backbone + trained head, unfrozen by rules, with per-group learning rates.
+
+    ``strategy`` says what trains: ``feature_extraction`` (the head alone), ``top_k`` (the
+    top ``unfreeze_groups`` backbone layer groups and the head), ``full``, ``scratch``
+    (random weights), or ``auto``: the advise stage's pick. Explicit ``rules`` (only with
+    ``auto``) win over the advised strategy. The defaults below are what the library uses
+    when called directly; the pipeline's finetune stage fills the advised keys - ``rules``,
+    ``epochs``, ``warmup_fraction``, ``layer_lr_decay`` - that ``params.yaml`` leaves unset
+    (absent, or null) from the advice (:func:`tlflax.advisor.apply_advice`).
+    """
+
+    strategy: Strategy = "auto"
+    # top_k: how many backbone layer groups, counted from the top, train.
+    unfreeze_groups: PositiveInt | None = None
     learning_rate: PositiveFloat = 1e-3
     batch_size: PositiveInt = 32
-    epochs: PositiveInt = 6
-    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    epochs: PositiveInt | None = 6
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = 0.1
     weight_decay: NonNegativeFloat = 1e-4
     gradient_clip_norm: PositiveFloat = 1.0
-    layer_lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.8
+    layer_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = 0.8
     # ULMFiT's gradual unfreezing: the head trains from epoch 0, then one more layer group
     # from the top joins per epoch (the step still compiles once: later groups wait at lr 0).
     gradual_unfreezing: bool = False
@@ -165,14 +318,54 @@ class FinetuneParams(_Section):
     # bfloat16 compute with float32 master weights: for accelerators (GPU/TPU); on CPU it is
     # slower than float32 and only useful to check that a run fits.
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    rules: list[TransferRule] = Field(
+    rules: Annotated[list[TransferRule], Field(min_length=1)] | None = Field(
         default_factory=lambda: [
             TransferRule(pattern="^head/"),
             TransferRule(pattern="^backbone/", lr_multiplier=1.0),
         ],
-        min_length=1,
     )
     seed: NonNegativeInt = 0
+
+    def is_explicit(self, key: str) -> bool:
+        """Whether ``params.yaml`` gave ``key`` a value (null counts as unset)."""
+        return key in self.model_fields_set and getattr(self, key) is not None
+
+    @model_validator(mode="after")
+    def _strategy_settings_agree(self) -> FinetuneParams:
+        if self.unfreeze_groups is not None and self.strategy != "top_k":
+            raise ValueError(
+                f"'unfreeze_groups' applies to strategy 'top_k' only (strategy is "
+                f"'{self.strategy}'); set strategy: top_k or remove it"
+            )
+        if self.is_explicit("rules") and self.strategy != "auto":
+            raise ValueError(
+                f"'rules' and strategy '{self.strategy}' both say which parameters train; "
+                "keep one (with strategy: auto, explicit rules win over the advice)"
+            )
+        return self
+
+
+class AdviseParams(_Section):
+    """The strategy advisor: linear probes of the frozen backbone at every depth.
+
+    The thresholds of its decision rules are named here, so every recommendation can be
+    traced to a number in the report (tlflax/advisor.py explains each rule).
+    """
+
+    # Probing cost: at most this many training examples (a stratified subset) are embedded;
+    # the validation split is used whole.
+    max_train_examples: PositiveInt = 2000
+    # Dataset-size regimes, in training examples of the rarest class: below
+    # small_data_per_class is "small"; from large_data_per_class on, "large" (training from
+    # scratch becomes a candidate, and random-init features are probed as its reference).
+    small_data_per_class: PositiveInt = 100
+    large_data_per_class: PositiveInt = 2000
+    # A depth whose probe accuracy is within this of the best depth's counts as reaching it;
+    # a floor - the validation accuracy's standard error is used when larger.
+    plateau_tolerance: Probability = 0.01
+    # With large data, train from scratch when pretrained features beat random-init ones by
+    # less than this (validation accuracy of the best depth of each).
+    min_pretraining_gain: Probability = 0.02
 
 
 class TrainScratchParams(_Section):
@@ -201,6 +394,7 @@ class Params(_Section):
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     extract: ExtractParams = ExtractParams()
     train_head: TrainHeadParams = TrainHeadParams()
+    advise: AdviseParams = AdviseParams()
     finetune: FinetuneParams = FinetuneParams()
     train_scratch: TrainScratchParams = TrainScratchParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -257,10 +451,19 @@ def _model_for(location: tuple[str | int, ...]) -> type[BaseModel] | None:
         )
         if field is None:
             return model
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", (annotation,))
-        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = _section_in(field.annotation)
     return model
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The schema class inside a field's type: ``X``, ``list[X]``, ``list[X] | None``, ..."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        found = _section_in(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def _describe(error: dict[str, Any], source: str) -> str:
@@ -293,7 +496,11 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        details = error.errors()
+        # A default computed from other keys (prepare.modality) is skipped, and reported,
+        # when another key failed: only that other key is the user's problem.
+        details = [
+            detail for detail in error.errors() if detail["type"] != "default_factory_not_called"
+        ]
         message = _describe(details[0], source)
         if len(details) > 1:
             message += f" (and {len(details) - 1} more problem(s))"
@@ -316,7 +523,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ParamsError(
-            f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}"
-        ) from None
+        # One line: some YAML errors (a control character) span two.
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
     return parse_params(raw, source=str(path))

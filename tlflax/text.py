@@ -113,3 +113,18 @@ def extract_features(
         description=description,
     )
     return features.astype(np.float32)
+
+
+def pooled_after_each_group(
+    backbone: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array
+) -> list[jax.Array]:
+    """Masked mean-pooled hidden states (B, D) after each group (embeddings, each layer).
+
+    One pass through ``run_groups``, group by group (inference mode, no dropout): the depth
+    probes of :mod:`tlflax.advisor` read every depth for the cost of one forward pass.
+    """
+    pooled, hidden = [], input_ids
+    for group in range(backbone.num_groups):
+        hidden = backbone.run_groups(hidden, attention_mask, group, group + 1, train=False)
+        pooled.append(backbone.pool(hidden, attention_mask))
+    return pooled

@@ -47,8 +47,11 @@ Forward = Callable[[nnx.Module, Batch, bool, jax.Array | None], jax.Array]
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf; the message names the phase, epoch and step."""
+class NonFiniteLossError(FloatingPointError):
+    """The training or validation loss became NaN or Inf; the message names epoch and step.
+
+    A ``FloatingPointError``, so a caller can handle it without importing this module.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,11 +97,24 @@ class History:
     stopped_early: bool = False
 
 
+_DIVERGED_HINT = "lower the learning rate or check the input data"
+
+
 def _check_finite(loss: float, phase: str, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"{phase}: training loss became {loss} at epoch {epoch}, step {step}; "
-            "stopping (lower the learning rate or check the input data)"
+            f"stopping ({_DIVERGED_HINT})"
+        )
+
+
+def _check_finite_validation(loss: float, phase: str, epoch: int, steps: int) -> None:
+    # The training loss of a step is computed before its update: weights that the last
+    # update of an epoch blew up show first in the validation loss.
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"{phase}: validation loss became {loss} after epoch {epoch} (step {steps} of "
+            f"training): the weights diverged; stopping ({_DIVERGED_HINT})"
         )
 
 
@@ -180,6 +196,9 @@ def train_head(
             _add(validation_counts, eval_step(params, batch))
         metrics = {"train_loss": totals["loss_sum"] / totals["count"]}
         metrics.update({f"validation_{k}": v for k, v in _finish(validation_counts).items()})
+        _check_finite_validation(
+            metrics["validation_loss"], "train_head", epoch, (epoch + 1) * steps_per_epoch
+        )
         history.epochs.append(metrics)
         if on_epoch_end:
             on_epoch_end(epoch, metrics)
@@ -404,11 +423,26 @@ def run_finetuning(
             jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)),
         )
         history = History(**progress["history"])
+    steps_per_epoch = num_batches(len(train["label"]), cfg.batch_size)
     while state.epoch < cfg.epochs and not history.stopped_early:
         epoch = state.epoch
-        state, train_loss = finetuner.run_epoch(state, train)
+        try:
+            state, train_loss = finetuner.run_epoch(state, train)
+            validation_metrics = finetuner.evaluate(state, validation, eval_batch_size)
+            _check_finite_validation(
+                validation_metrics["loss"], "finetune", epoch, (epoch + 1) * steps_per_epoch
+            )
+        except NonFiniteLossError as error:
+            # The diverged state is never saved; the checkpoints already written stay.
+            checkpoints.manager.wait_until_finished()
+            last_good = checkpoints.latest_step()
+            kept = (
+                f"the last good checkpoint, epoch {last_good}, is kept in {checkpoints.directory}"
+                if last_good is not None
+                else "no epoch finished, so there is no checkpoint to keep"
+            )
+            raise NonFiniteLossError(f"{error}; {kept}") from None
         metrics = {"train_loss": train_loss}
-        validation_metrics = finetuner.evaluate(state, validation, eval_batch_size)
         metrics.update({f"validation_{k}": v for k, v in validation_metrics.items()})
         history.epochs.append(metrics)
         if metrics["validation_loss"] < history.best_validation_loss:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -106,3 +107,16 @@ def extract_features(
         description=description,
     )
     return features.astype(np.float32)
+
+
+def pooled_after_each_group(backbone: nnx.Module, images: jax.Array) -> list[jax.Array]:
+    """Globally average-pooled activations (B, C_g) after each layer group, in forward order.
+
+    One pass through ``run_groups``, group by group (inference mode): the depth probes of
+    :mod:`tlflax.advisor` read every depth for the cost of one forward pass.
+    """
+    pooled, activations = [], images
+    for group in range(len(backbone.group_patterns())):
+        activations = backbone.run_groups(activations, group, group + 1, train=False)
+        pooled.append(jnp.mean(activations, axis=(1, 2)))
+    return pooled

@@ -7,18 +7,28 @@ that knows file paths; the library gets typed config sections and paths.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+import tlflax
 from tlflax.config import Params, ParamsError, load_params
+from tlflax.io import atomic_path
 
 # Errors that mean "the input is wrong", not "the code is wrong": they are reported as one
 # line naming the file or key, with a non-zero exit and no traceback (TLFLAX_DEBUG=1 shows it).
+# Exit status 1 is a failed data validation (the validate stage).
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
 EXIT_BAD_INPUT = 2
+# Training diverged (a NaN/Inf loss, tlflax.train.NonFiniteLossError, a FloatingPointError):
+# the message names the epoch and step; the checkpoints written before it are kept.
+EXIT_DIVERGED = 3
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,76 @@ class ExperimentPaths:
 
 
 COMPILATION_CACHE = Path(".cache/jax")
+# Checkpoints of a training run in progress, kept outside the stage's DVC outputs: DVC
+# deletes those before it runs a stage again, which would make a killed run start over.
+RESUME_CHECKPOINTS = Path(".cache/resume")
+
+
+def resume_dir(output_dir: Path) -> Path:
+    """Where the training run that writes ``output_dir`` keeps its checkpoints meanwhile."""
+    return RESUME_CHECKPOINTS / output_dir
+
+
+def run_fingerprint(params: Params, *trees: object) -> str:
+    """What checkpoints must match to be resumed: params, code, and the starting ``trees``.
+
+    ``trees`` are what the run starts from: the arrays it trains and validates on, the
+    initial model state (pretrained and head weights included). The code is every Python
+    file of ``tlflax`` and of the stages, so a run never continues checkpoints that other
+    code wrote.
+    """
+    from tlflax.checkpoint import tree_digest  # Orbax: only the training stages need it
+
+    digest = hashlib.sha256(params.model_dump_json().encode())
+    for package in (Path(tlflax.__file__).parent, Path(__file__).parent):
+        for source in sorted(package.rglob("*.py")):
+            digest.update(source.relative_to(package).as_posix().encode())
+            digest.update(source.read_bytes())
+    digest.update(tree_digest(*trees).encode())
+    return digest.hexdigest()
+
+
+def write_live_log(live_dir: Path, epochs: list[dict[str, float]]) -> None:
+    """Write per-epoch metrics as a dvclive log in ``live_dir``, atomically.
+
+    Written once, after training, from the run's history (which a resumed run restores
+    from its checkpoint): the log of a run that was killed and resumed holds every epoch,
+    and a killed run never leaves a half-written log for DVC to record.
+    """
+    from dvclive import Live
+
+    with (
+        atomic_path(live_dir, directory=True) as temporary,
+        Live(str(temporary), save_dvc_exp=False, dvcyaml=None) as live,
+    ):
+        for metrics in epochs:
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+
+
+def check_batch_fits(key: str, batch_size: int, arrays: Mapping[str, np.ndarray]) -> None:
+    """Refuse a batch size whose input arrays alone would exceed this machine's memory.
+
+    Checked before anything is allocated: a batch is padded to its full size, so a huge
+    ``batch_size`` would otherwise fail deep inside numpy or XLA, or be killed by the OOM
+    killer without a word.
+
+    Raises:
+      ParamsError: naming ``key``.
+    """
+    # Per example: every input row, plus the mask (float32) and gather index (int64).
+    per_example = sum(
+        array.dtype.itemsize * int(np.prod(array.shape[1:])) for array in arrays.values()
+    )
+    needed = batch_size * (per_example + 12)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ParamsError(
+            f"'{key}': a batch of {batch_size} examples needs {needed / 2**30:,.1f} GiB for its "
+            f"inputs alone, more than this machine's {memory / 2**30:,.1f} GiB of memory; "
+            "lower it"
+        )
 
 
 def enable_compilation_cache() -> None:
@@ -91,14 +171,66 @@ def run_command(
     # Quiet third-party telemetry before anything imports it.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     enable_compilation_cache()
+    _ignore_callbacks_into_closed_event_loops()
+    params = None
     try:
         params = load_params(params_file)
         body(params, ExperimentPaths(params.experiment))
-    except EXPECTED_ERRORS as error:
-        if os.environ.get("TLFLAX_DEBUG"):
+    except Exception as error:
+        failure = _expected_failure(name, params, error)
+        if failure is None or os.environ.get("TLFLAX_DEBUG"):
             raise
-        print(f"{name}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        status, message = failure
+        print(f"{name}: error: {message}", file=sys.stderr)
+        sys.exit(status)
+
+
+def _ignore_callbacks_into_closed_event_loops() -> None:
+    """Keep the debris of a failed Orbax restore from printing tracebacks under its error.
+
+    When a restore fails (a damaged checkpoint, one of another shape), Orbax closes its
+    event loop while TensorStore reads are still in flight: their completion callbacks then
+    raise ``RuntimeError('Event loop is closed')``, and Orbax's abandoned read coroutines
+    are finalised holding their own errors. Python reports both as unraisable exceptions,
+    each with a full traceback, after the one-line error that already said what failed.
+    Every other unraisable exception is still shown.
+    """
+    default_hook = sys.unraisablehook
+    if getattr(default_hook, "ignores_closed_event_loops", False):
+        return  # installed by an earlier stage run in this process
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        value, source = unraisable.exc_value, unraisable.object
+        late_callback = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        abandoned_read = inspect.iscoroutine(source) and "orbax" in source.cr_code.co_filename
+        if late_callback or abandoned_read:
+            return
+        default_hook(unraisable)
+
+    hook.ignores_closed_event_loops = True
+    sys.unraisablehook = hook
+
+
+def _expected_failure(name: str, params: Params | None, error: Exception) -> tuple[int, str] | None:
+    """(exit status, one-line message) for a failure that is not a bug, else None."""
+    import jax
+
+    # Library messages may name the phase, which is the stage's own name here.
+    message = str(error).removeprefix(f"{name}: ")
+    if isinstance(error, EXPECTED_ERRORS):
+        return EXIT_BAD_INPUT, message
+    if isinstance(error, FloatingPointError):
+        return EXIT_DIVERGED, message
+    # XLA reports an allocation it cannot make as RESOURCE_EXHAUSTED (on a GPU, mostly); any
+    # other runtime error is a bug and keeps its traceback.
+    if isinstance(error, MemoryError) or (
+        isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+    ):
+        batch_size = getattr(getattr(params, name, None), "batch_size", None)
+        advice = f"; lower '{name}.batch_size' (now {batch_size})" if batch_size else ""
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return EXIT_BAD_INPUT, f"out of memory ({detail}){advice}"
+    return None
 
 
 def run_stage(name: str, body: Callable[[Params, ExperimentPaths], None]) -> None:

@@ -10,7 +10,7 @@ import time
 
 from flax import nnx
 
-from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.common import ExperimentPaths, check_batch_fits, run_stage
 from pipelines.stages.tasks import task_for
 from tlflax.config import Params
 from tlflax.io import atomic_path, write_arrays
@@ -30,6 +30,7 @@ def extract(params: Params, paths: ExperimentPaths) -> None:
     with atomic_path(paths.features, directory=True) as features_dir:
         for split in SPLITS:
             inputs = task.read_inputs(split)
+            check_batch_fits("extract.batch_size", cfg.batch_size, inputs)
             started = time.perf_counter()
             features = task.extract_features(backbone, inputs, description=f"extract {split}")
             seconds = time.perf_counter() - started

@@ -1,5 +1,11 @@
 """Stage ``finetune``: backbone + trained head, unfrozen by rules, per-group learning rates.
 
+What trains follows ``finetune.strategy`` (``auto``: the advise stage's pick):
+``feature_extraction`` trains the head alone, from train_head's head, on the frozen backbone;
+``top_k`` the top k layer groups and the head; ``full`` everything; ``scratch`` the same
+network from random weights, as ``train_scratch`` does. Settings written in params.yaml win
+over the advice (``pipelines.stages.advise.applied_strategy``).
+
 With ``finetune.cache_frozen_prefix``, the backbone's fully frozen bottom layer groups run
 once over train and validation (inference mode) and the steps train the layers above from
 their cached outputs (:mod:`tlflax.prefix_cache`); the saved model is still the whole one.
@@ -11,9 +17,15 @@ import time
 
 from flax import nnx
 
-from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.advise import applied_strategy
+from pipelines.stages.common import (
+    ExperimentPaths,
+    check_batch_fits,
+    run_fingerprint,
+    run_stage,
+)
 from pipelines.stages.tasks import task_for
-from pipelines.stages.training import fit_and_save
+from pipelines.stages.training import build_scratch_classifier, fit_and_save, scratch_settings
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
 from tlflax.models.layers import set_batchnorm_training
@@ -21,15 +33,32 @@ from tlflax.prefix_cache import cache_prefix, frozen_prefix_groups
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
-    cfg = params.finetune
     task = task_for(params, paths)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
-    model = task.build_classifier(
-        len(task.class_names()), pretrained=params.extract.pretrained, seed=cfg.seed
+    num_classes = len(task.class_names())
+    # The strategy (under `auto`) and every setting params.yaml leaves unset: from the advice.
+    applied = applied_strategy(
+        params, paths, task, num_classes=num_classes, num_train_examples=len(train["label"])
     )
-    nnx.update(model.head, restore_tree(paths.head, nnx.state(model.head, nnx.Param)))
-    # Keras' fine-tuning advice: BatchNorm keeps its running statistics unless asked otherwise.
-    set_batchnorm_training(model.backbone, cfg.batchnorm == "train")
+    if applied.strategy == "scratch":
+        # Pretrained features no better than random ones, and data enough: the same network
+        # from random weights, trained as train_scratch trains it.
+        cfg = scratch_settings(applied.finetune, params.train_scratch)
+        model = build_scratch_classifier(task, num_classes, cfg.seed)
+    else:
+        cfg = applied.finetune
+        model = task.build_classifier(
+            num_classes, pretrained=params.extract.pretrained, seed=cfg.seed
+        )
+        nnx.update(model.head, restore_tree(paths.head, nnx.state(model.head, nnx.Param)))
+        # Keras' fine-tuning advice: BatchNorm keeps its running statistics unless asked.
+        set_batchnorm_training(model.backbone, cfg.batchnorm == "train")
+    # The settings the run uses, so the resume fingerprint below sees them.
+    params = params.model_copy(update={"finetune": cfg})
+    check_batch_fits("finetune.batch_size", cfg.batch_size, train)
+    check_batch_fits("evaluate.batch_size", params.evaluate.batch_size, validation)
+    # Before the prefix cache replaces the inputs: what the run starts from, whatever path.
+    fingerprint = run_fingerprint(params, train, validation, nnx.state(model))
     forward = task.forward()
     groups = frozen_prefix_groups(model, cfg.rules) if cfg.cache_frozen_prefix else 0
     if groups:
@@ -56,6 +85,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         live_dir=paths.live("finetune"),
         metrics_path=paths.metrics("finetune"),
         eval_batch_size=params.evaluate.batch_size,
+        fingerprint=fingerprint,
     )
 
 

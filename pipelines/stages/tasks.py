@@ -21,12 +21,13 @@ from pipelines.stages.common import ExperimentPaths
 from tlflax import text, vision
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params, ParamsError
-from tlflax.data.pipeline import map_batches
-from tlflax.data.tfds_store import read_class_names, read_image_split
+from tlflax.data.errors import DataError
+from tlflax.data.pipeline import map_batches, prepare_images
+from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
 from tlflax.models.registry import backbone_names, get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, image_prefix_cut, text_prefix_cut
-from tlflax.train import Forward
+from tlflax.train import Batch, Forward
 
 # Records of a split: uint8 images (N, H, W, C), or N texts.
 Records = np.ndarray | Sequence[str]
@@ -69,6 +70,10 @@ class Task(ABC):
     def prefix_cut(self, groups: int) -> PrefixCut:
         """The forward pass cut after ``groups`` backbone groups (see tlflax.prefix_cache)."""
 
+    @abstractmethod
+    def pooled_after_each_group(self, backbone: nnx.Module, batch: Batch) -> list[jax.Array]:
+        """Pooled backbone activations after each layer group (the advisor's depth probes)."""
+
     def class_names(self) -> list[str]:
         return read_class_names(self.paths.dataset_dir, self.params.prepare.stored_name)
 
@@ -85,7 +90,17 @@ class Task(ABC):
 
 class ImageTask(Task):
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return read_image_split(self.paths.dataset_dir, self.params.prepare.stored_name, split)
+        name = self.params.prepare.stored_name
+        images, labels = read_image_split(self.paths.dataset_dir, name, split)
+        if images.shape[-1] not in (1, 3):
+            # Checked here, where the folder is known, not deep inside a jitted step.
+            raise DataError(
+                dataset_version_dir(self.paths.dataset_dir, name),
+                f"split {split!r} holds images with {images.shape[-1]} channels; the image "
+                "backbones take 1 (grayscale) or 3 (RGB)",
+                "prepare the dataset again with prepare.channels: 1 or 3",
+            )
+        return images, labels
 
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": records}
@@ -125,6 +140,10 @@ class ImageTask(Task):
     def prefix_cut(self, groups: int) -> PrefixCut:
         return image_prefix_cut(self.params.extract.image_size, groups)
 
+    def pooled_after_each_group(self, backbone: nnx.Module, batch: Batch) -> list[jax.Array]:
+        images = prepare_images(batch["image"], self.params.extract.image_size)
+        return vision.pooled_after_each_group(backbone, images)
+
 
 class TextTask(Task):
     def read_split(self, split: str) -> tuple[list[str], np.ndarray]:
@@ -161,6 +180,9 @@ class TextTask(Task):
     def prefix_cut(self, groups: int) -> PrefixCut:
         return text_prefix_cut(groups)
 
+    def pooled_after_each_group(self, backbone: nnx.Module, batch: Batch) -> list[jax.Array]:
+        return text.pooled_after_each_group(backbone, batch["input_ids"], batch["attention_mask"])
+
 
 _TASKS: dict[str, type[Task]] = {"image": ImageTask, "text": TextTask}
 
@@ -169,11 +191,19 @@ def task_for(params: Params, paths: ExperimentPaths) -> Task:
     """The task of ``prepare.dataset``'s modality, once the backbone is known to fit it.
 
     Raises:
-      ParamsError: ``extract.backbone`` takes the other modality's input.
-      ValueError: ``extract.backbone`` is not a registered backbone.
+      ParamsError: ``extract.backbone`` is not a registered backbone, or takes the other
+        modality's input; ``extract.pretrained`` for a backbone that ships no weights.
     """
     modality = params.prepare.modality
-    spec = get_backbone_spec(params.extract.backbone)
+    try:
+        spec = get_backbone_spec(params.extract.backbone)
+    except ValueError as error:
+        raise ParamsError(f"'extract.backbone': {error}") from None
+    if params.extract.pretrained and spec.load_pretrained is None:
+        raise ParamsError(
+            f"'extract.pretrained': backbone {spec.name!r} ships no pretrained weights; set "
+            "extract.pretrained to false to train it from random weights"
+        )
     if spec.input_kind != modality:
         fitting = [
             name for name in backbone_names() if get_backbone_spec(name).input_kind == modality

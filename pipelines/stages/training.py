@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from flax import nnx
 
-from dvclive import Live
+from pipelines.stages.common import resume_dir, write_live_log
+from pipelines.stages.tasks import Task
 from tlflax.checkpoint import TrainingCheckpoints, save_tree
-from tlflax.config import FinetuneParams
+from tlflax.config import FinetuneParams, TrainScratchParams, TransferRule
 from tlflax.data.pipeline import num_batches
-from tlflax.io import write_json
+from tlflax.io import atomic_path, write_json
+from tlflax.models.layers import set_batchnorm_training
 from tlflax.train import Finetuner, Forward, run_finetuning
 from tlflax.transfer import summarize
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another filesystem (.cache linked elsewhere): copy instead
+        shutil.copy2(source, destination)
 
 
 def fit_and_save(
@@ -27,11 +38,17 @@ def fit_and_save(
     live_dir: Path,
     metrics_path: Path,
     eval_batch_size: int,
+    fingerprint: str,
 ) -> dict:
-    """Train ``model`` by ``cfg`` with checkpoints under ``output_dir``; save the best model.
+    """Train ``model`` by ``cfg``; save the best model and the checkpoints in ``output_dir``.
 
-    Writes ``output_dir/model`` (the best epoch's full state), per-epoch metrics through
-    dvclive in ``live_dir``, and a summary JSON at ``metrics_path``, which it also returns.
+    Every epoch is checkpointed under :func:`~pipelines.stages.common.resume_dir`, outside
+    the stage's outputs, which DVC deletes before running the stage again: a killed run
+    started again continues from its last finished epoch, provided its ``fingerprint``
+    (:func:`~pipelines.stages.common.run_fingerprint`) is the same, and starts afresh
+    otherwise. At the end ``output_dir`` is written at once (``model``: the best epoch's
+    full state; ``checkpoints``: latest + best N), with per-epoch metrics through dvclive in
+    ``live_dir`` and a summary JSON at ``metrics_path``, which it also returns.
     """
     finetuner = Finetuner(
         model,
@@ -45,29 +62,36 @@ def fit_and_save(
         f"{stage}: {counts['trainable_parameters']:,} trainable / "
         f"{counts['frozen_parameters']:,} frozen parameters"
     )
+    resume = resume_dir(output_dir)
     checkpoints = TrainingCheckpoints(
-        output_dir / "checkpoints", keep_best=cfg.keep_best_checkpoints
+        resume, keep_best=cfg.keep_best_checkpoints, fingerprint=fingerprint
     )
-    with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
-
-        def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            for name, value in metrics.items():
-                live.log_metric(name, value)
-            live.next_step()
-            print(
-                f"{stage}: epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            )
-
-        state, history = run_finetuning(
-            finetuner,
-            train,
-            validation,
-            checkpoints,
-            eval_batch_size=eval_batch_size,
-            on_epoch_end=log_epoch,
+    if checkpoints.discarded:
+        print(
+            f"{stage}: {resume} held checkpoints of another run (other params, data or "
+            "code); starting afresh"
         )
+    elif checkpoints.latest_step() is not None:
+        print(f"{stage}: resuming after epoch {checkpoints.latest_step()} from {resume}")
+
+    def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        print(f"{stage}: epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    state, history = run_finetuning(
+        finetuner,
+        train,
+        validation,
+        checkpoints,
+        eval_batch_size=eval_batch_size,
+        on_epoch_end=report_epoch,
+    )
     checkpoints.close()
-    save_tree(output_dir / "model", nnx.state(finetuner.model(state)))
+    with atomic_path(output_dir, directory=True) as staging:
+        save_tree(staging / "model", nnx.state(finetuner.model(state)))
+        # Hard links: the resume folder stays whole until every output is in place, so a
+        # kill before the end still resumes instead of training again.
+        shutil.copytree(resume, staging / "checkpoints", copy_function=_link_or_copy)
+    write_live_log(live_dir, history.epochs)
     best = history.epochs[history.best_epoch]
     summary = {
         "best_epoch": history.best_epoch,
@@ -78,4 +102,38 @@ def fit_and_save(
         **counts,
     }
     write_json(metrics_path, summary)
+    checkpoints.delete()
     return summary
+
+
+def scratch_settings(finetune: FinetuneParams, scratch: TrainScratchParams) -> FinetuneParams:
+    """Fine-tuning settings turned into training from random weights.
+
+    Same epochs, augmentation, schedule shape and early stopping as fine-tuning; only what
+    must differ for random weights differs: everything trains, BatchNorm included, at one
+    learning rate.
+    """
+    return finetune.model_copy(
+        update={
+            "learning_rate": scratch.learning_rate,
+            "batch_size": scratch.batch_size,
+            "weight_decay": scratch.weight_decay,
+            "layer_lr_decay": 1.0,
+            "batchnorm": "train",
+            "rules": [TransferRule(pattern=".*")],
+            "seed": scratch.seed,
+        }
+    )
+
+
+def build_scratch_classifier(task: Task, num_classes: int, seed: int) -> nnx.Module:
+    """The task's classifier from random weights, its BatchNorm layers in training mode."""
+
+    # One compiled program initialises every parameter (eagerly, each shape compiles alone).
+    @nnx.jit
+    def create():
+        return task.build_classifier(num_classes, pretrained=False, seed=seed)
+
+    model = create()
+    set_batchnorm_training(model.backbone, True)
+    return model

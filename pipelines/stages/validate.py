@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import sys
 
-import pandas as pd
-
 from pipelines.stages.common import ExperimentPaths, run_stage
 from tlflax.config import Params
 from tlflax.data.manifest import MANIFEST_SCHEMAS
 from tlflax.data.tfds_store import read_class_names
-from tlflax.io import write_json
+from tlflax.io import read_parquet, write_json
 from tlflax.validation import ValidationThresholds, validate_manifest
 
 EXIT_VALIDATION_FAILED = 1
@@ -24,10 +22,10 @@ EXIT_VALIDATION_FAILED = 1
 def validate(params: Params, paths: ExperimentPaths) -> None:
     if not paths.manifest.exists():
         raise FileNotFoundError(f"{paths.manifest}: not found (run the prepare stage first)")
-    manifest = pd.read_parquet(paths.manifest)
+    manifest = read_parquet(paths.manifest)
     cfg = params.validate_params
     thresholds = ValidationThresholds(
-        expected_classes=read_class_names(paths.dataset_dir, params.prepare.dataset),
+        expected_classes=read_class_names(paths.dataset_dir, params.prepare.stored_name),
         max_label_kl_divergence=cfg.max_label_kl_divergence,
         max_class_ratio=cfg.max_class_ratio,
         min_examples_per_class=cfg.min_examples_per_class,

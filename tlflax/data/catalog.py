@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ CATALOG_PREFIX = "tfds:"
 # Our split name -> the TFDS split to read; TFDS slicing ("train[:80%]") is allowed.
 DEFAULT_SPLITS: Mapping[str, str] = MappingProxyType({"train": "train", "test": "test"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+
+
+class CatalogNotPreparedError(DataError):
+    """The catalog dataset is not prepared in the data dir, and downloading was not allowed."""
 
 
 @dataclass(frozen=True)
@@ -99,17 +104,21 @@ def read_tfds_catalog(
         The requested splits in memory, with the dataset's class names.
 
     Raises:
+        CatalogNotPreparedError: naming ``tfds:<name>`` when it is not prepared and
+            ``download`` is False.
         DataError: naming ``tfds:<name>`` when the name is not in the catalog, its
-            features cannot be read without TensorFlow, it is not prepared and
-            ``download`` is False, a download host is unreachable, preparing needs
-            TensorFlow, or a split is unknown; or naming the record that cannot be decoded.
+            features cannot be read without TensorFlow, a download host is unreachable,
+            preparing needs TensorFlow, or a split is unknown; or naming the record that
+            cannot be decoded.
     """
     source = f"{CATALOG_PREFIX}{name}"
     builder = _catalog_builder(name, data_dir)
     input_key, label_key, modality = _supervised_keys(builder, source)
-    if not builder.is_prepared():
+    with _absl_warnings_silenced():
+        prepared = builder.is_prepared()
+    if not prepared:
         if not download:
-            raise DataError(
+            raise CatalogNotPreparedError(
                 source,
                 f"not prepared in {data_dir}",
                 "downloading it needs a network: allow the download where one exists, or "
@@ -146,6 +155,16 @@ def read_tfds_catalog(
             labels,
         )
     return CatalogDataset(modality, class_names, read)
+
+
+def catalog_modality(name: str, data_dir: Path) -> Literal["image", "text"]:
+    """What a TFDS catalog dataset's inputs are, from its description alone (nothing is read).
+
+    Raises:
+        DataError: as :func:`read_tfds_catalog` does for the name and the features.
+    """
+    builder = _catalog_builder(name, data_dir)
+    return _supervised_keys(builder, f"{CATALOG_PREFIX}{name}")[2]
 
 
 def _places(location: str, records: list[object]) -> list[str]:
@@ -188,6 +207,22 @@ def _refuse_tensorflow_need(source: str, step: str, hint: str) -> Iterator[None]
         if "No module named 'tensorflow'" not in str(error):
             raise
         raise DataError(source, f"its TFDS builder calls TensorFlow {step}", hint) from None
+
+
+@contextlib.contextmanager
+def _absl_warnings_silenced() -> Iterator[None]:
+    """Hold back TFDS's absl warnings while it checks for a prepared copy.
+
+    TFDS warns that the (missing) version folder has no ``dataset_info.json``; whether
+    the dataset is prepared is this module's one message.
+    """
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _catalog_builder(name: str, data_dir: Path, **options: str) -> tfds.core.DatasetBuilder:

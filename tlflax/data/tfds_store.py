@@ -16,6 +16,7 @@ features and hands over one column per feature. This module holds the image moda
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -35,6 +36,19 @@ _READ_CHUNK = 8192
 
 # split name -> feature name -> one value per example (anything indexable by position).
 SplitColumns = Mapping[str, Mapping[str, Any]]
+
+
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The info of a dataset that exists only on this machine.
+
+    A builder whose folder holds no ``dataset_info.json`` yet asks TFDS's public bucket for
+    pre-computed info; TFDS 4.9.10 creates a temporary folder for the answer *before* it
+    finds the bucket disabled, and never removes it: one empty ``/tmp/tmp*tfds`` folder
+    per dataset written. There is nothing of ours in that bucket.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
 
 
 class InMemoryDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -77,7 +91,7 @@ class InMemoryDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo is built directly: `dataset_info_from_configs` expects the builder to
         # live in a TFDS-style package with metadata files beside it.
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=self._description,
             features=tfds.features.FeaturesDict(
@@ -157,7 +171,8 @@ def write_dataset(
             description=description,
             data_dir=build_root,
         )
-        builder.download_and_prepare(download_dir=build_root / "downloads")
+        with _deterministic_serialization():
+            builder.download_and_prepare(download_dir=build_root / "downloads")
         # A directory cannot be renamed over a non-empty one: move the old dataset into
         # the build folder (deleted below), then the new one into place.
         previous = build_root / "previous"
@@ -172,6 +187,28 @@ def write_dataset(
     finally:
         shutil.rmtree(build_root, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _deterministic_serialization() -> Iterator[None]:
+    """Serialize examples with their features in a fixed order while a dataset is written.
+
+    A ``tf.train.Example`` holds its features in a protobuf map, and protobuf's C runtime
+    iterates a map in an order seeded per process: the same records wrote different bytes on
+    every run, so each ``prepare`` gave DVC a "changed" dataset and re-ran every stage after
+    it. Deterministic serialization sorts the map keys; the records read back the same.
+    """
+    serializer = tfds.core.example_serializer.ExampleSerializer
+    original = serializer.serialize_example
+
+    def serialize_example(self: Any, example: Any) -> bytes:
+        return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+    serializer.serialize_example = serialize_example
+    try:
+        yield
+    finally:
+        serializer.serialize_example = original
 
 
 def _check_name_and_splits(name: str, splits: Mapping[str, object]) -> None:
@@ -252,7 +289,51 @@ def _load_builder(data_dir: Path, name: str) -> tfds.core.DatasetBuilder:
     version_dir = dataset_version_dir(data_dir, name)
     if not (version_dir / "dataset_info.json").is_file():
         raise DataError(version_dir, "no TFDS dataset here", "run the `prepare` stage to write it")
-    return tfds.builder_from_directory(version_dir)
+    try:
+        return tfds.builder_from_directory(version_dir)
+    except Exception as error:  # noqa: BLE001
+        # Damaged metadata fails in protobuf, json or TFDS itself, with messages that never
+        # name the folder; any failure here means the folder is not a usable dataset.
+        raise DataError(
+            version_dir,
+            f"unreadable TFDS dataset metadata ({type(error).__name__}: {_first_line(error)})",
+            "run the `prepare` stage again",
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _read_records(
+    builder: tfds.core.DatasetBuilder, version_dir: Path, split: str
+) -> Iterator[dict[str, Any]]:
+    """Every record of ``split``, decoded, in order; a damaged file is named."""
+    files = sorted(path.name for path in version_dir.glob(f"*-{split}.array_record*"))
+    location = version_dir / (files[0] if files else f"*-{split}.array_record*")
+    try:
+        source = builder.as_data_source(split=split)
+        count = len(source)
+        for start in range(0, count, _READ_CHUNK):
+            # `__getitems__` decodes a whole chunk in one call.
+            chunk = source.__getitems__(range(start, min(start + _READ_CHUNK, count)))
+            for position, record in enumerate(chunk, start=start):
+                # A record past the end of a truncated file comes back as all None.
+                if any(value is None for value in record.values()):
+                    raise DataError(
+                        location,
+                        f"split {split!r}: record {position} of {count} cannot be read "
+                        "(the file is truncated or damaged)",
+                        "run the `prepare` stage again",
+                    )
+                yield record
+    except (RuntimeError, OSError) as error:
+        # array_record reports a missing or corrupt file as a RuntimeError.
+        raise DataError(
+            location,
+            f"split {split!r} cannot be read ({_first_line(error)})",
+            "run the `prepare` stage again",
+        ) from None
 
 
 def read_columns(data_dir: Path, name: str, split: str) -> dict[str, list[Any]]:
@@ -271,14 +352,11 @@ def read_columns(data_dir: Path, name: str, split: str) -> dict[str, list[Any]]:
             dataset_version_dir(data_dir, name),
             f"no split {split!r}; available: {sorted(builder.info.splits)}",
         )
-    source = builder.as_data_source(split=split)
-    count = len(source)
     columns: dict[str, list[Any]] = {feature: [] for feature in builder.info.features}
-    for start in range(0, count, _READ_CHUNK):
-        # `__getitems__` decodes a whole chunk in one call.
-        for record in source.__getitems__(range(start, min(start + _READ_CHUNK, count))):
-            for feature, values in columns.items():
-                values.append(record[feature])
+    for record in _read_records(builder, dataset_version_dir(data_dir, name), split):
+        for feature, values in columns.items():
+            values.append(record[feature])
+    count = len(columns["id"])
     if not np.array_equal(np.asarray(columns.pop("id"), dtype=np.int64), np.arange(count)):
         raise DataError(
             dataset_version_dir(data_dir, name),

@@ -1,0 +1,192 @@
+"""Stage ``advise``: measure the frozen backbone on this data and recommend how to transfer.
+
+Probes the pooled output after every backbone layer group (one forward pass) on a
+stratified subset of train, scores each probe on validation, and writes the recommendation
+with its evidence: ``metrics/<experiment>/advice.json`` (a DVC metric, which ``finetune``
+and ``train_scratch`` read under ``finetune.strategy: auto``) and
+``reports/<experiment>/advice.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.tasks import Task, task_for
+from tlflax.advisor import (
+    Advice,
+    AppliedStrategy,
+    apply_advice,
+    count_per_class,
+    measure,
+    recommend,
+)
+from tlflax.config import Params
+from tlflax.data.subsets import stratified_subset
+from tlflax.io import atomic_path, write_json
+from tlflax.models.registry import create_backbone
+
+
+def advice_path(paths: ExperimentPaths) -> Path:
+    return paths.metrics("advice")
+
+
+def report_path(paths: ExperimentPaths) -> Path:
+    return Path("reports") / paths.experiment / "advice.md"
+
+
+def applied_strategy(
+    params: Params, paths: ExperimentPaths, task: Task, *, num_classes: int, num_train_examples: int
+) -> AppliedStrategy:
+    """``finetune`` as a run uses it: what params.yaml leaves unset filled from the advice.
+
+    Raises:
+      FileNotFoundError: the advise stage has not written its advice yet.
+    """
+    path = advice_path(paths)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: run the advise stage first (dvc repro advise); "
+            "finetune.strategy and the schedule come from it"
+        )
+    advice = Advice.from_json(json.loads(path.read_text(encoding="utf-8")))
+    applied = apply_advice(
+        params.finetune,
+        advice,
+        group_patterns=task.abstract_classifier(num_classes).backbone.group_patterns(),
+        num_train_examples=num_train_examples,
+    )
+    cfg = applied.finetune
+    print(
+        f"finetune settings: strategy {applied.strategy} (advised: {advice.strategy}); "
+        f"epochs {cfg.epochs}, "
+        f"warmup {cfg.warmup_fraction:.2f}, layer LR decay {cfg.layer_lr_decay}; from the "
+        f"advice: {', '.join(applied.from_advice) or 'nothing (all set in params.yaml)'}"
+    )
+    return applied
+
+
+def _backbone(params: Params, *, pretrained: bool) -> nnx.Module:
+    backbone, _ = create_backbone(
+        params.extract.backbone, pretrained=pretrained, rngs=nnx.Rngs(params.finetune.seed)
+    )
+    return backbone
+
+
+def advice_markdown(advice: Advice, *, title: str) -> str:
+    """The advice, the rules that chose it and the probe curve, as markdown."""
+    evidence = advice.evidence
+    plateau = evidence.plateau(advice.tolerance).groups
+    lines = [
+        f"# {title}",
+        "",
+        f"**Recommendation: {advice.strategy.replace('_', ' ')}**"
+        + (
+            f", the top {advice.unfreeze_groups} of {evidence.num_groups} layer groups"
+            if advice.strategy == "top_k"
+            else ""
+        )
+        + f"; {advice.schedule.steps} steps ({advice.schedule.warmup_steps} warmup).",
+        "",
+        "## Why",
+        "",
+        *(f"- {reason}" for reason in advice.reasons),
+        "",
+        "## Evidence",
+        "",
+        f"- classes {evidence.num_classes}; training examples {evidence.train_examples} "
+        f"({evidence.train_examples_per_class} in the rarest class), "
+        f"{evidence.probed_train_examples} probed; validation examples "
+        f"{evidence.validation_examples} (majority class {evidence.majority_accuracy:.3f})",
+    ]
+    if evidence.pretraining_gain is not None:
+        lines.append(f"- pretrained minus random-init best probe: {evidence.pretraining_gain:.3f}")
+    random_by_depth = {p.groups: p for p in evidence.random_init or ()}
+    header = "| groups | last group | dim | probe accuracy | leave-one-out (train) |"
+    rule = "|---|---|---|---|---|"
+    if random_by_depth:
+        header += " random init |"
+        rule += "---|"
+    lines += ["", "Linear probe (ridge) of the pooled output after each layer group:", ""]
+    lines += [header, rule]
+    for probe in evidence.pretrained:
+        marks = []
+        if probe.groups == evidence.best.groups:
+            marks.append("best")
+        if probe.groups == plateau:
+            marks.append("plateau")
+        note = f" ({', '.join(marks)})" if marks else ""
+        row = (
+            f"| {probe.groups} | {probe.group_name}{note} | {probe.feature_dim} | "
+            f"{probe.validation_accuracy:.3f} | {probe.leave_one_out_accuracy:.3f} |"
+        )
+        if random_by_depth:
+            row += f" {random_by_depth[probe.groups].validation_accuracy:.3f} |"
+        lines.append(row)
+    lines += ["", "## Learning-rate multipliers (of finetune.learning_rate)", ""]
+    lines += ["| trains | multiplier |", "|---|---|"]
+    lines += [f"| {name} | {multiplier:g} |" for name, multiplier in advice.lr_multipliers()]
+    schedule = advice.schedule
+    lines += [
+        "",
+        f"Schedule ({schedule.rule}): {schedule.steps} steps, linear warmup "
+        f"{schedule.warmup_steps}, 10x drops at {', '.join(map(str, schedule.decay_steps))} "
+        "(the pipeline runs the same steps with warmup + cosine).",
+        "",
+        "Settings written in params.yaml's finetune section win over this advice.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def advise(params: Params, paths: ExperimentPaths) -> None:
+    cfg = params.advise
+    started = time.perf_counter()
+    task = task_for(params, paths)
+    num_classes = len(task.class_names())
+    records, labels = task.read_split("train")
+    probed = np.arange(len(labels))
+    if len(labels) > cfg.max_train_examples:
+        # A stratified subset: the probe's cost is bounded, the class balance kept.
+        fraction = cfg.max_train_examples / len(labels)
+        probed = stratified_subset(labels, fraction=fraction, seed=params.prepare.seed)
+    probed_records = (
+        records[probed] if isinstance(records, np.ndarray) else [records[i] for i in probed]
+    )
+    train_per_class = count_per_class(labels, num_classes)
+    evidence, _ = measure(
+        _backbone(params, pretrained=params.extract.pretrained),
+        task.pooled_after_each_group,
+        {**task.model_inputs(probed_records), "label": labels[probed]},
+        task.read_inputs("validation"),
+        num_classes=num_classes,
+        batch_size=params.extract.batch_size,
+        all_train_labels=labels,
+        # Random-init features are the reference of "does pretraining help at all", asked
+        # only where training from scratch is a candidate.
+        random_init=(
+            _backbone(params, pretrained=False)
+            if train_per_class >= cfg.large_data_per_class
+            else None
+        ),
+    )
+    advice = recommend(evidence, cfg)
+    write_json(advice_path(paths), advice.to_json())
+    report = advice_markdown(advice, title=f"{params.experiment}: transfer strategy advice")
+    with atomic_path(report_path(paths)) as temporary:
+        temporary.write_text(report, encoding="utf-8")
+    print(
+        f"advise: {advice.strategy} (top {advice.unfreeze_groups} of {evidence.num_groups} "
+        f"layer groups), {advice.schedule.steps} steps; best probe "
+        f"{evidence.best.validation_accuracy:.3f} after {evidence.best.group_name}, top "
+        f"{evidence.top.validation_accuracy:.3f}; {time.perf_counter() - started:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    run_stage("advise", advise)
