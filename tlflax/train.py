@@ -424,6 +424,10 @@ def run_finetuning(
         )
         history = History(**progress["history"])
     steps_per_epoch = num_batches(len(train["label"]), cfg.batch_size)
+    # Patience counts from the end of the warmup at the earliest: while the learning rate is
+    # still rising, the validation loss of a pretrained network typically gets worse before it
+    # gets better, and stopping there would keep the start, not the fine-tuned model.
+    last_warmup_epoch = math.ceil(cfg.warmup_fraction * cfg.epochs) - 1
     while state.epoch < cfg.epochs and not history.stopped_early:
         epoch = state.epoch
         try:
@@ -447,7 +451,7 @@ def run_finetuning(
         history.epochs.append(metrics)
         if metrics["validation_loss"] < history.best_validation_loss:
             history.best_validation_loss, history.best_epoch = metrics["validation_loss"], epoch
-        elif epoch - history.best_epoch >= cfg.patience:
+        elif epoch - max(history.best_epoch, last_warmup_epoch) >= cfg.patience:
             history.stopped_early = True
         progress = {
             "epoch": state.epoch,
