@@ -76,6 +76,8 @@ class CompiledTlflax(Contender):
     train_step_gflop: float
     compile_forward_s: float
     compile_train_step_s: float
+    # The optimised HLO of the train step: names the ops a profile of it reports.
+    train_step_hlo: str
 
 
 def _compile(function: Callable, *args: Any, donate: Sequence[int] = ()) -> tuple[Any, float]:
@@ -124,6 +126,7 @@ def tlflax_contender(model: nnx.Module, inputs: Sequence[jax.Array]) -> Compiled
         train_step_gflop=_gflop(compiled_step),
         compile_forward_s=compile_forward_s,
         compile_train_step_s=compile_step_s,
+        train_step_hlo=compiled_step.as_text(),
     )
 
 
@@ -171,7 +174,18 @@ def compare(name: str, ours: CompiledTlflax, peer: Contender, settings: dict) ->
     return entry
 
 
-def efficientnet_entry() -> dict[str, Any]:
+@dataclass
+class Workload:
+    """One model in both frameworks, with the same weights and inputs."""
+
+    model: nnx.Module
+    inputs: list[jax.Array]
+    reference: torch.nn.Module
+    reference_inputs: list[torch.Tensor]
+    settings: dict[str, Any]
+
+
+def efficientnet_workload() -> Workload:
     """EfficientNet-Lite0 with its ImageNet classifier, on random images."""
     images = np.random.default_rng(0).random((IMAGE_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     model = nnx.eval_shape(
@@ -183,15 +197,10 @@ def efficientnet_entry() -> dict[str, Any]:
     # The tlflax model normalises inside; the reference takes normalised NCHW input.
     normalised = torch.from_numpy((images * 255 - 127) / 128).permute(0, 3, 1, 2).contiguous()
     settings = {"batch": IMAGE_BATCH, "image_size": IMAGE_SIZE, "depthwise_impl": "shifted"}
-    return compare(
-        "efficientnet_lite0",
-        tlflax_contender(model, [jnp.asarray(images)]),
-        torch_contender(reference, [normalised]),
-        settings,
-    )
+    return Workload(model, [jnp.asarray(images)], reference, [normalised], settings)
 
 
-def minilm_entry() -> dict[str, Any]:
+def minilm_workload() -> Workload:
     """MiniLM-L6 sentence features on random token ids, a quarter to all of each row real."""
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 30000, (TEXT_BATCH, SEQUENCE_LENGTH)).astype(np.int32)
@@ -201,11 +210,29 @@ def minilm_entry() -> dict[str, Any]:
     load_minilm(model)
     reference = minilm_reference(read_safetensors(minilm_weights_path()))
     settings = {"batch": TEXT_BATCH, "sequence_length": SEQUENCE_LENGTH}
-    return compare(
-        "minilm",
-        tlflax_contender(model, [jnp.asarray(ids), jnp.asarray(mask)]),
-        torch_contender(reference, [torch.from_numpy(ids).long(), torch.from_numpy(mask)]),
+    return Workload(
+        model,
+        [jnp.asarray(ids), jnp.asarray(mask)],
+        reference,
+        [torch.from_numpy(ids).long(), torch.from_numpy(mask)],
         settings,
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "efficientnet_lite0": efficientnet_workload,
+    "minilm": minilm_workload,
+}
+
+
+def entry(name: str) -> dict[str, Any]:
+    """Both frameworks on the workload ``name``, timed in turns."""
+    workload = WORKLOADS[name]()
+    return compare(
+        name,
+        tlflax_contender(workload.model, workload.inputs),
+        torch_contender(workload.reference, workload.reference_inputs),
+        workload.settings,
     )
 
 
@@ -238,8 +265,7 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
     results = {
-        "efficientnet_lite0": efficientnet_entry(),
-        "minilm": minilm_entry(),
+        **{name: entry(name) for name in WORKLOADS},
         "matmul_peak_gflops": peak,
         "settings": {
             "threads": THREADS,

@@ -31,7 +31,11 @@ from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, enable_compilation_cache
 from pipelines.stages.tasks import Task, class_probabilities, task_for
-from pipelines.stages.training import build_scratch_classifier, scratch_settings
+from pipelines.stages.training import (
+    build_scratch_classifier,
+    cache_frozen_prefix,
+    scratch_settings,
+)
 from tlflax.advisor import Advice, apply_advice, measure, recommend
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import Params, parse_params
@@ -41,7 +45,7 @@ from tlflax.data.manifest import duplicate_records, text_content_hash
 from tlflax.data.pipeline import num_batches
 from tlflax.data.subsets import stratified_subset
 from tlflax.io import atomic_path, write_json
-from tlflax.prefix_cache import cache_prefix, frozen_prefix_groups
+from tlflax.prefix_cache import frozen_prefix_groups
 from tlflax.train import Finetuner, create_head, run_finetuning, train_head
 
 STRATEGIES = ("feature_extraction", "top_k", "full", "scratch")
@@ -218,16 +222,16 @@ def train_strategy(
     else:
         model = task.build_classifier(num_classes, pretrained=True, seed=cfg.seed)
         nnx.update(model.head, head_state)
-    train, validation, forward = data.train, data.validation, task.forward()
-    groups = frozen_prefix_groups(model, cfg.rules)
-    if groups and cfg.cache_frozen_prefix:
-        cut = task.prefix_cut(groups)
-        batch_size = params.extract.batch_size
-        train = cache_prefix(model, cut, train, batch_size=batch_size, description="cache train")
-        validation = cache_prefix(
-            model, cut, validation, batch_size=batch_size, description="cache validation"
-        )
-        forward = cut.forward
+    inputs = cache_frozen_prefix(
+        task,
+        model,
+        cfg,
+        data.train,
+        data.validation,
+        batch_size=params.extract.batch_size,
+        stage="strategy grid",
+    )
+    train, validation, forward = inputs.train, inputs.validation, inputs.forward
     train = _repeat(train, repeats)
     finetuner = Finetuner(
         model,
@@ -237,7 +241,7 @@ def train_strategy(
         group_patterns=group_patterns,
     )
     with tempfile.TemporaryDirectory(prefix="strategy-grid-") as directory:
-        checkpoints = TrainingCheckpoints(directory, keep_best=1)
+        checkpoints = TrainingCheckpoints(directory, keep_best=1, monitor=cfg.monitor)
         state, history = run_finetuning(
             finetuner, train, validation, checkpoints, eval_batch_size=params.evaluate.batch_size
         )
@@ -251,7 +255,7 @@ def train_strategy(
     result = {
         "test_accuracy": test_accuracy,
         "validation_accuracy": best["validation_accuracy"],
-        "unfreeze_groups": len(group_patterns) - groups,
+        "unfreeze_groups": len(group_patterns) - frozen_prefix_groups(model, cfg.rules),
         "epochs_run": len(history.epochs),
         "steps_run": len(history.epochs) * num_batches(len(train["label"]), cfg.batch_size),
         "seconds": round(time.perf_counter() - started, 1),

@@ -277,3 +277,35 @@ def test_gradual_unfreezing_moves_one_more_group_per_epoch(digits):
         second["backbone/blocks/1/conv/kernel"], first["backbone/blocks/1/conv/kernel"]
     )
     assert finetuner.train_step._cache_size() == 1
+
+
+def test_monitor_picks_the_best_epoch_and_restores_it(digits, tmp_path):
+    train, validation = digits
+    picked = {}
+    for monitor, better in (("validation_loss", min), ("validation_accuracy", max)):
+        # At this rate the loss still falls in the last epoch while accuracy peaks before it.
+        cfg = _finetune_cfg(epochs=6, patience=10, learning_rate=3e-2, monitor=monitor)
+        finetuner = _finetuner(cfg, train)
+        checkpoints = TrainingCheckpoints(tmp_path / monitor, keep_best=1, monitor=monitor)
+        state, history = run_finetuning(
+            finetuner, train, validation, checkpoints, eval_batch_size=64
+        )
+        checkpoints.close()
+        values = [epoch[monitor] for epoch in history.epochs]
+        assert history.best_epoch == values.index(better(values))
+        # The returned state is the best epoch's, restored from its checkpoint.
+        best = history.epochs[history.best_epoch]
+        assert finetuner.evaluate(state, validation, 64) == pytest.approx(
+            {"loss": best["validation_loss"], "accuracy": best["validation_accuracy"]}
+        )
+        picked[monitor] = history.best_epoch
+    assert picked["validation_accuracy"] < picked["validation_loss"] == 5
+
+
+def test_checkpoints_ranking_by_another_metric_are_refused(digits, tmp_path):
+    train, validation = digits
+    cfg = _finetune_cfg(epochs=1, monitor="validation_accuracy")
+    checkpoints = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
+    with pytest.raises(ValueError, match="validation_loss.*validation_accuracy"):
+        run_finetuning(_finetuner(cfg, train), train, validation, checkpoints, eval_batch_size=64)
+    checkpoints.close()

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: the latest step for exact resume, and the best N by validation loss.
+"""Orbax checkpoints: the latest step for exact resume, and the best N by a validation metric.
 
 A single ``max_to_keep`` with ``best_fn`` deletes the latest checkpoint whenever it is not
 among the best (orbax issue 526), which makes resuming after a crash restart from an older
@@ -11,6 +11,7 @@ a run with another fingerprint starts afresh instead of continuing someone else'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 from pathlib import Path
@@ -21,16 +22,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
-METRIC = "validation_loss"
+# The metrics checkpoints can be ranked by, and whether higher values are better.
+HIGHER_IS_BETTER = {"validation_loss": False, "validation_accuracy": True}
 # Beside the step folders; Orbax ignores files that are not steps.
 FINGERPRINT_FILE = "run_fingerprint.txt"
 # Orbax writes this file last into a single-tree checkpoint folder.
 _TREE_METADATA = "_METADATA"
 
 
-def _score(metrics: dict[str, float]) -> float:
-    # BestN keeps the highest scores; a lower validation loss is better.
-    return -float(metrics[METRIC])
+def score(metrics: dict[str, float], monitor: str = "validation_loss") -> float:
+    """``metrics[monitor]`` as a score where higher is better (a loss is negated)."""
+    value = float(metrics[monitor])
+    return value if HIGHER_IS_BETTER[monitor] else -value
 
 
 def tree_digest(*trees: PyTree) -> str:
@@ -53,24 +56,37 @@ class TrainingCheckpoints:
 
     Args:
       directory: where the step folders live (created if missing).
-      keep_best: how many of the best epochs (by validation loss) to keep besides the latest.
+      keep_best: how many of the best epochs (by ``monitor``) to keep besides the latest.
       fingerprint: identifies the run; checkpoints written under another fingerprint (or
         none) are deleted first, and :attr:`discarded` says whether there were any.
+      monitor: the metric (one of :data:`HIGHER_IS_BETTER`) that ranks the epochs.
     """
 
-    def __init__(self, directory: str | Path, *, keep_best: int, fingerprint: str | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep_best: int,
+        fingerprint: str | None = None,
+        monitor: str = "validation_loss",
+    ):
+        if monitor not in HIGHER_IS_BETTER:
+            raise ValueError(f"monitor must be one of {sorted(HIGHER_IS_BETTER)}, got {monitor!r}")
         self.directory = Path(directory).absolute()
         self.discarded = False
+        self.monitor = monitor
+        # Stable for equal scores (Orbax sorts), so ties rank as run_finetuning ranks them.
+        rank = functools.partial(score, monitor=monitor)
         if fingerprint is not None:
             self._claim(fingerprint)
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(
-                [policies.LatestN(n=1), policies.BestN(get_metric_fn=_score, n=keep_best)]
+                [policies.LatestN(n=1), policies.BestN(get_metric_fn=rank, n=keep_best)]
             ),
             # Without best_fn Orbax neither writes the metrics nor reads them back, and after
             # a restart BestN could not rank the epochs run before it.
-            best_fn=_score,
+            best_fn=rank,
             create=True,
             # What a killed save left half-written is deleted, never restored.
             cleanup_tmp_directories=True,
@@ -104,14 +120,15 @@ class TrainingCheckpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The kept step with the best ``monitor`` score; the earliest of equal ones."""
         scored = [
             (step, metrics)
-            for step in self.manager.all_steps()
-            if (metrics := self.manager.metrics(step)) and METRIC in metrics
+            for step in sorted(self.manager.all_steps())
+            if (metrics := self.manager.metrics(step)) and self.monitor in metrics
         ]
         if not scored:
             return None
-        return max(scored, key=lambda item: _score(item[1]))[0]
+        return max(scored, key=lambda item: score(item[1], self.monitor))[0]
 
     def restore(self, step: int, abstract_state: dict[str, PyTree]) -> tuple[dict, dict]:
         """Restore ``step`` into the structure of ``abstract_state``; returns (state, progress)."""

@@ -308,6 +308,10 @@ class FinetuneParams(_Section):
     # from the top joins per epoch (the step still compiles once: later groups wait at lr 0).
     gradual_unfreezing: bool = False
     batchnorm: Literal["frozen", "train"] = "frozen"
+    # Which validation metric picks the best epoch (the saved model) and runs out patience.
+    # On a small validation set the loss can stall while accuracy still climbs (the loss
+    # also pays for confident mistakes); accuracy ties keep the earlier epoch.
+    monitor: Literal["validation_loss", "validation_accuracy"] = "validation_loss"
     patience: PositiveInt = 3
     keep_best_checkpoints: PositiveInt = 2
     augment: AugmentParams = AugmentParams()

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from tlflax.checkpoint import TrainingCheckpoints
+from tlflax.checkpoint import TrainingCheckpoints, score
 from tlflax.config import FinetuneParams, TrainHeadParams, TransferRule
 from tlflax.data.pipeline import iterate_batches, num_batches
 from tlflax.models.heads import Head
@@ -93,8 +93,17 @@ class History:
 
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
-    best_validation_loss: float = math.inf
+    # The best epoch's monitored metric as a score, higher is better (tlflax.checkpoint.score).
+    best_score: float = -math.inf
     stopped_early: bool = False
+
+    def improves(self, metrics: dict[str, float], monitor: str, epoch: int) -> bool:
+        """Record ``metrics`` of ``epoch`` as the best if its ``monitor`` beats the best so far."""
+        candidate = score(metrics, monitor)
+        if candidate <= self.best_score:
+            return False
+        self.best_score, self.best_epoch = candidate, epoch
+        return True
 
 
 _DIVERGED_HINT = "lower the learning rate or check the input data"
@@ -202,9 +211,7 @@ def train_head(
         history.epochs.append(metrics)
         if on_epoch_end:
             on_epoch_end(epoch, metrics)
-        if metrics["validation_loss"] < history.best_validation_loss:
-            history.best_validation_loss = metrics["validation_loss"]
-            history.best_epoch = epoch
+        if history.improves(metrics, "validation_loss", epoch):
             best_params = params
         elif epoch - history.best_epoch >= cfg.patience:
             history.stopped_early = True
@@ -401,7 +408,8 @@ def run_finetuning(
 ) -> tuple[FinetuneState, History]:
     """Fine-tune for ``cfg.epochs`` with early stopping; resumes from the latest checkpoint.
 
-    Every epoch is checkpointed (latest + best N by validation loss). A run killed mid-way and
+    Every epoch is checkpointed (latest + best N by ``cfg.monitor``, which the checkpoints
+    must rank by too). A run killed mid-way and
     started again continues from its last finished epoch with the same optimizer state and
     random key, so on CPU it ends with the same parameters as an uninterrupted run.
 
@@ -409,6 +417,11 @@ def run_finetuning(
       The state of the best epoch (restored from its checkpoint) and the history.
     """
     cfg = finetuner.cfg
+    if checkpoints.monitor != cfg.monitor:
+        raise ValueError(
+            f"the checkpoints rank epochs by {checkpoints.monitor} but the run monitors "
+            f"{cfg.monitor}; create TrainingCheckpoints with monitor={cfg.monitor!r}"
+        )
     state = finetuner.initial
     history = History()
     latest = checkpoints.latest_step()
@@ -449,9 +462,9 @@ def run_finetuning(
         metrics = {"train_loss": train_loss}
         metrics.update({f"validation_{k}": v for k, v in validation_metrics.items()})
         history.epochs.append(metrics)
-        if metrics["validation_loss"] < history.best_validation_loss:
-            history.best_validation_loss, history.best_epoch = metrics["validation_loss"], epoch
-        elif epoch - max(history.best_epoch, last_warmup_epoch) >= cfg.patience:
+        if not history.improves(metrics, cfg.monitor, epoch) and (
+            epoch - max(history.best_epoch, last_warmup_epoch) >= cfg.patience
+        ):
             history.stopped_early = True
         progress = {
             "epoch": state.epoch,

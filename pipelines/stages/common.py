@@ -69,6 +69,15 @@ class ExperimentPaths:
     def plots(self) -> Path:
         return Path("plots") / self.experiment
 
+    def model_dir(self, stage: str) -> Path:
+        """The model folder a training stage writes."""
+        by_stage = {
+            "train_head": self.head,
+            "finetune": self.finetune,
+            "train_scratch": self.scratch,
+        }
+        return by_stage[stage]
+
     def metrics(self, stage: str) -> Path:
         return Path("metrics") / self.experiment / f"{stage}.json"
 

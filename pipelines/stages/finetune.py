@@ -13,8 +13,6 @@ their cached outputs (:mod:`tlflax.prefix_cache`); the saved model is still the 
 
 from __future__ import annotations
 
-import time
-
 from flax import nnx
 
 from pipelines.stages.advise import applied_strategy
@@ -25,11 +23,15 @@ from pipelines.stages.common import (
     run_stage,
 )
 from pipelines.stages.tasks import task_for
-from pipelines.stages.training import build_scratch_classifier, fit_and_save, scratch_settings
+from pipelines.stages.training import (
+    build_scratch_classifier,
+    cache_frozen_prefix,
+    fit_and_save,
+    scratch_settings,
+)
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
 from tlflax.models.layers import set_batchnorm_training
-from tlflax.prefix_cache import cache_prefix, frozen_prefix_groups
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
@@ -59,31 +61,17 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     check_batch_fits("evaluate.batch_size", params.evaluate.batch_size, validation)
     # Before the prefix cache replaces the inputs: what the run starts from, whatever path.
     fingerprint = run_fingerprint(params, train, validation, nnx.state(model))
-    forward = task.forward()
-    groups = frozen_prefix_groups(model, cfg.rules) if cfg.cache_frozen_prefix else 0
-    if groups:
-        started = time.perf_counter()
-        cut = task.prefix_cut(groups)
-        batch_size = params.extract.batch_size
-        train = cache_prefix(model, cut, train, batch_size=batch_size, description="cache train")
-        validation = cache_prefix(
-            model, cut, validation, batch_size=batch_size, description="cache validation"
-        )
-        forward = cut.forward
-        print(
-            f"finetune: cached the outputs of the {groups} frozen bottom layer groups "
-            f"in {time.perf_counter() - started:.1f} s"
-        )
+    inputs = cache_frozen_prefix(
+        task, model, cfg, train, validation, batch_size=params.extract.batch_size, stage="finetune"
+    )
     fit_and_save(
         "finetune",
         model,
-        forward,
+        inputs.forward,
         cfg,
-        train,
-        validation,
-        output_dir=paths.finetune,
-        live_dir=paths.live("finetune"),
-        metrics_path=paths.metrics("finetune"),
+        inputs.train,
+        inputs.validation,
+        paths=paths,
         eval_batch_size=params.evaluate.batch_size,
         fingerprint=fingerprint,
     )

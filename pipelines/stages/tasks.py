@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -36,6 +37,10 @@ Records = np.ndarray | Sequence[str]
 class Task(ABC):
     """How the stages handle one modality, given the experiment's params and paths."""
 
+    # The modality's classifier constructors in tlflax (build, and build with shape-only
+    # weights), both taking (backbone name, number of classes, train_head params).
+    classifier_builders: ClassVar[tuple[Callable[..., nnx.Module], Callable[..., nnx.Module]]]
+
     def __init__(self, params: Params, paths: ExperimentPaths):
         self.params = params
         self.paths = paths
@@ -48,13 +53,21 @@ class Task(ABC):
     def model_inputs(self, records: Records) -> dict[str, np.ndarray]:
         """The arrays the classifier's forward pass reads, one row per record."""
 
-    @abstractmethod
     def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
         """Backbone (pretrained or random) plus a new head shaped by ``train_head``."""
+        build, _ = self.classifier_builders
+        return build(
+            self.params.extract.backbone,
+            num_classes,
+            self.params.train_head,
+            pretrained=pretrained,
+            seed=seed,
+        )
 
-    @abstractmethod
     def abstract_classifier(self, num_classes: int) -> nnx.Module:
         """The classifier with shape-only weights, to restore a checkpoint into."""
+        _, build_abstract = self.classifier_builders
+        return build_abstract(self.params.extract.backbone, num_classes, self.params.train_head)
 
     @abstractmethod
     def forward(self) -> Forward:
@@ -89,6 +102,8 @@ class Task(ABC):
 
 
 class ImageTask(Task):
+    classifier_builders = (vision.build_image_classifier, vision.abstract_image_classifier)
+
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         name = self.params.prepare.stored_name
         images, labels = read_image_split(self.paths.dataset_dir, name, split)
@@ -104,20 +119,6 @@ class ImageTask(Task):
 
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": records}
-
-    def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
-        return vision.build_image_classifier(
-            self.params.extract.backbone,
-            num_classes,
-            self.params.train_head,
-            pretrained=pretrained,
-            seed=seed,
-        )
-
-    def abstract_classifier(self, num_classes: int) -> nnx.Module:
-        return vision.abstract_image_classifier(
-            self.params.extract.backbone, num_classes, self.params.train_head
-        )
 
     def forward(self) -> Forward:
         return vision.image_forward(
@@ -146,26 +147,14 @@ class ImageTask(Task):
 
 
 class TextTask(Task):
+    classifier_builders = (text.build_text_classifier, text.abstract_text_classifier)
+
     def read_split(self, split: str) -> tuple[list[str], np.ndarray]:
         return read_text_split(self.paths.dataset_dir, self.params.prepare.stored_name, split)
 
     def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
         return text.tokenize_texts(records, self.params.extract.max_length)
-
-    def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
-        return text.build_text_classifier(
-            self.params.extract.backbone,
-            num_classes,
-            self.params.train_head,
-            pretrained=pretrained,
-            seed=seed,
-        )
-
-    def abstract_classifier(self, num_classes: int) -> nnx.Module:
-        return text.abstract_text_classifier(
-            self.params.extract.backbone, num_classes, self.params.train_head
-        )
 
     def forward(self) -> Forward:
         return text.text_forward()

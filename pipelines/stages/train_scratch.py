@@ -30,9 +30,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         cfg,
         train,
         validation,
-        output_dir=paths.scratch,
-        live_dir=paths.live("train_scratch"),
-        metrics_path=paths.metrics("train_scratch"),
+        paths=paths,
         eval_batch_size=params.evaluate.batch_size,
         fingerprint=run_fingerprint(params, train, validation, nnx.state(model)),
     )

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+import time
+from dataclasses import dataclass
 
 from flax import nnx
 
-from pipelines.stages.common import resume_dir, write_live_log
+from pipelines.stages.common import ExperimentPaths, resume_dir, write_live_log
 from pipelines.stages.tasks import Task
 from tlflax.checkpoint import TrainingCheckpoints, save_tree
 from tlflax.config import FinetuneParams, TrainScratchParams, TransferRule
 from tlflax.data.pipeline import num_batches
 from tlflax.io import atomic_path, write_json
 from tlflax.models.layers import set_batchnorm_training
+from tlflax.prefix_cache import cache_prefix, frozen_prefix_groups
 from tlflax.train import Finetuner, Forward, run_finetuning
 from tlflax.transfer import summarize
 
@@ -34,13 +36,11 @@ def fit_and_save(
     train: dict,
     validation: dict,
     *,
-    output_dir: Path,
-    live_dir: Path,
-    metrics_path: Path,
+    paths: ExperimentPaths,
     eval_batch_size: int,
     fingerprint: str,
 ) -> dict:
-    """Train ``model`` by ``cfg``; save the best model and the checkpoints in ``output_dir``.
+    """Train ``model`` by ``cfg``; save the best model and the checkpoints in the stage's folder.
 
     Every epoch is checkpointed under :func:`~pipelines.stages.common.resume_dir`, outside
     the stage's outputs, which DVC deletes before running the stage again: a killed run
@@ -48,8 +48,11 @@ def fit_and_save(
     (:func:`~pipelines.stages.common.run_fingerprint`) is the same, and starts afresh
     otherwise. At the end ``output_dir`` is written at once (``model``: the best epoch's
     full state; ``checkpoints``: latest + best N), with per-epoch metrics through dvclive in
-    ``live_dir`` and a summary JSON at ``metrics_path``, which it also returns.
+    ``live_dir`` and a summary JSON at ``metrics_path``, which it also returns; the three
+    paths are the ``stage``'s in ``paths``.
     """
+    output_dir = paths.model_dir(stage)
+    live_dir, metrics_path = paths.live(stage), paths.metrics(stage)
     finetuner = Finetuner(
         model,
         forward,
@@ -64,7 +67,7 @@ def fit_and_save(
     )
     resume = resume_dir(output_dir)
     checkpoints = TrainingCheckpoints(
-        resume, keep_best=cfg.keep_best_checkpoints, fingerprint=fingerprint
+        resume, keep_best=cfg.keep_best_checkpoints, fingerprint=fingerprint, monitor=cfg.monitor
     )
     if checkpoints.discarded:
         print(
@@ -137,3 +140,46 @@ def build_scratch_classifier(task: Task, num_classes: int, seed: int) -> nnx.Mod
     model = create()
     set_batchnorm_training(model.backbone, True)
     return model
+
+
+@dataclass
+class TrainingInputs:
+    """What a fine-tuning run steps over: its train and validation arrays and its forward."""
+
+    train: dict
+    validation: dict
+    forward: Forward
+    cached_groups: int = 0
+
+
+def cache_frozen_prefix(
+    task: Task,
+    model: nnx.Module,
+    cfg: FinetuneParams,
+    train: dict,
+    validation: dict,
+    *,
+    batch_size: int,
+    stage: str,
+) -> TrainingInputs:
+    """Train and validation inputs, through the frozen bottom layer groups once if ``cfg`` asks.
+
+    With ``cfg.cache_frozen_prefix`` and rules that freeze whole groups at the bottom of the
+    backbone, those groups run once (inference mode, ``batch_size`` at a time) and the
+    returned forward starts from their cached outputs (:mod:`tlflax.prefix_cache`);
+    otherwise the inputs and the task's forward come back unchanged.
+    """
+    groups = frozen_prefix_groups(model, cfg.rules) if cfg.cache_frozen_prefix else 0
+    if not groups:
+        return TrainingInputs(train, validation, task.forward())
+    started = time.perf_counter()
+    cut = task.prefix_cut(groups)
+    train, validation = (
+        cache_prefix(model, cut, split, batch_size=batch_size, description=f"cache {name}")
+        for name, split in (("train", train), ("validation", validation))
+    )
+    print(
+        f"{stage}: cached the outputs of the {groups} frozen bottom layer groups "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return TrainingInputs(train, validation, cut.forward, cached_groups=groups)
