@@ -223,6 +223,7 @@ FINETUNE = st.fixed_dictionaries(
         "layer_lr_decay": st.sampled_from([0.5, 1.0]),
         "gradual_unfreezing": st.booleans(),
         "batchnorm": st.sampled_from(["frozen", "train"]),
+        "monitor": st.sampled_from(["validation_loss", "validation_accuracy", "accuracy"]),
         "keep_best_checkpoints": st.integers(min_value=1, max_value=2),
         "augment": st.fixed_dictionaries({"random_crop": st.booleans(), "flip": st.booleans()}),
         "cache_frozen_prefix": st.booleans(),
