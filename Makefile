@@ -39,7 +39,10 @@ assets: install
 run: assets
 	$(PYTHON) -m pipelines.flows
 
+# Lint first: seconds, and a style slip fails before half an hour of tests.
 test: install-test assets
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest
 
 lint: install-test

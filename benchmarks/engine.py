@@ -24,7 +24,7 @@ from flax import nnx
 
 from benchmarks.common import print_table, time_interleaved, write_results
 from tlflax.config import AugmentParams, FinetuneParams, TrainHeadParams, TransferRule
-from tlflax.data.pipeline import iterate_batches, num_batches, prepare_images
+from tlflax.data.pipeline import iterate_batches, prepare_images
 from tlflax.models.heads import Head
 from tlflax.train import Finetuner, masked_cross_entropy
 from tlflax.vision import build_image_classifier, extract_features, image_forward
@@ -43,7 +43,7 @@ def _images(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _finetuner(freeze_groups: int, steps_per_epoch: int) -> Finetuner:
+def _finetuner(freeze_groups: int, num_train_examples: int) -> Finetuner:
     model = build_image_classifier(
         "efficientnet_lite0", 10, TrainHeadParams(), pretrained=True, seed=0
     )
@@ -59,7 +59,7 @@ def _finetuner(freeze_groups: int, steps_per_epoch: int) -> Finetuner:
         model,
         image_forward(IMAGE_SIZE, cfg.augment),
         cfg,
-        steps_per_epoch=steps_per_epoch,
+        num_train_examples=num_train_examples,
         group_patterns=patterns,
     )
 
@@ -86,10 +86,10 @@ def _compiled_step(finetuner: Finetuner, batch: dict) -> tuple[Callable[[], None
 
 def frozen_step_comparison() -> dict:
     batch = next(iterate_batches(_images(BATCH_SIZE), BATCH_SIZE, shuffle=False, seed=0))
-    full = _finetuner(0, 10)
+    full = _finetuner(0, 10 * BATCH_SIZE)
     groups = len(_group_patterns())
     frozen_groups = round(FROZEN_FRACTION * groups)
-    frozen = _finetuner(frozen_groups, 10)
+    frozen = _finetuner(frozen_groups, 10 * BATCH_SIZE)
     full_step, full_peak = _compiled_step(full, batch)
     frozen_step, frozen_peak = _compiled_step(frozen, batch)
     # Interleaved (full, frozen, full, ...) so machine noise hits both alike.
@@ -174,7 +174,7 @@ def cached_head_comparison() -> dict:
 def compile_count() -> dict:
     """Compilations per step function over two epochs whose last batch is padded."""
     data = _images(EXAMPLES + BATCH_SIZE // 2, seed=1)
-    finetuner = _finetuner(14, num_batches(len(data["label"]), BATCH_SIZE))
+    finetuner = _finetuner(14, len(data["label"]))
     state = finetuner.initial
     for _ in range(2):
         state, _ = finetuner.run_epoch(state, data, progress=False)

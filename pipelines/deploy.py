@@ -19,6 +19,7 @@ import yaml
 from prefect.schedules import Cron
 
 from pipelines.flows import PROJECT_ROOT, pipeline
+from tlflax.errors import InputError
 
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 TEMPLATE_DEPLOYMENT = "nightly"
@@ -26,11 +27,15 @@ SERVED_DEPLOYMENT = "nightly-served"
 
 
 def read_deployment(name: str) -> dict[str, Any]:
-    """The deployment called ``name`` in prefect.yaml."""
+    """The deployment called ``name`` in prefect.yaml.
+
+    Raises:
+      InputError: prefect.yaml has no deployment of that name.
+    """
     deployments = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
     matching = [deployment for deployment in deployments if deployment["name"] == name]
     if not matching:
-        raise ValueError(f"{PREFECT_YAML} has no deployment named {name!r}")
+        raise InputError(f"{PREFECT_YAML}: no deployment named {name!r}")
     return matching[0]
 
 

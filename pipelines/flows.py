@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,8 +56,9 @@ ENVIRONMENT_REMOTE_NAME = "tlflax-environment"
 #   another flow) will let go of it.
 # - The stage, or DVC itself, killed by SIGKILL or SIGTERM: the OOM killer, a preempted node,
 #   a container stopped under it; the next attempt may get the memory or the machine back.
-# A stage that exits with its own status is never retried: 1 is a failed data validation,
-# 2 is bad params or input, anything else is a bug; the same inputs would fail the same way.
+# A stage that exits with its own status is never retried: 2 is bad params or input, 3 a
+# diverged training, 1 a failed data validation or a bug (its traceback is in the log); the
+# same inputs would fail the same way.
 LOCK_CONTENTION_MESSAGE = "Unable to acquire lock"
 TRANSIENT_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
 STAGE_EXIT_STATUS = re.compile(r"exited with (-?\d+)")
@@ -134,14 +135,14 @@ def _stage_environment() -> dict[str, str]:
     return environment
 
 
-def run_dvc(arguments: list[str], project_dir: str, description: str) -> None:
-    """Run ``dvc <arguments>`` in ``project_dir``, streaming its output into the Prefect log.
+def stream_dvc(
+    arguments: list[str], project_dir: str, echo: Callable[[str], None]
+) -> tuple[int, list[str]]:
+    """Run ``dvc <arguments>`` in ``project_dir``, passing each output line to ``echo``.
 
-    Raises:
-        TransientStageFailure: on lock contention or a kill by SIGKILL/SIGTERM.
-        StageFailed: on any other non-zero exit.
+    Returns:
+        DVC's exit status (negative: killed by that signal) and its last output lines.
     """
-    logger = get_run_logger()
     process = subprocess.Popen(
         [sys.executable, "-m", "dvc", *arguments],
         cwd=project_dir,
@@ -156,9 +157,19 @@ def run_dvc(arguments: list[str], project_dir: str, description: str) -> None:
     for line in process.stdout:
         line = line.rstrip()
         if line:
-            logger.info(line)
+            echo(line)
             tail.append(line)
-    return_code = process.wait()
+    return process.wait(), list(tail)
+
+
+def run_dvc(arguments: list[str], project_dir: str, description: str) -> None:
+    """Run ``dvc <arguments>`` in ``project_dir``, streaming its output into the Prefect log.
+
+    Raises:
+        TransientStageFailure: on lock contention or a kill by SIGKILL/SIGTERM.
+        StageFailed: on any other non-zero exit.
+    """
+    return_code, tail = stream_dvc(arguments, project_dir, get_run_logger().info)
     if return_code == 0:
         return
     error_lines = [line for line in tail if line.startswith("ERROR")]

@@ -25,6 +25,7 @@ from pipelines.stages.tasks import class_probabilities, task_for
 from tlflax.config import Params
 from tlflax.data.errors import DataError
 from tlflax.data.tfds_store import read_image_shape
+from tlflax.errors import MissingInputError
 
 # Longest input echoed back on an output line.
 _SHOWN_CHARACTERS = 60
@@ -107,12 +108,12 @@ def predict(
 
     Raises:
       DataError: a bad input (named), or ``--file`` given to an image experiment.
-      FileNotFoundError: the experiment has no fine-tuned model yet.
+      MissingInputError: the experiment has no fine-tuned model yet.
     """
     task = task_for(params, paths)
     model_path = paths.finetune / "model"
     if not model_path.exists():
-        raise FileNotFoundError(f"{model_path}: no fine-tuned model; run the experiment first")
+        raise MissingInputError(f"{model_path}: no fine-tuned model; run the experiment first")
     if params.prepare.modality == "text":
         records, sources = read_texts(inputs, files)
     elif files:

@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
-MODEL_LABELS = {"head_only": "head-only", "finetune": "fine-tuned", "scratch": "scratch"}
+# evaluate.json's model entries, in report order: the classical baseline first, the
+# reference every other model's gain_over_baseline is measured from.
+MODEL_LABELS = {
+    "baseline": "baseline",
+    "head_only": "head-only",
+    "finetune": "fine-tuned",
+    "scratch": "scratch",
+}
 
 Warn = Callable[[str], None]
 
@@ -27,18 +34,35 @@ def _score(scores: Any, name: str) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "?"
 
 
+def _gain_points(scores: Any) -> str | None:
+    """The accuracy gain over the baseline in percentage points ("+1.23", "-0.40"), if any."""
+    gain = scores.get("gain_over_baseline") if isinstance(scores, dict) else None
+    return f"{100 * gain:+.2f}" if isinstance(gain, int | float) else None
+
+
+def _baseline_label(scores: Any) -> str:
+    """``baseline (<model>)``, or ``baseline`` where the evaluation left the model out."""
+    model = scores.get("model") if isinstance(scores, dict) else None
+    return f"baseline ({model})" if model else "baseline"
+
+
 def summary_line(metrics: dict) -> str:
-    """One line comparing the head-only, fine-tuned and scratch test results."""
+    """One line comparing the test results: the classical baseline first, then each model
+    with its gain over it (the head-only, fine-tuned and scratch models)."""
     parts = [
         f"test set: {metrics.get('n_test', '?')} examples, trained on {metrics.get('n_train', '?')}"
     ]
     for name, label in MODEL_LABELS.items():
-        if name in metrics:
-            scores = metrics[name]
-            parts.append(
-                f"{label} accuracy {_score(scores, 'accuracy')} "
-                f"(macro-F1 {_score(scores, 'macro_f1')})"
-            )
+        if name not in metrics:
+            continue
+        scores = metrics[name]
+        if name == "baseline":
+            label = _baseline_label(scores)
+        notes = [f"macro-F1 {_score(scores, 'macro_f1')}"]
+        gain = _gain_points(scores)
+        if gain is not None:
+            notes.append(f"{gain} pts vs baseline")
+        parts.append(f"{label} accuracy {_score(scores, 'accuracy')} ({', '.join(notes)})")
     return "; ".join(parts)
 
 
@@ -74,12 +98,23 @@ def _link(project: Path, path: Path) -> str:
 
 
 def metrics_section(metrics: dict) -> list[str]:
-    lines = ["## Test-set metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
+    """The test-set table: one row per model, the baseline first, with each gain over it."""
+    lines = [
+        "## Test-set metrics",
+        "",
+        "| model | accuracy | macro-F1 | vs baseline (pts) |",
+        "|---|---|---|---|",
+    ]
     for name, label in MODEL_LABELS.items():
         if name in metrics:
             scores = metrics[name]
+            if name == "baseline":
+                label, gain = _baseline_label(scores), "reference"
+            else:
+                gain = _gain_points(scores) or "?"
             lines.append(
-                f"| {label} | {_score(scores, 'accuracy')} | {_score(scores, 'macro_f1')} |"
+                f"| {label} | {_score(scores, 'accuracy')} | {_score(scores, 'macro_f1')} "
+                f"| {gain} |"
             )
     if "n_test" in metrics:
         lines += ["", f"{metrics['n_test']} test examples; trained on {metrics.get('n_train')}."]

@@ -31,12 +31,8 @@ from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, enable_compilation_cache
 from pipelines.stages.tasks import Task, class_probabilities, task_for
-from pipelines.stages.training import (
-    build_scratch_classifier,
-    cache_frozen_prefix,
-    scratch_settings,
-)
-from tlflax.advisor import Advice, apply_advice, measure, recommend
+from pipelines.stages.training import build_scratch_classifier, cache_frozen_prefix
+from tlflax.advisor import Advice, measure, recommend
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import Params, parse_params
 from tlflax.data.fashion_mnist import read_fashion_mnist
@@ -45,7 +41,7 @@ from tlflax.data.manifest import duplicate_records, text_content_hash
 from tlflax.data.pipeline import num_batches
 from tlflax.data.subsets import stratified_subset
 from tlflax.io import atomic_path, write_json
-from tlflax.prefix_cache import frozen_prefix_groups
+from tlflax.plan import resolve_plan
 from tlflax.train import Finetuner, create_head, run_finetuning, train_head
 
 STRATEGIES = ("feature_extraction", "top_k", "full", "scratch")
@@ -208,16 +204,20 @@ def train_strategy(
     started = time.perf_counter()
     repeats = max(1, math.ceil(MIN_EPOCH_EXAMPLES / len(data.train["label"])))
     epoch_examples = repeats * len(data.train["label"])
-    requested = params.finetune.model_copy(update={"strategy": strategy})
-    group_patterns = task.abstract_classifier(num_classes).backbone.group_patterns()
-    applied = apply_advice(
-        requested, advice, group_patterns=group_patterns, num_train_examples=epoch_examples
+    # The cell's step budget replaces the advised schedule's length (written settings win).
+    epochs = max(1, math.ceil(steps / num_batches(epoch_examples, params.finetune.batch_size)))
+    requested = params.finetune.model_copy(update={"strategy": strategy, "epochs": epochs})
+    abstract = task.abstract_classifier(num_classes)
+    group_patterns = abstract.backbone.group_patterns()
+    plan = resolve_plan(
+        requested,
+        params.train_scratch,
+        advice,
+        model=abstract,
+        num_train_examples=epoch_examples,
     )
-    # The cell's step budget replaces the advised schedule's length (explicit settings win).
-    epochs = max(1, math.ceil(steps / num_batches(epoch_examples, requested.batch_size)))
-    cfg = applied.finetune.model_copy(update={"epochs": epochs})
-    if strategy == "scratch":
-        cfg = scratch_settings(cfg, params.train_scratch)
+    cfg = plan.finetune
+    if cfg.strategy == "scratch":
         model = build_scratch_classifier(task, num_classes, cfg.seed)
     else:
         model = task.build_classifier(num_classes, pretrained=True, seed=cfg.seed)
@@ -237,7 +237,7 @@ def train_strategy(
         model,
         forward,
         cfg,
-        steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+        num_train_examples=len(train["label"]),
         group_patterns=group_patterns,
     )
     with tempfile.TemporaryDirectory(prefix="strategy-grid-") as directory:
@@ -255,9 +255,9 @@ def train_strategy(
     result = {
         "test_accuracy": test_accuracy,
         "validation_accuracy": best["validation_accuracy"],
-        "unfreeze_groups": len(group_patterns) - frozen_prefix_groups(model, cfg.rules),
+        "unfreeze_groups": cfg.unfreeze_groups,
         "epochs_run": len(history.epochs),
-        "steps_run": len(history.epochs) * num_batches(len(train["label"]), cfg.batch_size),
+        "steps_run": len(history.epochs) * finetuner.steps_per_epoch(len(train["label"])),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from flax import nnx
+from scipy.stats import binom, binomtest
 from sklearn.datasets import load_digits
 
 from pipelines import reports
@@ -20,6 +22,7 @@ from tlflax.advisor import (
     apply_advice,
     bit_hyperrule_schedule,
     recommend,
+    recommended_layer_lr_decay,
     strategy_rules,
 )
 from tlflax.config import AdviseParams, ParamsError, parse_params
@@ -28,31 +31,76 @@ from tlflax.models.heads import Head, ImageClassifier
 from tlflax.models.registry import create_backbone
 from tlflax.models.small_cnn import SmallCNN
 from tlflax.prefix_cache import frozen_prefix_groups
-from tlflax.probes import DepthProbe, features_by_depth, probe_depths, ridge_probe
+from tlflax.probes import (
+    DepthProbe,
+    PairedTest,
+    features_by_depth,
+    mcnemar_mid_p,
+    pack_correct,
+    paired_test,
+    probe_depths,
+    ridge_probe,
+    unpack_correct,
+)
 from tlflax.transfer import parameter_names, resolve_settings
 
 THRESHOLDS = AdviseParams()  # small < 100 <= medium < 2000 <= large per class
 
 
-def _evidence(curve, *, per_class, random_curve=None, validation_examples=10_000):
-    """Evidence with the given probe accuracy after each group (a 6-group backbone)."""
+def _probe(depth: int, correct: np.ndarray) -> DepthProbe:
+    """The probe after group ``depth`` that gets right the validation examples ``correct``."""
+    accuracy = float(np.mean(correct))
+    return DepthProbe(
+        depth, f"group{depth}", 64, accuracy, accuracy, 0.1, pack_correct(correct), len(correct)
+    )
 
-    def probes(accuracies):
-        return tuple(
-            DepthProbe(depth, f"group{depth}", 64, accuracy, accuracy, 0.1)
-            for depth, accuracy in enumerate(accuracies, start=1)
-        )
 
+def _nested(accuracies, validation_examples: int) -> tuple[DepthProbe, ...]:
+    """Probes that each get right the first ``accuracy * n`` examples: a more accurate depth
+    gets right everything a less accurate one does (errors as correlated as they can be)."""
+    positions = np.arange(validation_examples)
+    return tuple(
+        _probe(depth, positions < round(accuracy * validation_examples))
+        for depth, accuracy in enumerate(accuracies, start=1)
+    )
+
+
+def _evidence_of(pretrained, *, per_class, random_init=None):
     return Evidence(
         num_classes=10,
         train_examples=10 * per_class,
         train_examples_per_class=per_class,
         probed_train_examples=min(10 * per_class, 2000),
-        validation_examples=validation_examples,
+        validation_examples=pretrained[0].validation_examples,
         majority_accuracy=0.1,
-        pretrained=probes(curve),
-        random_init=probes(random_curve) if random_curve else None,
+        pretrained=tuple(pretrained),
+        random_init=random_init,
     )
+
+
+def _evidence(curve, *, per_class, random_curve=None, validation_examples=10_000):
+    """Evidence with the given probe accuracy after each group (a 6-group backbone)."""
+    return _evidence_of(
+        _nested(curve, validation_examples),
+        per_class=per_class,
+        random_init=_nested(random_curve, validation_examples) if random_curve else None,
+    )
+
+
+def _correct_at(examples: int, *ranges: tuple[int, int]) -> np.ndarray:
+    """Correctness on ``examples`` validation examples: right exactly in the given ranges."""
+    correct = np.zeros(examples, dtype=bool)
+    for start, stop in ranges:
+        correct[start:stop] = True
+    return correct
+
+
+# Two probes 0.05 apart on the same 200 validation examples (0.80 vs 0.75), paired two ways.
+BETTER = _correct_at(200, (0, 160))
+# Wrong on a subset of what BETTER gets wrong: they disagree on 10 examples, all one way.
+CORRELATED = _correct_at(200, (0, 150))
+# Errors unrelated to BETTER's: they disagree on 50 examples, 30 one way and 20 the other.
+INDEPENDENT = _correct_at(200, (0, 130), (160, 180))
 
 
 RISING = [0.40, 0.55, 0.65, 0.72, 0.78, 0.82]  # best at the top: high similarity
@@ -101,10 +149,85 @@ def test_medium_data_high_similarity_fine_tunes_everything():
 def test_a_top_drop_within_validation_noise_is_not_low_similarity():
     curve = [0.40, 0.60, 0.755, 0.76, 0.74, 0.73]  # the top is 0.03 below the best
     assert recommend(_evidence(curve, per_class=10), THRESHOLDS).strategy == "top_k"
-    # With 100 validation examples the standard error (~0.043) covers the drop.
+    # With 100 validation examples the two disagree on 3, all against the top: mid-p 1/8.
     noisy = recommend(_evidence(curve, per_class=10, validation_examples=100), THRESHOLDS)
     assert noisy.strategy == "feature_extraction"
-    assert noisy.tolerance == pytest.approx(np.sqrt(0.76 * 0.24 / 100))
+    similarity = noisy.comparisons[0]
+    assert (similarity.call, similarity.real) == ("similarity", False)
+    assert similarity.test == PairedTest(100, 3, 0, 0.125)
+
+
+# --- The paired test: the examples two depths disagree on decide ---------------------------
+
+
+def test_mcnemar_mid_p_is_the_exact_binomial_p_less_half_the_observed_outcome():
+    # 10 vs 4 discordant: (2 (1 + 14 + 91 + 364) + C(14, 4)) / 2^14, by hand.
+    assert mcnemar_mid_p(10, 4) == pytest.approx(float(Fraction(2 * 470 + 1001, 2**14)))
+    for first, second in [(10, 4), (3, 0), (0, 12), (30, 20), (2500, 2400)]:
+        observed = min(first, second)
+        exact = binomtest(first, first + second, 0.5).pvalue
+        expected = exact - binom.pmf(observed, first + second, 0.5)
+        assert mcnemar_mid_p(first, second) == pytest.approx(expected, rel=1e-9)
+        assert mcnemar_mid_p(second, first) == mcnemar_mid_p(first, second)
+    assert mcnemar_mid_p(7, 7) == mcnemar_mid_p(0, 0) == 1.0
+
+
+def test_paired_test_counts_only_the_examples_the_two_probes_disagree_on():
+    assert paired_test(BETTER, CORRELATED) == PairedTest(200, 10, 0, mcnemar_mid_p(10, 0))
+    independent = paired_test(BETTER, INDEPENDENT)
+    assert (independent.discordant, independent.first_only_correct) == (50, 30)
+    assert independent.difference == pytest.approx(0.05)
+    # Packed correctness survives its encoding, padding bits dropped.
+    odd = np.random.default_rng(0).random(203) < 0.5
+    np.testing.assert_array_equal(unpack_correct(pack_correct(odd), 203), odd)
+
+
+@pytest.mark.parametrize(
+    ("top", "similarity", "strategy"),
+    [
+        (CORRELATED, "low", "top_k"),
+        (INDEPENDENT, "high", "feature_extraction"),
+    ],
+)
+def test_the_same_top_drop_is_real_only_when_the_pairs_show_it(top, similarity, strategy):
+    # Best 0.80 after group 2, top 0.75 after group 3 in both cases: 0.05 is over the
+    # tolerance, but only correlated errors make it significant (mid-p 0.001 against 0.16).
+    pretrained = (_probe(1, _correct_at(200, (0, 60))), _probe(2, BETTER), _probe(3, top))
+    advice = recommend(_evidence_of(pretrained, per_class=10), THRESHOLDS)
+    assert advice.evidence.top_deficit == pytest.approx(0.05)
+    assert (advice.similarity, advice.strategy) == (similarity, strategy)
+    assert advice.plateau_depth == 2
+
+
+@pytest.mark.parametrize(("middle", "plateau"), [(CORRELATED, 3), (INDEPENDENT, 2)])
+def test_accuracy_stops_growing_where_the_pairs_no_longer_show_a_real_gain(middle, plateau):
+    # Group 2 is 0.05 below the best (the top, group 3): really worse only when paired.
+    pretrained = (_probe(1, _correct_at(200, (0, 60))), _probe(2, middle), _probe(3, BETTER))
+    advice = recommend(_evidence_of(pretrained, per_class=10), THRESHOLDS)
+    assert advice.plateau_depth == plateau
+
+
+@pytest.mark.parametrize(
+    ("random_best", "strategy"),
+    [
+        (CORRELATED, "full"),
+        (INDEPENDENT, "scratch"),
+    ],
+)
+def test_pretraining_must_really_beat_random_init_with_large_data(random_best, strategy):
+    # Pretrained 0.80, random init 0.75: over min_pretraining_gain (0.02) in both cases.
+    pretrained = (_probe(1, _correct_at(200, (0, 60))), _probe(2, BETTER))
+    random_init = (_probe(1, _correct_at(200, (0, 20))), _probe(2, random_best))
+    evidence = _evidence_of(pretrained, per_class=5000, random_init=random_init)
+    advice = recommend(evidence, THRESHOLDS)
+    assert evidence.pretraining_gain == pytest.approx(0.05)
+    assert advice.strategy == strategy
+    gain = next(c for c in advice.comparisons if c.call == "pretraining")
+    assert (gain.better, gain.worse) == (
+        "pretrained depth 2 (group2)",
+        "random-init depth 2 (group2)",
+    )
+    assert gain.real == (strategy == "full")
 
 
 def test_bit_hyperrule_schedule_follows_dataset_size():
@@ -119,7 +242,27 @@ def test_bit_hyperrule_schedule_follows_dataset_size():
 def test_advice_survives_its_json_round_trip():
     evidence = _evidence(PEAKED, per_class=5000, random_curve=RISING)
     advice = recommend(evidence, THRESHOLDS)
-    assert Advice.from_json(json.loads(json.dumps(advice.to_json()))) == advice
+    data = json.loads(json.dumps(advice.to_json()))
+    restored = Advice.from_json(data)
+    assert restored == advice
+    np.testing.assert_array_equal(restored.evidence.top.correct(), evidence.top.correct())
+    # Calls: top vs best, the plateau and the depth below it vs best, pretrained vs random.
+    assert [c["call"] for c in data["comparisons"]] == [
+        "similarity",
+        "plateau",
+        "plateau",
+        "pretraining",
+    ]
+    assert data["comparisons"][0]["test"] == {
+        "examples": 10_000,
+        "first_only_correct": 1400,  # 0.76 vs 0.62
+        "second_only_correct": 0,
+        "p_value": 0.0,
+    }
+    assert data["summary"]["top_deficit_p_value"] == 0.0
+    assert data["summary"]["plateau_depth"] == 3
+    # Correctness is packed: 10,000 examples cost ~1,700 characters a probe.
+    assert len(evidence.top.validation_correct) < 10_000 / 5
 
 
 # --- The probe ----------------------------------------------------------------------------
@@ -130,6 +273,8 @@ def test_ridge_probe_leave_one_out_matches_refitting_without_each_example():
     labels = np.repeat(np.arange(3), 12)
     features = rng.normal(size=(36, 20)) + 1.5 * np.eye(3)[labels] @ rng.normal(size=(3, 20))
     result = ridge_probe(features, labels, features[:6], labels[:6], 3)
+    correct = unpack_correct(result.validation_correct, result.validation_examples)
+    assert (len(correct), correct.mean()) == (6, pytest.approx(result.validation_accuracy))
     # Refit the chosen penalty 36 times, each time without one example, as the probe does.
     scale = np.sqrt(np.mean(features**2))
     design = np.concatenate([features / scale, np.ones((36, 1))], axis=1)
@@ -229,6 +374,27 @@ def test_explicit_settings_win_over_the_advice():
 
 
 @pytest.mark.parametrize(
+    ("finetune", "trained_groups"),
+    [
+        ({"strategy": "full"}, 4),  # every group of the 4-group backbone
+        ({"strategy": "top_k", "unfreeze_groups": 2}, 2),
+        ({"strategy": "feature_extraction"}, 0),
+    ],
+)
+def test_a_strategy_picked_by_hand_keeps_layer_wise_decay_over_its_own_groups(
+    finetune, trained_groups
+):
+    # The advice is top_k over 3 groups (PEAKED); each hand pick decays over its own groups.
+    applied = _apply(finetune, _advice())
+    assert "layer_lr_decay" in applied.from_advice
+    decay = applied.finetune.layer_lr_decay
+    assert decay == recommended_layer_lr_decay(trained_groups)
+    assert (decay < 1.0) == (trained_groups > 0)
+    scratch = _apply({"strategy": "scratch"}, _advice())
+    assert scratch.finetune.layer_lr_decay == 1.0  # random weights: nothing to protect
+
+
+@pytest.mark.parametrize(
     ("strategy", "unfreeze", "frozen_groups"),
     [("feature_extraction", 0, 4), ("top_k", 1, 3), ("top_k", 4, 0), ("full", 4, 0)],
 )
@@ -277,8 +443,32 @@ def test_the_advice_report_names_the_pick_and_marks_best_and_plateau(tmp_path):
     assert "| 3 | group3 (plateau) | 64 | 0.755 |" in text
     assert "| 4 | group4 (best) | 64 | 0.760 |" in text
     assert "| group6 | 0.7 |" in text  # layer-wise decay 0.7 from the top trained group
+    # Each call says how many validation examples decide it.
+    assert (
+        "| similarity | depth 4 (group4) vs depth 6 (group6) | 10000 | 1400 (1400 vs 0) | "
+        "0.140 (threshold 0.01) | 0 | yes |"
+    ) in text
+    assert (
+        "| plateau | depth 4 (group4) vs depth 3 (group3) | 10000 | 50 (50 vs 0) | "
+        "0.005 (threshold 0.01) | 8.88e-16 | no |"
+    ) in text
     assert reports.artifact_key("vision", "advice") == "tlflax-vision-advice"
     assert warnings == []
+
+
+def test_the_advice_report_says_how_many_examples_decide_a_call():
+    pretrained = (_probe(1, _correct_at(200, (0, 60))), _probe(2, BETTER), _probe(3, INDEPENDENT))
+    advice = recommend(_evidence_of(pretrained, per_class=10), THRESHOLDS)
+    text = advice_markdown(advice, title="vision: transfer strategy advice")
+    assert "all probes are scored on the same 200 validation examples" in text
+    assert (
+        "| similarity | depth 2 (group2) vs depth 3 (group3) | 200 | 50 (30 vs 20) | "
+        "0.050 (threshold 0.01) | 0.161 | no |"
+    ) in text
+    assert (
+        "on 200 validation examples they disagree on 50 (30 vs 20), McNemar mid-p 0.161: "
+        "not a real difference (needs > 0.01 and p < 0.05): high similarity."
+    ) in text
 
 
 # --- The advise stage in the real (tiny) DVC pipeline --------------------------------------

@@ -8,6 +8,10 @@ it as DVC would (``python -m pipelines.stages.<stage>``), and checks that the st
 - names the file or the params key at fault, in one line and without a Python traceback,
 - leaves every output already built byte-identical (no half-written or deleted output).
 
+The other side of that promise: a failure the code did not recognise as bad input (a
+``tlflax.errors.InputError``) is a bug, and must not hide as such a line. It exits 1 with
+its full traceback, even when it is a ``ValueError`` (the last test here).
+
 The readers' own refusals are tested where they live, on many more variants than here:
 tests/test_user_data.py (image folders, text files, catalog names: 34 kinds),
 tests/test_data.py (idx files, TFDS store), tests/test_torch_weights.py and
@@ -197,6 +201,9 @@ CASES: dict[str, Case] = {
         "prepare", _remove(RAW / "t10k-labels-idx1-ubyte.gz"), ("t10k-labels-idx1-ubyte.gz",)
     ),
     # --- the prepared dataset and its manifest (validate, extract)
+    "manifest_missing": Case(
+        "validate", _remove(MANIFEST), (str(MANIFEST), "run the prepare stage first")
+    ),
     "manifest_corrupt": Case(
         "validate",
         _overwrite(MANIFEST, lambda original: original[: len(original) // 2]),
@@ -278,6 +285,11 @@ CASES: dict[str, Case] = {
     ),
     "finetuned_model_missing": Case(
         "evaluate", _remove("models/vision/finetune/model"), ("models/vision/finetune/model",)
+    ),
+    "class_weights_for_other_classes": Case(
+        "validate",
+        _set_params(validate={"expected_class_weights": [1.0, 3.0]}),
+        ("'validate.expected_class_weights'", "2 weights for 10 classes"),
     ),
     "pretrained_weights_that_do_not_exist": Case(
         "extract",
@@ -395,3 +407,22 @@ def test_the_matrix_covers_data_weights_and_params() -> None:
     assert len(CASES) >= 20
     stages = {case.stage for case in CASES.values()}
     assert stages == {"prepare", "validate", "extract", "train_head", "finetune", "evaluate"}
+
+
+# A dvclive log that train_head wrote, which evaluate reads for its learning curves.
+HEAD_LIVE_LOG = Path("dvclive/vision/train_head/plots/metrics/validation_accuracy.tsv")
+
+
+def test_an_error_the_code_did_not_recognise_exits_1_with_its_traceback(
+    small_project: Path, tmp_path: Path
+) -> None:
+    # Nothing checks this internal file, so a damaged value fails deep inside the stage as
+    # a plain ValueError: a bug to fix (by validating the file), not bad input to report.
+    # One line and status 2 would hide where it happened.
+    damage = _overwrite(HEAD_LIVE_LOG, lambda _: b"step\tvalidation_accuracy\n0\tnot-a-number\n")
+    outcome = _attempt(Case("evaluate", damage, ()), small_project, tmp_path)
+    stderr = outcome.result.stderr
+    assert outcome.result.returncode == 1, stderr[-3000:]
+    assert "Traceback (most recent call last)" in stderr, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1].startswith("ValueError: could not convert"), stderr
+    assert "evaluate: error:" not in stderr

@@ -42,6 +42,9 @@ def test_project_params_file_is_valid_and_explicit():
         ({"finetune": {"rules": []}}, "'finetune.rules'"),
         ({"validate": {"max_class_ratio": 0.5}}, "'validate.max_class_ratio'"),
         ({"experiment": "Has Spaces"}, "'experiment'"),
+        # A key with a line break is shown escaped: the message stays one line.
+        ({"finetune": {"epochs\nlr": 2}}, "unknown key 'finetune.epochs\\nlr'"),
+        ({"validate": {"max_duplicate_fraction": 1.0}}, "'validate.max_duplicate_fraction'"),
     ],
 )
 def test_bad_values_name_the_key(raw, expected):
@@ -89,10 +92,11 @@ def test_text_params_file_is_valid_and_explicit():
     assert params.extract.backbone == "minilm_l6"
     assert params.finetune.cache_frozen_prefix
     # Every section of a stage in the text pipeline is spelled out in the file, and
-    # train_scratch, which finetune's `scratch` strategy trains with.
+    # train_scratch, which finetune's `scratch` strategy trains with. The plan stage has no
+    # section of its own: it merges finetune's and train_scratch's with the advice.
     stages = yaml.safe_load((TEXT_PARAMS.parent / "dvc.yaml").read_text())["stages"]
     raw = yaml.safe_load(TEXT_PARAMS.read_text())
-    assert set(raw) == {"experiment", "train_scratch", *stages}
+    assert set(raw) == {"experiment", "train_scratch", *stages} - {"plan"}
 
 
 def test_backbone_must_take_the_datasets_modality():

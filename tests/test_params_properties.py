@@ -7,12 +7,13 @@ Hypothesis generates configurations three ways, from cheap to costly:
    ``parse_params``: a valid ``Params``, or one ``ParamsError`` line naming the key;
 2. generated ``train_head`` sections through the real stage entry (``run_command`` with
    ``pipelines.stages.train_head``) on a tiny project's cached features;
-3. a handful of generated ``finetune`` sections through the fine-tuning stage entry.
+3. a handful of generated ``finetune`` sections through the plan and fine-tuning stage entries.
 
 In 2 and 3 the stage either finishes and writes its metrics, or exits with status 2 (bad
-params or input) or 3 (training diverged) and one ``<stage>: error:`` line on stderr; any
-other exception escapes the stage as a traceback and fails the test. Examples are
-derandomized: the same configurations every run, so CI failures reproduce.
+params or input) and one ``<stage>: error:`` line naming a generated key, or status 3
+(training diverged) and one line naming the epoch and step; any other exception escapes the
+stage as a traceback and fails the test. Examples are derandomized: the same
+configurations every run, so CI failures reproduce.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT
-from tlflax.config import Params, ParamsError, load_params, parse_params
+from tlflax.config import Params, ParamsError, _printable, load_params, parse_params
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 LEAVES = [("experiment",)] + [
@@ -110,7 +112,11 @@ def test_any_structure_parses_or_stops_with_one_line(raw) -> None:
     try:
         parse_params(raw)
     except ParamsError as error:
-        assert _is_one_line_naming(str(error), "")
+        # A mapping is wrong in one of its sections (or one is unknown): the line names
+        # it; anything else is wrong as a whole, and the line says what it got instead.
+        # (Shown with control characters escaped, to keep the line one line.)
+        names = [f"'{_printable(key)}" for key in raw] if isinstance(raw, dict) else ["got "]
+        assert _is_one_line_naming(str(error), *names), (raw, str(error))
 
 
 @settings(
@@ -144,7 +150,11 @@ def stage_project(small_project: Path, tmp_path_factory) -> Path:
 def _run_stage(project: Path, stage: str, sections: dict, capsys, monkeypatch) -> int:
     """Run ``stage``'s entry in this process on ``project`` with ``sections`` merged into
     its params; returns the exit status. An exception other than the stage's own exit
-    escapes: that is the raw traceback the property forbids."""
+    escapes: that is the raw traceback the property forbids.
+
+    A stop must say what to change: bad params (status 2) name one of the generated keys
+    (nothing else differs from the project's valid params), a diverged training (status 3)
+    the epoch and step where the loss stopped being finite."""
     import importlib
 
     from pipelines.stages.common import run_command
@@ -163,6 +173,12 @@ def _run_stage(project: Path, stage: str, sections: dict, capsys, monkeypatch) -
         errors = capsys.readouterr().err.strip().splitlines()
         assert status in (2, 3), (status, errors)
         assert errors and errors[-1].startswith(f"{stage}: error: "), errors
+        message = errors[-1]
+        if status == 2:
+            keys = [f"'{name}.{key}" for name, section in sections.items() for key in section]
+            assert any(key in message for key in keys), (keys, message)
+        else:
+            assert re.search(r"epoch \d+", message) and re.search(r"step \d+", message), message
         return status
     return 0
 
@@ -245,7 +261,11 @@ def test_any_finetune_section_trains_or_stops_with_one_line(
 ) -> None:
     metrics = stage_project / "metrics/vision/finetune.json"
     metrics.unlink(missing_ok=True)
-    status = _run_stage(stage_project, "finetune", {"finetune": section}, capsys, monkeypatch)
+    sections = {"finetune": section}
+    # finetune takes every setting from the plan, so the plan stage must see the section.
+    status = _run_stage(stage_project, "plan", sections, capsys, monkeypatch)
+    if status == 0:
+        status = _run_stage(stage_project, "finetune", sections, capsys, monkeypatch)
     if status == 0:
         summary = json.loads(metrics.read_text())
         assert summary["epochs_run"] <= section["epochs"]

@@ -26,7 +26,6 @@ from tlflax.data.manifest import (
     text_content_hash,
     text_manifest,
 )
-from tlflax.data.pipeline import num_batches
 from tlflax.data.tfds_store import read_class_names
 from tlflax.data.tfds_text import read_text_split, write_text_dataset
 from tlflax.models.heads import Head, ImageClassifier, TextClassifier
@@ -285,7 +284,7 @@ def _finetune_from(forward, train, validation, tmp_path: Path):
         model,
         forward,
         cfg,
-        steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+        num_train_examples=len(train["label"]),
         group_patterns=model.backbone.group_patterns(),
     )
     checkpoints = TrainingCheckpoints(tmp_path, keep_best=1)

@@ -8,8 +8,9 @@ from sklearn.datasets import load_digits
 
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import AugmentParams, FinetuneParams, TrainHeadParams, TransferRule
-from tlflax.data.pipeline import iterate_batches, num_batches
+from tlflax.data.pipeline import iterate_batches
 from tlflax.models.heads import Head, ImageClassifier
+from tlflax.models.layers import set_batchnorm_training
 from tlflax.models.small_cnn import SmallCNN
 from tlflax.train import (
     Finetuner,
@@ -55,7 +56,7 @@ def _finetuner(cfg, train, model=None):
         model,
         image_forward(16, cfg.augment),
         cfg,
-        steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size, drop_remainder=False),
+        num_train_examples=len(train["label"]),
         group_patterns=model.backbone.group_patterns(),
     )
 
@@ -168,7 +169,7 @@ def test_mixed_precision_trains_with_float32_master_weights(digits, tmp_path):
         model,
         image_forward(16, cfg.augment, cfg.compute_dtype),
         cfg,
-        steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+        num_train_examples=len(train["label"]),
         group_patterns=model.backbone.group_patterns(),
     )
     checkpoints = TrainingCheckpoints(tmp_path / "bf16", keep_best=1)
@@ -197,7 +198,7 @@ train, validation = load_digits_split()
 cfg = _finetune_cfg(epochs=2)
 model = _classifier()
 finetuner = Finetuner(model, image_forward(16, cfg.augment), cfg,
-    steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+    num_train_examples=len(train["label"]),
     group_patterns=model.backbone.group_patterns())
 checkpoints = TrainingCheckpoints({directory!r}, keep_best=1)
 state, history = run_finetuning(finetuner, train, validation, checkpoints, eval_batch_size=64)
@@ -309,3 +310,79 @@ def test_checkpoints_ranking_by_another_metric_are_refused(digits, tmp_path):
     with pytest.raises(ValueError, match="validation_loss.*validation_accuracy"):
         run_finetuning(_finetuner(cfg, train), train, validation, checkpoints, eval_batch_size=64)
     checkpoints.close()
+
+
+def _batchnorm_statistics(state) -> dict[str, np.ndarray]:
+    names = parameter_names(state.rest)
+    return {
+        name: np.asarray(leaf)
+        for name, leaf in zip(names, jax.tree_util.tree_leaves(state.rest), strict=True)
+        if name.endswith(("mean", "var"))
+    }
+
+
+def test_validation_judges_the_model_as_it_is_saved(digits, tmp_path):
+    """With BatchNorm training, validation uses running statistics, as the saved model does.
+
+    Validation on batch statistics once picked a from-scratch epoch at 0.975 validation
+    accuracy whose saved model scored chance on test.
+    """
+    train, validation = digits
+    cfg = _finetune_cfg(batchnorm="train", rules=[TransferRule(pattern=".*")], epochs=2)
+    model = _classifier()
+    set_batchnorm_training(model, True)  # as a from-scratch run's model comes
+    finetuner = _finetuner(cfg, train, model)
+    checkpoints = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
+    state, history = run_finetuning(finetuner, train, validation, checkpoints, eval_batch_size=64)
+    checkpoints.close()
+    saved = finetuner.model(state)
+    assert all(
+        module.use_running_average
+        for _, module in nnx.iter_graph(saved)
+        if isinstance(module, nnx.BatchNorm)
+    )
+    # The saved model, evaluated on its own, scores what validation reported for its epoch.
+    logits = image_forward(16, cfg.augment)(saved, {"image": validation["image"]}, False, None)
+    accuracy = float(np.mean(np.argmax(logits, axis=1) == validation["label"]))
+    assert accuracy == pytest.approx(history.epochs[history.best_epoch]["validation_accuracy"])
+
+
+def test_batchnorm_of_frozen_groups_keeps_its_statistics(digits):
+    train, _ = digits
+    cfg = _finetune_cfg(batchnorm="train")  # block 0 frozen, the rest trains
+    finetuner = _finetuner(cfg, train)
+    assert finetuner.trained_batchnorms == ["backbone/blocks/1/norm"]
+    before = _batchnorm_statistics(finetuner.initial)
+    after, _ = finetuner.run_epoch(finetuner.initial, train, progress=False)
+    after = _batchnorm_statistics(after)
+    for name in before:
+        moved = not np.array_equal(before[name], after[name])
+        assert moved == name.startswith("backbone/blocks/1/"), name
+
+
+def test_padding_rows_never_enter_batch_statistics(digits):
+    """While BatchNorm trains, an epoch is full batches only: no padded row is normalised."""
+    train, _ = digits  # 300 examples: batches of 32 leave 12
+    cfg = _finetune_cfg(batchnorm="train")
+    finetuner = _finetuner(cfg, train)
+    assert finetuner.steps_per_epoch(300) == 9
+    seen = []
+    step = finetuner.train_step
+
+    def recording_step(trainable, opt_state, frozen, rest, batch, key):
+        seen.append(np.asarray(batch["mask"]))
+        return step(trainable, opt_state, frozen, rest, batch, key)
+
+    finetuner.train_step = recording_step
+    finetuner.run_epoch(finetuner.initial, train, progress=False)
+    assert len(seen) == 9 and all(mask.min() == 1.0 for mask in seen)
+    # With BatchNorm on running statistics the padded last batch still trains (masked loss).
+    frozen_batchnorm = _finetuner(_finetune_cfg(), train)
+    assert frozen_batchnorm.steps_per_epoch(300) == 10
+
+
+def test_batchnorm_training_needs_one_full_batch(digits):
+    train, _ = digits
+    cfg = _finetune_cfg(batchnorm="train", batch_size=512)
+    with pytest.raises(ValueError, match=r"finetune\.batch_size. \(512"):
+        _finetuner(cfg, train)

@@ -131,3 +131,31 @@ def test_clipping_sees_only_the_optimized_tree():
     updates, _ = tx.update(huge, state, params)
     assert np.allclose(np.abs(updates["a"]), 1.0, rtol=1e-3)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_gradual_unfreezing_clips_only_what_trains_in_the_step():
+    """A group still waiting for its epoch neither shrinks the clip nor fills Adam's moments."""
+    params = {"head": jnp.ones(3), "waiting": jnp.ones(3)}
+    settings = {
+        "head": ParamSetting(False, 1.0, 0.0),
+        "waiting": ParamSetting(False, 1.0, 0.0, unfreeze_epoch=1),
+    }
+    tx = make_optimizer(
+        params,
+        settings,
+        lambda step: 1.0,
+        weight_decay=0.0,
+        gradient_clip_norm=1.0,
+        steps_per_epoch=1,
+    )
+    gradients = {"head": jnp.full(3, 0.1), "waiting": jnp.full(3, 1e6)}
+    _, state = tx.update(gradients, tx.init(params), params)
+    # multi_transform keeps one AdamW state per group; each holds its own parameters' mu.
+    first_moments = {}
+    for _, mu in optax.tree_utils.tree_get_all_with_path(state, "mu"):
+        first_moments.update(
+            {name: value for name, value in mu.items() if isinstance(value, jax.Array)}
+        )
+    # Step 0: only the head's gradient (norm 0.17 < 1) counts, unclipped; mu = 0.1 * g.
+    np.testing.assert_allclose(np.asarray(first_moments["head"]), 0.01, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(first_moments["waiting"]), 0.0)

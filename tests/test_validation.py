@@ -1,12 +1,14 @@
 """Tests of tlflax.validation: real Great Expectations runs over small real manifests.
 
 The manifests come from scikit-learn's 8x8 digits (a few hundred rows), so every GX run
-takes about a second after the one-off import.
+takes about a second after the one-off import. One slow test runs the validate stage itself,
+in two copies of a tiny project, to check that its metrics file does not depend on the folder.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 
+from tests.conftest import RAW_FASHION_MNIST, TINY_PARAMS, make_project_copy, run
+from tests.small_project import copy_project
 from tlflax.data.manifest import image_manifest
 from tlflax.data.subsets import stratified_subset
 from tlflax.validation import ValidationSummary, ValidationThresholds, validate_manifest
@@ -161,8 +165,9 @@ def test_empty_split_is_critical(
     manifest = good_manifest[good_manifest["split"] != "test"]
     monkeypatch.chdir(tmp_path)  # a relative docs_dir, as a stage run from the repo gives
     summary = validate_manifest(manifest, THRESHOLDS, docs_dir=Path("reports/data_docs"))
-    assert summary.data_docs_index == tmp_path / "reports" / "data_docs" / "index.html"
-    assert summary.data_docs_index.is_file()
+    # Still relative, so the stage's metrics file does not depend on the project's folder.
+    assert summary.data_docs_index == Path("reports/data_docs/index.html")
+    assert (tmp_path / summary.data_docs_index).is_file()
     assert not summary.success
     assert _failed(summary) == {"splits.required_nonempty": "critical"}
     assert _check(summary, "splits.required_nonempty").observed["empty_splits"] == ["test"]
@@ -223,3 +228,30 @@ def test_constant_images_only_warn(digits, split_indices, docs_dir: Path) -> Non
     check = _check(summary, "records.not_constant")
     assert [(r["split"], r["index"]) for r in check.failing_records] == [("train", 0), ("train", 1)]
     assert "WARNING" in summary.format_report() and "PASSED" in summary.format_report()
+
+
+@pytest.mark.slow
+def test_the_validate_stage_writes_the_same_metrics_in_any_folder(tmp_path: Path) -> None:
+    """``metrics/<experiment>/validate.json`` holds no path of the project's own folder.
+
+    It is a DVC metric that later stages depend on: a path that changes with the folder
+    would make every copy of the project (a teammate's clone, a CI checkout) run them again.
+    """
+    if not RAW_FASHION_MNIST.exists():
+        pytest.fail(f"{RAW_FASHION_MNIST} is missing: run `make assets` (scripts/fetch_assets.sh)")
+    first = make_project_copy(tmp_path / "first", TINY_PARAMS)
+    prepared = run([sys.executable, "-m", "pipelines.stages.prepare"], cwd=first, timeout=600)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    # The same prepared data one level deeper, under another name.
+    second = copy_project(first, tmp_path / "elsewhere" / "second", with_history=False)
+
+    metrics = Path("metrics/vision/validate.json")
+    for project in (first, second):
+        result = run([sys.executable, "-m", "pipelines.stages.validate"], cwd=project, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        content = (project / metrics).read_text()
+        assert str(project) not in content and str(tmp_path) not in content
+    assert (first / metrics).read_bytes() == (second / metrics).read_bytes()
+    summary = json.loads((first / metrics).read_text())
+    assert summary["data_docs_index"] == "reports/vision/data_docs/index.html"
+    assert (second / summary["data_docs_index"]).is_file()

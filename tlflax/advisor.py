@@ -4,6 +4,7 @@ Read top to bottom:
   1. evidence: training examples per class, the probe accuracy after every layer group
      (:mod:`tlflax.probes`), where it stops growing, how much the top groups lose, and -
      with large data - how much better pretrained features are than random-init ones;
+     every such comparison of two probes is a paired test on the same validation examples;
   2. the decision rules (the seeds' four dataset-size x similarity scenarios) and the
      schedule rule (BiT-HyperRule);
   3. applying the advice to the finetune settings, where settings written in params.yaml win.
@@ -14,6 +15,15 @@ nothing the task can use (they are specialised to the pretraining data), so they
 ones worth retraining; if the curve grows to the very top, the pretrained high-level
 features fit the task (high similarity) and, with little data, training a head on them is
 enough.
+
+Why a paired test: every probe is scored on the same validation examples, so two depths'
+accuracies are strongly correlated - both get the easy examples right. The standard error
+of one accuracy ignores that and misjudges their difference both ways; what says whether
+one depth is really better is how the examples they disagree on split (McNemar's test,
+:class:`tlflax.probes.PairedTest`). A difference is *real* only when it is large enough to
+matter (a threshold in :class:`tlflax.config.AdviseParams`) and significant by that test at
+``advise.significance``; every decision below is made on real differences only, and the
+advice records each comparison it made with the numbers of examples behind it.
 """
 
 from __future__ import annotations
@@ -26,10 +36,20 @@ from typing import Any, Literal
 import numpy as np
 from flax import nnx
 
-from tlflax.config import AdviseParams, FinetuneParams, TransferRule
-from tlflax.probes import DepthProbe, PooledAfterEachGroup, features_by_depth, probe_depths
+from tlflax.config import AdviseParams, FinetuneParams, ParamsError, TransferRule
+from tlflax.probes import (
+    DepthProbe,
+    PairedTest,
+    PooledAfterEachGroup,
+    features_by_depth,
+    paired_test,
+    probe_depths,
+)
 
 Strategy = Literal["feature_extraction", "top_k", "full", "scratch"]
+# What a comparison of two probes decides: whether the top groups lose accuracy
+# (similarity), where accuracy stops growing (plateau), whether pretraining helps.
+Call = Literal["similarity", "plateau", "pretraining"]
 # Layer-wise LR decay is chosen so that the lowest trained group learns at about this
 # fraction of the head's rate, within the bounds below (0.8 for about 10 trained groups).
 BOTTOM_GROUP_LR_FRACTION = 0.1
@@ -73,24 +93,81 @@ class Evidence:
         """How much accuracy the top groups lose after the best depth (0 if they lose none)."""
         return self.best.validation_accuracy - self.top.validation_accuracy
 
-    def tolerance(self, floor: float) -> float:
-        """Differences below this are noise: ``floor``, or the best accuracy's standard error."""
-        accuracy = self.best.validation_accuracy
-        standard_error = math.sqrt(accuracy * (1 - accuracy) / max(self.validation_examples, 1))
-        return max(floor, standard_error)
-
-    def plateau(self, tolerance: float) -> DepthProbe:
-        """The shallowest depth within ``tolerance`` of the best: where growth stops."""
-        target = self.best.validation_accuracy - tolerance
-        return next(p for p in self.pretrained if p.validation_accuracy >= target)
+    @property
+    def random_init_best(self) -> DepthProbe | None:
+        """The best random-init depth (the shallowest of equals; None when not measured)."""
+        if not self.random_init:
+            return None
+        return max(self.random_init, key=lambda probe: (probe.validation_accuracy, -probe.groups))
 
     @property
     def pretraining_gain(self) -> float | None:
         """Best pretrained probe minus best random-init probe (None when not measured)."""
-        if not self.random_init:
+        random_best = self.random_init_best
+        if random_best is None:
             return None
-        random_best = max(probe.validation_accuracy for probe in self.random_init)
-        return self.best.validation_accuracy - random_best
+        return self.best.validation_accuracy - random_best.validation_accuracy
+
+
+def depth_label(probe: DepthProbe, weights: str = "") -> str:
+    """A probe's name in reports: 'depth 14 (blocks/12)', or 'random-init depth 14 (...)'."""
+    return f"{weights + ' ' if weights else ''}depth {probe.groups} ({probe.group_name})"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One comparison a decision rests on: is ``better`` really more accurate than ``worse``?
+
+    ``better`` is the probe the call expects to be ahead (the best depth against a shallower
+    depth or the top; pretrained against random init). Its lead is *real* only when it is
+    larger than ``min_difference`` (smaller leads do not matter for the decision) AND
+    McNemar's paired test on the ``test.discordant`` examples the two disagree on rejects
+    equal accuracy at ``significance`` (otherwise the validation set cannot tell them apart).
+    The test is two-sided: ``better`` is picked after looking at the same accuracies.
+    """
+
+    call: Call
+    better: str
+    worse: str
+    test: PairedTest
+    min_difference: float
+    significance: float
+    real: bool
+
+    def summary(self) -> str:
+        """'on 200 validation examples they disagree on 14 (10 vs 4), McNemar mid-p 0.118: ...'."""
+        test = self.test
+        verdict = "a real difference" if self.real else "not a real difference"
+        return (
+            f"on {test.examples} validation examples they disagree on {test.discordant} "
+            f"({test.first_only_correct} vs {test.second_only_correct}), McNemar mid-p "
+            f"{test.p_value:.3g}: {verdict} (needs > {self.min_difference} and "
+            f"p < {self.significance})"
+        )
+
+
+def compare(
+    call: Call,
+    better: DepthProbe,
+    worse: DepthProbe,
+    *,
+    min_difference: float,
+    significance: float,
+    labels: tuple[str, str] | None = None,
+) -> Comparison:
+    """Whether ``better``'s lead over ``worse`` (same validation examples) is real.
+
+    Args:
+      call: the decision the comparison serves.
+      better, worse: the two probes; ``better`` is the one expected ahead.
+      min_difference: the accuracy lead that matters; smaller leads are not real.
+      significance: the level McNemar's paired test must reach.
+      labels: their names in the report (default: :func:`depth_label`).
+    """
+    test = paired_test(better.correct(), worse.correct())
+    real = test.difference > min_difference and test.p_value < significance
+    better_label, worse_label = labels or (depth_label(better), depth_label(worse))
+    return Comparison(call, better_label, worse_label, test, min_difference, significance, real)
 
 
 def count_per_class(labels: np.ndarray, num_classes: int) -> int:
@@ -199,18 +276,38 @@ def recommended_layer_lr_decay(trained_groups: int) -> float:
     return round(min(high, max(low, BOTTOM_GROUP_LR_FRACTION ** (1 / trained_groups))), 3)
 
 
+def strategy_layer_lr_decay(
+    strategy: Strategy, unfreeze_groups: int | None, num_groups: int
+) -> float:
+    """The layer-wise LR decay of a strategy, from the pretrained groups it trains.
+
+    ``full`` trains all ``num_groups`` backbone groups, ``top_k`` its ``unfreeze_groups``;
+    ``feature_extraction`` trains none, and ``scratch`` has random weights - no pretrained
+    features in the lower groups to protect - so both get 1.0.
+    """
+    if strategy == "full":
+        return recommended_layer_lr_decay(num_groups)
+    if strategy == "top_k":
+        return recommended_layer_lr_decay(unfreeze_groups or 0)
+    return 1.0
+
+
 @dataclass(frozen=True)
 class Advice:
     """The recommendation, the evidence behind it and the thresholds that decided it."""
 
     strategy: Strategy
     unfreeze_groups: int  # backbone layer groups that train, counted from the top
+    # The shallowest depth whose probe is not really worse than the best one's: where
+    # accuracy stops growing (apply_advice cuts a hand-picked top_k there).
+    plateau_depth: int
     layer_lr_decay: float
     schedule: Schedule
     size_regime: Literal["small", "medium", "large"]
     similarity: Literal["high", "low"]
-    tolerance: float
     reasons: tuple[str, ...]
+    # The paired comparisons the decisions rest on, with the examples that decided each.
+    comparisons: tuple[Comparison, ...]
     evidence: Evidence
     thresholds: AdviseParams = field(default_factory=AdviseParams)
 
@@ -229,14 +326,20 @@ class Advice:
         data = asdict(self)
         data["thresholds"] = self.thresholds.model_dump()
         evidence = self.evidence
+
+        def p_value(call: Call) -> float | None:
+            return next((c.test.p_value for c in self.comparisons if c.call == call), None)
+
         data["summary"] = {
             "best_depth": evidence.best.groups,
             "best_group": evidence.best.group_name,
             "best_probe_accuracy": evidence.best.validation_accuracy,
             "top_probe_accuracy": evidence.top.validation_accuracy,
             "top_deficit": evidence.top_deficit,
-            "plateau_depth": evidence.plateau(self.tolerance).groups,
+            "top_deficit_p_value": p_value("similarity"),
+            "plateau_depth": self.plateau_depth,
             "pretraining_gain": evidence.pretraining_gain,
+            "pretraining_gain_p_value": p_value("pretraining"),
         }
         return data
 
@@ -248,15 +351,20 @@ class Advice:
             evidence["random_init"] = tuple(DepthProbe(**p) for p in evidence["random_init"])
         schedule = dict(data["schedule"])
         schedule["decay_steps"] = tuple(schedule["decay_steps"])
+        comparisons = tuple(
+            Comparison(**{**comparison, "test": PairedTest(**comparison["test"])})
+            for comparison in data["comparisons"]
+        )
         return cls(
             strategy=data["strategy"],
             unfreeze_groups=data["unfreeze_groups"],
+            plateau_depth=data["plateau_depth"],
             layer_lr_decay=data["layer_lr_decay"],
             schedule=Schedule(**schedule),
             size_regime=data["size_regime"],
             similarity=data["similarity"],
-            tolerance=data["tolerance"],
             reasons=tuple(data["reasons"]),
+            comparisons=comparisons,
             evidence=Evidence(**evidence),
             thresholds=AdviseParams(**data["thresholds"]),
         )
@@ -267,14 +375,24 @@ def recommend(evidence: Evidence, thresholds: AdviseParams) -> Advice:
 
     - size: ``small`` below ``small_data_per_class`` examples of the rarest class, ``large``
       from ``large_data_per_class`` on, else ``medium``;
-    - similarity: ``low`` when the top groups' probe is worse than the best depth's by more
-      than the tolerance (the top features are specialised to the pretraining data), else
-      ``high``.
+    - similarity: ``low`` when the best depth's lead over the top group is real (the top
+      features are specialised to the pretraining data), else ``high``;
+    - plateau: the shallowest depth whose deficit to the best depth is not real.
 
-    Then: large data → ``scratch`` if pretrained features beat random-init ones by less than
-    ``min_pretraining_gain``, else ``full``; low similarity → ``top_k``, retraining every
-    group above the plateau (the shallowest depth within the tolerance of the best); high
-    similarity → ``feature_extraction`` with small data, ``full`` with more.
+    A lead is real when it exceeds ``plateau_tolerance`` and McNemar's paired test rejects
+    equal accuracy at ``significance`` (:func:`compare`). Each call therefore keeps its
+    default - high similarity, growth up to the best depth not established - until the
+    validation examples the two probes disagree on show otherwise; an accuracy gap of the
+    same size can be real for two depths with correlated errors and noise for two with
+    independent ones. The best depth is itself picked on these examples, which makes its
+    leads look slightly larger than they are; the level is not corrected for that.
+
+    Then: large data → ``full`` if pretrained features really beat random-init ones (by more
+    than ``min_pretraining_gain``, significantly), else ``scratch`` - as with the gain alone
+    before, pretraining has to show that it helps, and with large data the validation set
+    usually has the examples to show it; low similarity → ``top_k``, retraining every group
+    above the plateau; high similarity → ``feature_extraction`` with small data, ``full``
+    with more.
     """
     per_class = evidence.train_examples_per_class
     num_groups = evidence.num_groups
@@ -284,34 +402,73 @@ def recommend(evidence: Evidence, thresholds: AdviseParams) -> Advice:
         size_regime = "large"
     else:
         size_regime = "medium"
-    tolerance = evidence.tolerance(thresholds.plateau_tolerance)
     best, top = evidence.best, evidence.top
-    plateau = evidence.plateau(tolerance)
-    similarity = "low" if evidence.top_deficit > tolerance else "high"
+
+    def against_best(call: Call, probe: DepthProbe) -> Comparison:
+        return compare(
+            call,
+            best,
+            probe,
+            min_difference=thresholds.plateau_tolerance,
+            significance=thresholds.significance,
+        )
+
+    top_call = against_best("similarity", top)
+    similarity = "low" if top_call.real else "high"
+    # The best depth's lead over itself is never real, so some depth is the plateau.
+    plateau = next(p for p in evidence.pretrained if not against_best("plateau", p).real)
+    # Why the plateau is here: its own deficit is not real, the depth below's is.
+    below_and_plateau = evidence.pretrained[max(plateau.groups - 2, 0) : plateau.groups]
+    plateau_calls = [against_best("plateau", probe) for probe in below_and_plateau]
+    comparisons = [
+        comparison
+        for comparison in (top_call, *plateau_calls)
+        if comparison.better != comparison.worse  # a probe against itself says nothing
+    ]
+    top_verdict = (
+        "the top group is the best depth"
+        if top.groups == best.groups
+        else f"the top group ({top.group_name}) gives {top.validation_accuracy:.3f}, "
+        f"{evidence.top_deficit:.3f} lower; {top_call.summary()}"
+    )
     reasons = [
         f"{per_class} training examples per class (rarest class): {size_regime} data "
         f"(small < {thresholds.small_data_per_class} <= medium < "
         f"{thresholds.large_data_per_class} <= large).",
         f"Probe accuracy peaks at {best.validation_accuracy:.3f} after group {best.groups} "
-        f"({best.group_name}); the top group ({top.group_name}) gives "
-        f"{top.validation_accuracy:.3f}, {evidence.top_deficit:.3f} lower; differences under "
-        f"{tolerance:.3f} are noise (validation standard error, floor "
-        f"{thresholds.plateau_tolerance}): {similarity} similarity.",
+        f"({best.group_name}); {top_verdict}: {similarity} similarity.",
         f"Accuracy stops growing after group {plateau.groups} ({plateau.group_name}, "
-        f"{plateau.validation_accuracy:.3f}): the {num_groups - plateau.groups} group(s) "
-        "above it add nothing this task can use.",
+        f"{plateau.validation_accuracy:.3f}), the shallowest depth not really worse than the "
+        f"best: the {num_groups - plateau.groups} group(s) above it add nothing this task "
+        "can use.",
     ]
-    gain = evidence.pretraining_gain
+    random_best = evidence.random_init_best
     if size_regime == "large":
-        if gain is not None and gain < thresholds.min_pretraining_gain:
+        gain_call = None
+        if random_best is not None:
+            gain_call = compare(
+                "pretraining",
+                best,
+                random_best,
+                min_difference=thresholds.min_pretraining_gain,
+                significance=thresholds.significance,
+                labels=(depth_label(best, "pretrained"), depth_label(random_best, "random-init")),
+            )
+            comparisons.append(gain_call)
+        if gain_call is not None and not gain_call.real:
             strategy, unfreeze = "scratch", num_groups
             reasons.append(
-                f"Pretrained features beat random-init ones by only {gain:.3f} (< "
-                f"{thresholds.min_pretraining_gain}) and data is large: train from scratch."
+                "The best pretrained probe leads the best random-init one by "
+                f"{gain_call.test.difference:.3f}; {gain_call.summary()}; data is large: "
+                "train from scratch."
             )
         else:
             strategy, unfreeze = "full", num_groups
-            measured = f" by {gain:.3f}" if gain is not None else ""
+            measured = (
+                f" by {gain_call.test.difference:.3f}; {gain_call.summary()};"
+                if gain_call is not None
+                else ""
+            )
             reasons.append(
                 f"Pretrained features beat random-init ones{measured} and data is large: "
                 "fine-tune every group."
@@ -332,7 +489,7 @@ def recommend(evidence: Evidence, thresholds: AdviseParams) -> Advice:
             "lower groups slower."
         )
     schedule = bit_hyperrule_schedule(evidence.train_examples)
-    decay = 1.0 if strategy == "scratch" else recommended_layer_lr_decay(unfreeze)
+    decay = strategy_layer_lr_decay(strategy, unfreeze, num_groups)
     reasons.append(
         f"{schedule.rule} ({evidence.train_examples} training examples): {schedule.steps} "
         f"steps, {schedule.warmup_steps} warmup; layer-wise LR decay {decay}."
@@ -340,12 +497,13 @@ def recommend(evidence: Evidence, thresholds: AdviseParams) -> Advice:
     return Advice(
         strategy=strategy,
         unfreeze_groups=unfreeze,
+        plateau_depth=plateau.groups,
         layer_lr_decay=decay,
         schedule=schedule,
         size_regime=size_regime,
         similarity=similarity,
-        tolerance=tolerance,
         reasons=tuple(reasons),
+        comparisons=tuple(comparisons),
         evidence=evidence,
         thresholds=thresholds,
     )
@@ -371,7 +529,7 @@ def strategy_rules(
     if strategy in ("full", "scratch"):
         return [head, backbone]
     if not 1 <= unfreeze_groups <= len(group_patterns):
-        raise ValueError(
+        raise ParamsError(
             f"'finetune.unfreeze_groups' is {unfreeze_groups}; this backbone has "
             f"{len(group_patterns)} layer groups"
         )
@@ -401,9 +559,12 @@ def apply_advice(
     """``cfg`` with every advised setting it leaves unset filled from ``advice``.
 
     ``strategy: auto`` takes the advised strategy (and its number of groups); an explicit
-    strategy keeps its own (``top_k`` with ``unfreeze_groups``, or the advised number).
-    Explicit ``rules`` (only allowed with auto) win over any strategy. ``epochs``,
-    ``warmup_fraction`` and ``layer_lr_decay`` come from the advice unless written.
+    strategy keeps its own (``top_k`` with ``unfreeze_groups``, or the advised number, or
+    the groups above the advised plateau). Explicit ``rules`` (only allowed with auto) win
+    over any strategy. ``epochs``, ``warmup_fraction`` and ``layer_lr_decay`` come from the
+    advice unless written; the decay is the advised one for the advised strategy and
+    groups (and for explicit rules), else the one the advisor gives the strategy picked by
+    hand (:func:`strategy_layer_lr_decay`: ``full`` decays over every backbone group).
     """
     strategy = advice.strategy if cfg.strategy == "auto" else cfg.strategy
     unfreeze = cfg.unfreeze_groups
@@ -411,8 +572,7 @@ def apply_advice(
         unfreeze = advice.unfreeze_groups if strategy == advice.strategy else None
         if strategy == "top_k" and unfreeze is None:
             # The advice picked another strategy; its plateau still says where to cut.
-            plateau = advice.evidence.plateau(advice.tolerance).groups
-            unfreeze = max(1, advice.evidence.num_groups - plateau)
+            unfreeze = max(1, advice.evidence.num_groups - advice.plateau_depth)
     update: dict[str, Any] = {}
     if cfg.is_explicit("rules"):
         strategy = "rules"
@@ -423,9 +583,12 @@ def apply_advice(
     if not cfg.is_explicit("warmup_fraction"):
         update["warmup_fraction"] = advice.schedule.warmup_fraction()
     if not cfg.is_explicit("layer_lr_decay"):
+        advised_plan = (strategy, unfreeze) == (advice.strategy, advice.unfreeze_groups)
+        # A strategy picked by hand trains other groups than the advised one: its decay
+        # follows from its own groups (`full`: all of them, not the 0 `unfreeze` it has).
         update["layer_lr_decay"] = (
             advice.layer_lr_decay
-            if strategy in (advice.strategy, "rules")
-            else recommended_layer_lr_decay(unfreeze or 0)
+            if advised_plan or strategy == "rules"
+            else strategy_layer_lr_decay(strategy, unfreeze, len(group_patterns))
         )
     return AppliedStrategy(strategy, cfg.model_copy(update=update), tuple(sorted(update)))

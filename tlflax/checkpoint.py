@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tlflax.errors import InputError, MissingInputError
+
 PyTree = Any
 # The metrics checkpoints can be ranked by, and whether higher values are better.
 HIGHER_IS_BETTER = {"validation_loss": False, "validation_accuracy": True}
@@ -158,7 +160,7 @@ def save_tree(path: str | Path, tree: PyTree) -> None:
     checkpointer.wait_until_finished()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be restored into the model asked for; names its folder."""
 
 
@@ -166,13 +168,13 @@ def restore_tree(path: str | Path, abstract_tree: PyTree) -> PyTree:
     """Restore a pytree saved by :func:`save_tree` into ``abstract_tree``'s structure.
 
     Raises:
-      FileNotFoundError: naming ``path`` when it does not exist.
+      MissingInputError: naming ``path`` when it does not exist.
       CheckpointError: naming ``path`` when it is damaged, or was written for another
         structure (another backbone, head or number of classes).
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     if not (path / _TREE_METADATA).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (it has no {_TREE_METADATA})")
     try:

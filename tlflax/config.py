@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tlflax.errors import InputError
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -26,7 +28,7 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A ``params.yaml`` that cannot be used; the message names the file and key."""
 
 
@@ -220,13 +222,25 @@ class ValidateParams(_Section):
     max_class_ratio: Annotated[float, Field(ge=1)] = 1.5
     min_examples_per_class: PositiveInt = 10
     max_split_kl_divergence: NonNegativeFloat = 0.1
-    max_duplicate_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Below 1, as ValidationThresholds requires: checked here, where the key can be named.
+    max_duplicate_fraction: Probability = 0.01
     max_leakage_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # Relative shift of each per-record feature's mean from train's: pixel intensity mean
     # and spread for images, characters and tokens for text.
     max_feature_mean_shift: NonNegativeFloat = 0.15
     # Expected label distribution, one weight per class in label order; null means uniform.
     expected_class_weights: list[PositiveFloat] | None = None
+
+
+class BaselineParams(_Section):
+    """The classical scikit-learn reference (tlflax.baseline), fitted on train alone.
+
+    Its model and hyperparameters are chosen by stratified ``cv_folds``-fold
+    cross-validation on the training split, whose folds ``seed`` shuffles.
+    """
+
+    cv_folds: Annotated[int, Field(ge=2, le=20)] = 3
+    seed: NonNegativeInt = 0
 
 
 class ExtractParams(_Section):
@@ -364,12 +378,18 @@ class AdviseParams(_Section):
     # scratch becomes a candidate, and random-init features are probed as its reference).
     small_data_per_class: PositiveInt = 100
     large_data_per_class: PositiveInt = 2000
-    # A depth whose probe accuracy is within this of the best depth's counts as reaching it;
-    # a floor - the validation accuracy's standard error is used when larger.
+    # A depth whose probe accuracy is within this of the best depth's counts as reaching it
+    # (plateau; the top group: high similarity).
     plateau_tolerance: Probability = 0.01
-    # With large data, train from scratch when pretrained features beat random-init ones by
-    # less than this (validation accuracy of the best depth of each).
+    # With large data, train from scratch unless pretrained features beat random-init ones
+    # by more than this (validation accuracy of the best depth of each).
     min_pretraining_gain: Probability = 0.02
+    # A difference between two probes (a depth vs the best, pretrained vs random init) is
+    # real only when it exceeds its threshold above AND McNemar's paired test (two-sided
+    # mid-p) rejects equal accuracy at this level. All probes are scored on the same
+    # validation examples, so only the examples the two classify differently decide; the
+    # standard error of one accuracy would ignore that pairing.
+    significance: Annotated[float, Field(gt=0, lt=1)] = 0.05
 
 
 class TrainScratchParams(_Section):
@@ -396,6 +416,7 @@ class Params(_Section):
     experiment: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "vision"
     prepare: PrepareParams = PrepareParams()
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    baseline: BaselineParams = BaselineParams()
     extract: ExtractParams = ExtractParams()
     train_head: TrainHeadParams = TrainHeadParams()
     advise: AdviseParams = AdviseParams()
@@ -470,9 +491,15 @@ def _section_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a message stays one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _describe(error: dict[str, Any], source: str) -> str:
     location = tuple(error["loc"])
-    key = ".".join(str(part) for part in location)
+    # A misspelled key may hold any character, a line break included.
+    key = _printable(".".join(str(part) for part in location))
     if error["type"] == "extra_forbidden":
         parent = _model_for(location[:-1])
         valid = [f.alias or name for name, f in parent.model_fields.items()] if parent else []

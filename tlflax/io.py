@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlflax.data.errors import DataError
+from tlflax.errors import MissingInputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,13 +129,13 @@ def read_arrays(path: str | Path, required: Sequence[str] = ()) -> dict[str, np.
       required: names the file must hold.
 
     Raises:
-      FileNotFoundError: naming ``path`` when it does not exist.
+      MissingInputError: naming ``path`` when it does not exist.
       DataError: naming ``path`` when it is empty, not an ``.npz`` archive, holds pickled
         (object) arrays, or lacks a ``required`` array.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run the stage that writes it first)")
+        raise MissingInputError(f"{path}: not found (run the stage that writes it first)")
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty (0 bytes)", "run the stage that writes it again")
     with open(path, "rb") as handle:
@@ -162,14 +163,14 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
     """Read a Parquet table (a manifest); errors name ``path``.
 
     Raises:
-      FileNotFoundError: naming ``path`` when it does not exist.
+      MissingInputError: naming ``path`` when it does not exist.
       DataError: naming ``path`` when it is empty or not a readable Parquet file.
     """
     import pandas as pd
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run the stage that writes it first)")
+        raise MissingInputError(f"{path}: not found (run the stage that writes it first)")
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty (0 bytes)", "run the stage that writes it again")
     try:

@@ -2,12 +2,15 @@
 
 Every distinct (learning-rate multiplier, weight-decay multiplier) pair is one group with its
 own AdamW; frozen parameters get ``optax.set_to_zero`` and so carry no optimizer state.
-Gradient clipping runs first, over exactly the gradients the optimizer receives.
+Gradient clipping runs first, over exactly the gradients of the parameters that train in
+that step: under gradual unfreezing, the groups still waiting for their epoch have their
+gradients zeroed before the clip (else they would shrink the step of the groups that train).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +42,39 @@ def _scaled(schedule: Schedule, multiplier: float, start_step: int = 0) -> Sched
     # Before its unfreezing step a group's rate is zero: its gradients flow (the step function
     # is compiled once for the whole run) but its weights do not move.
     return lambda step: jnp.where(step >= start_step, multiplier * schedule(step), 0.0)
+
+
+class HoldState(NamedTuple):
+    """Steps taken so far (to know which groups have started)."""
+
+    count: jax.Array
+
+
+def hold_until_unfrozen(start_steps: PyTree) -> optax.GradientTransformation:
+    """Zero each gradient until its parameter's start step (gradual unfreezing).
+
+    Args:
+      start_steps: a pytree of ints with the structure of the parameters: the step from which
+        each parameter trains.
+
+    The gradients of waiting groups still flow (the step compiles once for the whole run);
+    zeroing them here keeps them out of the global-norm clip and out of Adam's moments.
+    """
+
+    def init(params: PyTree) -> HoldState:
+        del params
+        return HoldState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates: PyTree, state: HoldState, params: PyTree = None):
+        del params
+        held = jax.tree_util.tree_map(
+            lambda gradient, start: jnp.where(state.count >= start, gradient, 0.0),
+            updates,
+            start_steps,
+        )
+        return held, HoldState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
 
 
 def parameter_labels(params: PyTree, settings: dict[str, ParamSetting]) -> PyTree:
@@ -88,7 +124,13 @@ def make_optimizer(
         )
     used = set(jax.tree_util.tree_leaves(labels))
     transforms = {label: t for label, t in transforms.items() if label in used}
-    partitioned = optax.multi_transform(transforms, labels)
-    if gradient_clip_norm is None:
-        return partitioned
-    return optax.chain(optax.clip_by_global_norm(gradient_clip_norm), partitioned)
+    stages: list[optax.GradientTransformation] = []
+    start_steps = jax.tree_util.tree_map_with_path(
+        lambda path, _: settings[path_to_name(path)].unfreeze_epoch * steps_per_epoch, params
+    )
+    if any(jax.tree_util.tree_leaves(start_steps)):
+        stages.append(hold_until_unfrozen(start_steps))
+    if gradient_clip_norm is not None:
+        stages.append(optax.clip_by_global_norm(gradient_clip_norm))
+    stages.append(optax.multi_transform(transforms, labels))
+    return stages[0] if len(stages) == 1 else optax.chain(*stages)

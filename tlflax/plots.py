@@ -1,4 +1,4 @@
-"""Figures for reports: learning curves of the three ways to use a pretrained network."""
+"""Figures for reports: learning curves of the ways to use a pretrained network, and references."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def plot_learning_curves(
     *,
     metric: str = "validation accuracy",
     title: str = "",
+    reference_lines: Mapping[str, float] | None = None,
 ) -> None:
     """Write a PNG with one line per curve (x = epoch, starting at 1), atomically.
 
@@ -22,6 +23,8 @@ def plot_learning_curves(
       path: where the PNG goes.
       metric: the y-axis label.
       title: the figure title.
+      reference_lines: label → a value of the same metric drawn as a horizontal dashed line
+        across all epochs, e.g. {"baseline: pixels_rbf_svm(C=10)": 0.81}.
     """
     import matplotlib
 
@@ -32,6 +35,8 @@ def plot_learning_curves(
     for label, values in curves.items():
         epochs = range(1, len(values) + 1)
         axes.plot(epochs, values, marker="o", markersize=3, linewidth=1.5, label=label)
+    for label, value in (reference_lines or {}).items():
+        axes.axhline(value, linestyle="--", linewidth=1.2, color="0.35", label=label)
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
     if title:

@@ -3,12 +3,15 @@
 The backbone runs once, group by group (``run_groups``, the machinery the prefix cache cuts
 at), and the pooled output after every group is kept; each depth then gets a closed-form
 ridge-regression probe onto one-hot labels, its penalty chosen by exact leave-one-out on the
-training examples, so the validation split is only used to score. :mod:`tlflax.advisor`
-turns the probes into a recommendation.
+training examples, so the validation split is only used to score. Every probe keeps which
+validation examples it gets right: all depths are scored on the same examples, so two of
+them are compared by a paired test (:func:`paired_test`, McNemar's) on the examples where
+they disagree. :mod:`tlflax.advisor` turns the probes into a recommendation.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -74,6 +77,22 @@ def features_by_depth(
     }
 
 
+def pack_correct(correct: np.ndarray) -> str:
+    """Per-example correctness as text: one bit per example, packed and base64-encoded.
+
+    A probe's correctness on every validation example travels in ``advice.json``: packed,
+    it costs 1/6 of a character per example (a list of 0/1 would cost 3), and a string keeps
+    the dataclasses that hold it hashable and comparable.
+    """
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool))).decode("ascii")
+
+
+def unpack_correct(packed: str, examples: int) -> np.ndarray:
+    """The boolean array :func:`pack_correct` packed (``examples`` long: drops the padding)."""
+    bits = np.frombuffer(base64.b64decode(packed), dtype=np.uint8)
+    return np.unpackbits(bits, count=examples).astype(bool)
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """A linear probe of one depth: its validation accuracy, and what chose its penalty."""
@@ -81,6 +100,10 @@ class ProbeResult:
     validation_accuracy: float
     leave_one_out_accuracy: float
     relative_penalty: float
+    # Which validation examples the probe gets right (pack_correct, in split order): the
+    # pairs a paired test between two depths is computed from.
+    validation_correct: str
+    validation_examples: int
 
 
 def ridge_probe(
@@ -121,11 +144,13 @@ def ridge_probe(
     loo_accuracy, relative = best
     penalty = relative * float(np.mean(singular**2))
     weights = right_t.T @ ((singular / (singular**2 + penalty))[:, None] * projected)
-    predictions = (validation @ weights).argmax(axis=1)
+    correct = (validation @ weights).argmax(axis=1) == validation_labels
     return ProbeResult(
-        validation_accuracy=float(np.mean(predictions == validation_labels)),
+        validation_accuracy=float(np.mean(correct)),
         leave_one_out_accuracy=loo_accuracy,
         relative_penalty=relative,
+        validation_correct=pack_correct(correct),
+        validation_examples=len(correct),
     )
 
 
@@ -139,6 +164,12 @@ class DepthProbe:
     validation_accuracy: float
     leave_one_out_accuracy: float
     relative_penalty: float
+    validation_correct: str  # pack_correct of which validation examples it gets right
+    validation_examples: int
+
+    def correct(self) -> np.ndarray:
+        """Whether the probe gets each validation example right (bool, in split order)."""
+        return unpack_correct(self.validation_correct, self.validation_examples)
 
 
 def group_name(pattern: str) -> str:
@@ -168,3 +199,71 @@ def probe_depths(
         result = ridge_probe(train, train_labels, validation, validation_labels, num_classes)
         probes.append(DepthProbe(depth, group_name(pattern), train.shape[1], **asdict(result)))
     return tuple(probes)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing two probes scored on the same validation examples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's test of two probes scored on the same validation examples.
+
+    Examples both probes get right, or both get wrong, say nothing about which is better;
+    only the discordant ones - right by one probe, wrong by the other - do. Under equal
+    accuracy each discordant example favours either probe with probability 1/2, so
+    ``first_only_correct`` is Binomial(``discordant``, 1/2); ``p_value`` is its two-sided
+    mid-p (:func:`mcnemar_mid_p`). Two depths with correlated errors (one gets right a
+    subset of what the other does) disagree on few examples, all one way: a small accuracy
+    difference is then already significant. Independent errors disagree on many, both ways:
+    the same difference is then noise.
+    """
+
+    examples: int
+    first_only_correct: int
+    second_only_correct: int
+    p_value: float
+
+    @property
+    def discordant(self) -> int:
+        """Examples exactly one of the two probes gets right: the only ones that decide."""
+        return self.first_only_correct + self.second_only_correct
+
+    @property
+    def difference(self) -> float:
+        """First probe's accuracy minus the second's (the discordant counts' difference)."""
+        return (self.first_only_correct - self.second_only_correct) / max(self.examples, 1)
+
+
+def mcnemar_mid_p(first_only_correct: int, second_only_correct: int) -> float:
+    """Two-sided mid-p of McNemar's exact test on the discordant pairs.
+
+    With ``n`` discordant pairs and ``k`` the smaller of the two counts, X ~ Binomial(n, 1/2):
+    ``p = 2 (P(X < k) + P(X = k) / 2)``, at most 1. The exact conditional test
+    (``2 P(X <= k)``, scipy's ``binomtest``) counts the observed outcome whole, which makes
+    it conservative - with few discordant pairs its real false-positive rate is far below
+    the nominal level; the mid-p version stays close to nominal (Fagerland, Lydersen & Laake
+    2013, "The McNemar test for binary matched-pairs data", BMC Med. Res. Methodol. 13:91).
+    Integer arithmetic keeps it exact for any ``n``.
+    """
+    discordant = first_only_correct + second_only_correct
+    smaller = min(first_only_correct, second_only_correct)
+    below, binomial = 0, 1  # sum of C(n, i) for i < k, and C(n, i) for the current i
+    for i in range(smaller):
+        below += binomial
+        binomial = binomial * (discordant - i) // (i + 1)
+    return min(1.0, (2 * below + binomial) / 2**discordant)
+
+
+def paired_test(first_correct: np.ndarray, second_correct: np.ndarray) -> PairedTest:
+    """McNemar's test of two probes from their correctness on the same examples.
+
+    Raises:
+      ValueError: the two were not scored on the same number of examples.
+    """
+    first, second = np.asarray(first_correct, bool), np.asarray(second_correct, bool)
+    if first.shape != second.shape:
+        raise ValueError(f"paired correctness of {first.shape} and {second.shape} examples")
+    first_only, second_only = int(np.sum(first & ~second)), int(np.sum(second & ~first))
+    return PairedTest(len(first), first_only, second_only, mcnemar_mid_p(first_only, second_only))

@@ -28,9 +28,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from tlflax.checkpoint import TrainingCheckpoints, score
-from tlflax.config import FinetuneParams, TrainHeadParams, TransferRule
+from tlflax.config import FinetuneParams, ParamsError, TrainHeadParams, TransferRule
 from tlflax.data.pipeline import iterate_batches, num_batches
 from tlflax.models.heads import Head
+from tlflax.models.layers import set_batchnorm_modes, set_batchnorm_training
 from tlflax.optim import make_optimizer, warmup_cosine
 from tlflax.transfer import (
     ParamSetting,
@@ -251,7 +252,7 @@ class Finetuner:
         forward: Forward,
         cfg: FinetuneParams,
         *,
-        steps_per_epoch: int,
+        num_train_examples: int,
         group_patterns: list[str],
         backbone_prefix: str = "backbone/",
     ):
@@ -271,9 +272,27 @@ class Finetuner:
             gradual_unfreezing=cfg.gradual_unfreezing,
         )
         self.is_trainable = trainable_filter(self.settings)
+        # Two programs over the same state: training normalises with batch statistics in the
+        # BatchNorm layers that train (`batchnorm: train`), evaluation always with the running
+        # statistics the saved model is evaluated with - so validation, early stopping and the
+        # saved-epoch choice judge the model that is saved.
+        self.trained_batchnorms = set_batchnorm_modes(model, self.settings, cfg.batchnorm)
         self.graphdef, trainable, frozen, rest = nnx.split(model, self.is_trainable, nnx.Param, ...)
+        set_batchnorm_training(model, False)
+        self.eval_graphdef = nnx.split(model, self.is_trainable, nnx.Param, ...)[0]
         if not jax.tree_util.tree_leaves(trainable):
-            raise ValueError("finetune.rules freeze every parameter: nothing would be trained")
+            raise ParamsError("'finetune.rules' freeze every parameter: nothing would be trained")
+        # Batch statistics of a padded batch would count its padding rows: while BatchNorm
+        # trains, the last partial batch of an epoch is dropped instead (a different one each
+        # epoch, as the order is shuffled), as timm's and PyTorch's drop_last do.
+        self.drop_remainder = bool(self.trained_batchnorms)
+        steps_per_epoch = self.steps_per_epoch(num_train_examples)
+        if steps_per_epoch == 0:
+            raise ParamsError(
+                f"'finetune.batch_size' ({cfg.batch_size}; 'train_scratch.batch_size' for the "
+                f"from-scratch run) is larger than the {num_train_examples} training examples, "
+                "and BatchNorm trains on full batches only; lower it"
+            )
         self.schedule = warmup_cosine(
             cfg.learning_rate, steps_per_epoch * cfg.epochs, cfg.warmup_fraction
         )
@@ -289,8 +308,8 @@ class Finetuner:
         # first axis; jit partitions the step (GSPMD). On one device this changes nothing.
         self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
         if cfg.batch_size % self.mesh.size:
-            raise ValueError(
-                f"finetune.batch_size ({cfg.batch_size}) must be a multiple of the number of "
+            raise ParamsError(
+                f"'finetune.batch_size' ({cfg.batch_size}) must be a multiple of the number of "
                 f"devices ({self.mesh.size}) for data parallelism"
             )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -341,13 +360,17 @@ class Finetuner:
         return optax.apply_updates(trainable, updates), opt_state, new_rest, loss
 
     def _eval_step(self, trainable, frozen, rest, batch):
-        model = self._merge(*self._for_compute((trainable, frozen, rest)))
+        model = nnx.merge(self.eval_graphdef, *self._for_compute((trainable, frozen, rest)))
         logits = self.forward(model, batch, False, None).astype(jnp.float32)
         return batch_counts(logits, batch["label"], batch["mask"])
 
     def model(self, state: FinetuneState) -> nnx.Module:
-        """The NNX model holding ``state``'s weights."""
-        return self._merge(state.trainable, state.frozen, state.rest)
+        """The NNX model holding ``state``'s weights, in inference mode (running statistics)."""
+        return nnx.merge(self.eval_graphdef, state.trainable, state.frozen, state.rest)
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        """Train steps in one epoch over ``num_examples``."""
+        return num_batches(num_examples, self.cfg.batch_size, self.drop_remainder)
 
     def evaluate(self, state: FinetuneState, arrays: dict[str, np.ndarray], batch_size: int):
         totals: dict[str, float] = {}
@@ -367,9 +390,9 @@ class Finetuner:
             shuffle=True,
             seed=self.cfg.seed,
             epoch=state.epoch,
-            drop_remainder=False,
+            drop_remainder=self.drop_remainder,
         )
-        steps = num_batches(len(train["label"]), self.cfg.batch_size, drop_remainder=False)
+        steps = self.steps_per_epoch(len(train["label"]))
         trainable, opt_state, rest, key = state.trainable, state.opt_state, state.rest, state.key
         bar = tqdm(
             batches,
@@ -436,7 +459,7 @@ def run_finetuning(
             jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)),
         )
         history = History(**progress["history"])
-    steps_per_epoch = num_batches(len(train["label"]), cfg.batch_size)
+    steps_per_epoch = finetuner.steps_per_epoch(len(train["label"]))
     # Patience counts from the end of the warmup at the earliest: while the learning rate is
     # still rising, the validation loss of a pretrained network typically gets worse before it
     # gets better, and stopping there would keep the start, not the fine-tuned model.

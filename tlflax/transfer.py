@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 
 from tlflax.config import TransferRule
+from tlflax.errors import InputError
 
 FROZEN = "frozen"
 
@@ -43,8 +44,8 @@ class ParamSetting:
         return label + (f"_from{self.unfreeze_epoch}" if self.unfreeze_epoch else "")
 
 
-class UncoveredParametersError(ValueError):
-    """Some parameters match no rule; the message lists them."""
+class UncoveredParametersError(InputError):
+    """Some parameters match no rule in ``finetune.rules``; the message lists them."""
 
 
 def path_to_name(path: Sequence[object]) -> str:
@@ -79,6 +80,10 @@ def layer_depths(
     ``group_patterns`` lists one regex per backbone layer group in forward order (relative to
     the backbone). The last group has depth 1, the one below it 2, and so on; parameters
     outside the backbone (the head) have depth 0.
+
+    Raises:
+      ValueError: a backbone parameter matches no group pattern. The patterns are the
+        backbone's own (``group_patterns()``), not the user's: that is a bug in the backbone.
     """
     compiled = [re.compile(pattern) for pattern in group_patterns]
     depths: dict[str, int] = {}
@@ -89,9 +94,7 @@ def layer_depths(
         relative = name[len(prefix) :]
         group = next((i for i, pattern in enumerate(compiled) if pattern.search(relative)), None)
         if group is None:
-            raise UncoveredParametersError(
-                f"parameter '{name}' belongs to no layer group of the backbone"
-            )
+            raise ValueError(f"parameter '{name}' belongs to no layer group of the backbone")
         depths[name] = len(compiled) - group
     return depths
 

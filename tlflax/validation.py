@@ -115,11 +115,13 @@ def validate_manifest(
             the previous one, since GX drops pages of results it no longer holds.
 
     Returns:
-        The summary; ``success`` is False when any critical check failed.
+        The summary; ``success`` is False when any critical check failed. Its
+        ``data_docs_index`` is under ``docs_dir`` as given: relative when it is relative,
+        so a summary written inside a project does not depend on where the project is.
     """
     # GX refuses a relative site folder when the context has no root directory.
-    docs_dir = docs_dir.absolute()
-    docs_dir.mkdir(parents=True, exist_ok=True)
+    site_dir = docs_dir.absolute()
+    site_dir.mkdir(parents=True, exist_ok=True)
     records_per_split = (
         manifest["split"].astype(str).value_counts().to_dict() if "split" in manifest else {}
     )
@@ -129,7 +131,7 @@ def validate_manifest(
         for split in (*thresholds.required_splits, *thresholds.optional_splits)
         if records_per_split.get(split)
     ]
-    checks = run_expectations(manifest, plan_expectations(manifest, thresholds, splits), docs_dir)
+    checks = run_expectations(manifest, plan_expectations(manifest, thresholds, splits), site_dir)
     checks += _computed_checks(manifest, thresholds, splits, records_per_split)
     checks.sort(key=lambda check: (_CHECK_ORDER.index(check.name.split(".")[0]), check.name))
     success = not any(check.severity == "critical" and not check.passed for check in checks)

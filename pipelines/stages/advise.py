@@ -2,14 +2,13 @@
 
 Probes the pooled output after every backbone layer group (one forward pass) on a
 stratified subset of train, scores each probe on validation, and writes the recommendation
-with its evidence: ``metrics/<experiment>/advice.json`` (a DVC metric, which ``finetune``
-and ``train_scratch`` read under ``finetune.strategy: auto``) and
+with its evidence: ``metrics/<experiment>/advice.json`` (a DVC metric, which the ``plan``
+stage merges with params.yaml into the run's plan) and
 ``reports/<experiment>/advice.md``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,11 +16,9 @@ import numpy as np
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, run_stage
-from pipelines.stages.tasks import Task, task_for
+from pipelines.stages.tasks import task_for
 from tlflax.advisor import (
     Advice,
-    AppliedStrategy,
-    apply_advice,
     count_per_class,
     measure,
     recommend,
@@ -40,37 +37,6 @@ def report_path(paths: ExperimentPaths) -> Path:
     return Path("reports") / paths.experiment / "advice.md"
 
 
-def applied_strategy(
-    params: Params, paths: ExperimentPaths, task: Task, *, num_classes: int, num_train_examples: int
-) -> AppliedStrategy:
-    """``finetune`` as a run uses it: what params.yaml leaves unset filled from the advice.
-
-    Raises:
-      FileNotFoundError: the advise stage has not written its advice yet.
-    """
-    path = advice_path(paths)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: run the advise stage first (dvc repro advise); "
-            "finetune.strategy and the schedule come from it"
-        )
-    advice = Advice.from_json(json.loads(path.read_text(encoding="utf-8")))
-    applied = apply_advice(
-        params.finetune,
-        advice,
-        group_patterns=task.abstract_classifier(num_classes).backbone.group_patterns(),
-        num_train_examples=num_train_examples,
-    )
-    cfg = applied.finetune
-    print(
-        f"finetune settings: strategy {applied.strategy} (advised: {advice.strategy}); "
-        f"epochs {cfg.epochs}, "
-        f"warmup {cfg.warmup_fraction:.2f}, layer LR decay {cfg.layer_lr_decay}; from the "
-        f"advice: {', '.join(applied.from_advice) or 'nothing (all set in params.yaml)'}"
-    )
-    return applied
-
-
 def _backbone(params: Params, *, pretrained: bool) -> nnx.Module:
     backbone, _ = create_backbone(
         params.extract.backbone, pretrained=pretrained, rngs=nnx.Rngs(params.finetune.seed)
@@ -79,9 +45,9 @@ def _backbone(params: Params, *, pretrained: bool) -> nnx.Module:
 
 
 def advice_markdown(advice: Advice, *, title: str) -> str:
-    """The advice, the rules that chose it and the probe curve, as markdown."""
+    """The advice, the rules that chose it, the paired comparisons and the probe curve."""
     evidence = advice.evidence
-    plateau = evidence.plateau(advice.tolerance).groups
+    plateau = advice.plateau_depth
     lines = [
         f"# {title}",
         "",
@@ -106,6 +72,29 @@ def advice_markdown(advice: Advice, *, title: str) -> str:
     ]
     if evidence.pretraining_gain is not None:
         lines.append(f"- pretrained minus random-init best probe: {evidence.pretraining_gain:.3f}")
+    thresholds = advice.thresholds
+    lines += [
+        "",
+        "Paired comparisons behind each call: all probes are scored on the same "
+        f"{evidence.validation_examples} validation examples, so only those the two probes "
+        "classify differently (discordant) decide. A lead is real when it exceeds the call's "
+        "threshold (advise.plateau_tolerance, or advise.min_pretraining_gain for pretraining) "
+        f"and McNemar's test (two-sided mid-p) is below advise.significance "
+        f"({thresholds.significance}).",
+        "",
+        "| call | compared | validation examples | discordant (right only by the first vs "
+        "only by the second) | difference | McNemar mid-p | real difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for comparison in advice.comparisons:
+        test = comparison.test
+        verdict = "yes" if comparison.real else "no"
+        lines.append(
+            f"| {comparison.call} | {comparison.better} vs {comparison.worse} | "
+            f"{test.examples} | {test.discordant} ({test.first_only_correct} vs "
+            f"{test.second_only_correct}) | {test.difference:.3f} "
+            f"(threshold {comparison.min_difference}) | {test.p_value:.3g} | {verdict} |"
+        )
     random_by_depth = {p.groups: p for p in evidence.random_init or ()}
     header = "| groups | last group | dim | probe accuracy | leave-one-out (train) |"
     rule = "|---|---|---|---|---|"

@@ -11,20 +11,24 @@ import hashlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 
 import tlflax
 from tlflax.config import Params, ParamsError, load_params
+from tlflax.errors import InputError
 from tlflax.io import atomic_path
 
-# Errors that mean "the input is wrong", not "the code is wrong": they are reported as one
-# line naming the file or key, with a non-zero exit and no traceback (TLFLAX_DEBUG=1 shows it).
-# Exit status 1 is a failed data validation (the validate stage).
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
+# Errors that mean "the input is wrong", not "the code is wrong": raised where the code
+# recognised the bad input (tlflax.errors), they are reported as one line naming the file or
+# key, with exit status 2 and no traceback (TLFLAX_DEBUG=1 shows it). Any other exception,
+# a ValueError or FileNotFoundError included, is a bug: it escapes with its traceback and
+# Python's exit status 1 - as does a failed data validation (the validate stage's verdict).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (InputError,)
 EXIT_BAD_INPUT = 2
 # Training diverged (a NaN/Inf loss, tlflax.train.NonFiniteLossError, a FloatingPointError):
 # the message names the epoch and step; the checkpoints written before it are kept.
@@ -66,6 +70,11 @@ class ExperimentPaths:
         return Path("models") / self.experiment / "scratch"
 
     @property
+    def baseline(self) -> Path:
+        """The classical baseline's choice (model.json) and probabilities (predictions.npz)."""
+        return Path("models") / self.experiment / "baseline"
+
+    @property
     def plots(self) -> Path:
         return Path("plots") / self.experiment
 
@@ -96,17 +105,20 @@ def resume_dir(output_dir: Path) -> Path:
     return RESUME_CHECKPOINTS / output_dir
 
 
-def run_fingerprint(params: Params, *trees: object) -> str:
-    """What checkpoints must match to be resumed: params, code, and the starting ``trees``.
+def run_fingerprint(settings: Sequence[BaseModel], *trees: object) -> str:
+    """What checkpoints must match to be resumed: settings, code, and the starting ``trees``.
 
-    ``trees`` are what the run starts from: the arrays it trains and validates on, the
+    ``settings`` are the run's params and plan. ``trees`` are what the run starts from: the
+    arrays it trains and validates on, the
     initial model state (pretrained and head weights included). The code is every Python
     file of ``tlflax`` and of the stages, so a run never continues checkpoints that other
     code wrote.
     """
     from tlflax.checkpoint import tree_digest  # Orbax: only the training stages need it
 
-    digest = hashlib.sha256(params.model_dump_json().encode())
+    digest = hashlib.sha256()
+    for model in settings:
+        digest.update(model.model_dump_json().encode())
     for package in (Path(tlflax.__file__).parent, Path(__file__).parent):
         for source in sorted(package.rglob("*.py")):
             digest.update(source.relative_to(package).as_posix().encode())
@@ -176,7 +188,12 @@ def params_parser(program: str, description: str | None = None) -> argparse.Argu
 def run_command(
     name: str, params_file: str, body: Callable[[Params, ExperimentPaths], None]
 ) -> None:
-    """Validate ``params_file``, run ``body``; bad input exits 2 with one line, no traceback."""
+    """Validate ``params_file``, run ``body``; bad input exits 2 with one line, no traceback.
+
+    Bad input is an :class:`~tlflax.errors.InputError` (or memory the batch size asks for
+    and the machine lacks); a diverged training exits 3, also with one line. Anything else
+    is a bug and keeps its traceback (exit status 1).
+    """
     # Quiet third-party telemetry before anything imports it.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     enable_compilation_cache()

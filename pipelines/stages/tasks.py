@@ -21,11 +21,12 @@ from flax import nnx
 from pipelines.stages.common import ExperimentPaths
 from tlflax import text, vision
 from tlflax.checkpoint import restore_tree
-from tlflax.config import Params, ParamsError
+from tlflax.config import AugmentParams, FinetuneParams, Params, ParamsError
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import map_batches, prepare_images
 from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
+from tlflax.errors import InputError
 from tlflax.models.registry import backbone_names, get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
@@ -70,8 +71,12 @@ class Task(ABC):
         return build_abstract(self.params.extract.backbone, num_classes, self.params.train_head)
 
     @abstractmethod
-    def forward(self) -> Forward:
-        """The forward pass (model, batch, train, key) -> logits on :meth:`model_inputs`."""
+    def forward(self, training: FinetuneParams | None = None) -> Forward:
+        """The forward pass (model, batch, train, key) -> logits on :meth:`model_inputs`.
+
+        ``training``: the plan of the run that trains with it (augmentation, compute dtype);
+        None for inference (float32, nothing random).
+        """
 
     @abstractmethod
     def extract_features(
@@ -120,11 +125,12 @@ class ImageTask(Task):
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": records}
 
-    def forward(self) -> Forward:
+    def forward(self, training: FinetuneParams | None = None) -> Forward:
+        if training is None:
+            inference = AugmentParams(random_crop=False, flip=False)
+            return vision.image_forward(self.params.extract.image_size, inference)
         return vision.image_forward(
-            self.params.extract.image_size,
-            self.params.finetune.augment,
-            self.params.finetune.compute_dtype,
+            self.params.extract.image_size, training.augment, training.compute_dtype
         )
 
     def extract_features(
@@ -156,7 +162,7 @@ class TextTask(Task):
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
         return text.tokenize_texts(records, self.params.extract.max_length)
 
-    def forward(self) -> Forward:
+    def forward(self, training: FinetuneParams | None = None) -> Forward:
         return text.text_forward()
 
     def extract_features(
@@ -186,7 +192,7 @@ def task_for(params: Params, paths: ExperimentPaths) -> Task:
     modality = params.prepare.modality
     try:
         spec = get_backbone_spec(params.extract.backbone)
-    except ValueError as error:
+    except InputError as error:
         raise ParamsError(f"'extract.backbone': {error}") from None
     if params.extract.pretrained and spec.load_pretrained is None:
         raise ParamsError(

@@ -1,38 +1,37 @@
-"""Stage ``train_scratch``: the baseline - the same network from random weights, same budget."""
+"""Stage ``train_scratch``: the reference - the same network from random weights, same budget.
+
+Its settings are the plan's ``scratch`` entry (``metrics/<experiment>/plan.json``): the
+fine-tuning run's epochs, schedule, augmentation and early stopping, with everything
+training from random weights at ``train_scratch``'s learning rate.
+"""
 
 from __future__ import annotations
 
 from flax import nnx
 
-from pipelines.stages.advise import applied_strategy
 from pipelines.stages.common import ExperimentPaths, run_fingerprint, run_stage
 from pipelines.stages.tasks import task_for
-from pipelines.stages.training import build_scratch_classifier, fit_and_save, scratch_settings
+from pipelines.stages.training import build_scratch_classifier, fit_and_save
 from tlflax.config import Params
+from tlflax.plan import load_plan
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
+    plan = load_plan(paths.metrics("plan"))
+    cfg = plan.scratch
     task = task_for(params, paths)
-    num_classes = len(task.class_names())
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
-    # The same epochs and schedule as fine-tuning: written in params.yaml, or advised (the
-    # resolved values are in params from here on, so the resume fingerprint sees them).
-    finetune = applied_strategy(
-        params, paths, task, num_classes=num_classes, num_train_examples=len(train["label"])
-    ).finetune
-    params = params.model_copy(update={"finetune": finetune})
-    cfg = scratch_settings(finetune, params.train_scratch)
-    model = build_scratch_classifier(task, num_classes, params.train_scratch.seed)
+    model = build_scratch_classifier(task, len(task.class_names()), cfg.seed)
     fit_and_save(
         "train_scratch",
         model,
-        task.forward(),
+        task.forward(cfg),
         cfg,
         train,
         validation,
         paths=paths,
         eval_batch_size=params.evaluate.batch_size,
-        fingerprint=run_fingerprint(params, train, validation, nnx.state(model)),
+        fingerprint=run_fingerprint([plan, params], train, validation, nnx.state(model)),
     )
 
 

@@ -12,10 +12,8 @@ from flax import nnx
 from pipelines.stages.common import ExperimentPaths, resume_dir, write_live_log
 from pipelines.stages.tasks import Task
 from tlflax.checkpoint import TrainingCheckpoints, save_tree
-from tlflax.config import FinetuneParams, TrainScratchParams, TransferRule
-from tlflax.data.pipeline import num_batches
+from tlflax.config import FinetuneParams
 from tlflax.io import atomic_path, write_json
-from tlflax.models.layers import set_batchnorm_training
 from tlflax.prefix_cache import cache_prefix, frozen_prefix_groups
 from tlflax.train import Finetuner, Forward, run_finetuning
 from tlflax.transfer import summarize
@@ -57,7 +55,7 @@ def fit_and_save(
         model,
         forward,
         cfg,
-        steps_per_epoch=num_batches(len(train["label"]), cfg.batch_size),
+        num_train_examples=len(train["label"]),
         group_patterns=model.backbone.group_patterns(),
     )
     counts = summarize(finetuner.settings, finetuner.sizes)
@@ -109,37 +107,15 @@ def fit_and_save(
     return summary
 
 
-def scratch_settings(finetune: FinetuneParams, scratch: TrainScratchParams) -> FinetuneParams:
-    """Fine-tuning settings turned into training from random weights.
-
-    Same epochs, augmentation, schedule shape and early stopping as fine-tuning; only what
-    must differ for random weights differs: everything trains, BatchNorm included, at one
-    learning rate.
-    """
-    return finetune.model_copy(
-        update={
-            "learning_rate": scratch.learning_rate,
-            "batch_size": scratch.batch_size,
-            "weight_decay": scratch.weight_decay,
-            "layer_lr_decay": 1.0,
-            "batchnorm": "train",
-            "rules": [TransferRule(pattern=".*")],
-            "seed": scratch.seed,
-        }
-    )
-
-
 def build_scratch_classifier(task: Task, num_classes: int, seed: int) -> nnx.Module:
-    """The task's classifier from random weights, its BatchNorm layers in training mode."""
+    """The task's classifier from random weights (its plan trains BatchNorm too)."""
 
     # One compiled program initialises every parameter (eagerly, each shape compiles alone).
     @nnx.jit
     def create():
         return task.build_classifier(num_classes, pretrained=False, seed=seed)
 
-    model = create()
-    set_batchnorm_training(model.backbone, True)
-    return model
+    return create()
 
 
 @dataclass
@@ -149,7 +125,6 @@ class TrainingInputs:
     train: dict
     validation: dict
     forward: Forward
-    cached_groups: int = 0
 
 
 def cache_frozen_prefix(
@@ -171,7 +146,7 @@ def cache_frozen_prefix(
     """
     groups = frozen_prefix_groups(model, cfg.rules) if cfg.cache_frozen_prefix else 0
     if not groups:
-        return TrainingInputs(train, validation, task.forward())
+        return TrainingInputs(train, validation, task.forward(cfg))
     started = time.perf_counter()
     cut = task.prefix_cut(groups)
     train, validation = (
@@ -182,4 +157,4 @@ def cache_frozen_prefix(
         f"{stage}: cached the outputs of the {groups} frozen bottom layer groups "
         f"in {time.perf_counter() - started:.1f} s"
     )
-    return TrainingInputs(train, validation, cut.forward, cached_groups=groups)
+    return TrainingInputs(train, validation, cut.forward)

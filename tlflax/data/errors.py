@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tlflax.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """Raised when data is missing, malformed or inconsistent.
 
     Args:

@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import rdata
 
+from tlflax.errors import InputError
+
 FINE_FOODS_CLASSES = ["great", "other"]
 # Split name → the object's name in the modeldata lazy-load database.
 _SPLIT_OBJECTS = {"train": "training_data", "test": "testing_data"}
@@ -47,7 +49,7 @@ _DECOMPRESSORS: dict[bytes, Callable[[bytes, int], bytes]] = {
 }
 
 
-class FineFoodsDataError(ValueError):
+class FineFoodsDataError(InputError):
     """A modeldata file is missing, corrupt or does not hold the expected data; names the file."""
 
 

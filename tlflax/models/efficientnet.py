@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tlflax.errors import MissingInputError
 from tlflax.models.layers import (
     Conv2d,
     DepthwiseConv2d,
@@ -258,7 +259,7 @@ def load_imagenet_weights(
       A `LoadReport`: with `include_top=False`, `_fc.weight` and `_fc.bias` are `unexpected`.
 
     Raises:
-      ValueError: a shape differs (naming the key and both shapes) outside `dont_load`.
+      InputError: a shape differs (naming the key and both shapes) outside `dont_load`.
     """
     return load_state_dict_into(
         model,
@@ -280,7 +281,7 @@ def imagenet_weights_path() -> Path:
         ) from error
     path = Path(str(package.joinpath(*_WEIGHTS_FILE)))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{_WEIGHTS_PACKAGE} is installed but has no {path}; reinstall {_WEIGHTS_DISTRIBUTION}"
         )
     return path

@@ -17,9 +17,9 @@ Two things here are not what `nnx.Conv` gives you:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ __all__ = [
     "PooledConvBackbone",
     "depthwise_conv",
     "resolve_depthwise_impl",
+    "set_batchnorm_modes",
     "set_batchnorm_training",
     "tf_same_padding",
 ]
@@ -312,6 +313,36 @@ def set_batchnorm_training(model: nnx.Module, enabled: bool) -> None:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.BatchNorm):
             module.use_running_average = not enabled
+
+
+def set_batchnorm_modes(
+    model: nnx.Module, settings: Mapping[str, Any], batchnorm: Literal["frozen", "train"]
+) -> list[str]:
+    """Batch statistics for the BatchNorm layers that train, running statistics elsewhere.
+
+    With ``batchnorm="train"`` a BatchNorm layer normalises with (and updates its running
+    averages from) each batch's statistics only when its own scale and bias train: the
+    BatchNorm layers of frozen groups keep the statistics they came with, like their weights.
+
+    Args:
+      model: updated in place.
+      settings: parameter path -> setting with a ``frozen`` attribute
+        (:func:`tlflax.transfer.resolve_settings`).
+      batchnorm: ``"frozen"`` keeps every BatchNorm on its running statistics.
+
+    Returns:
+      The paths of the BatchNorm layers that now use batch statistics.
+    """
+    trained = []
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.BatchNorm):
+            name = "/".join(map(str, path))
+            scale = settings.get(f"{name}/scale")
+            trains = batchnorm == "train" and scale is not None and not scale.frozen
+            module.use_running_average = not trains
+            if trains:
+                trained.append(name)
+    return trained
 
 
 class PooledConvBackbone(nnx.Module):

@@ -35,6 +35,7 @@ from flax import nnx
 from jax import lax
 from jax.typing import ArrayLike
 
+from tlflax.errors import MissingInputError
 from tlflax.models.matmul import matmul_in_turn
 from tlflax.models.safetensors_weights import read_safetensors
 from tlflax.models.torch_weights import LoadReport, load_state_dict_into
@@ -360,7 +361,7 @@ def load_minilm_weights(
         and ``pooler.*`` are dropped on purpose and appear in none of the lists.
 
     Raises:
-        ValueError: A tensor's shape differs from its parameter's and the parameter is not
+        InputError: A tensor's shape differs from its parameter's and the parameter is not
             covered by ``dont_load``; the message names both and their shapes.
     """
     flax_layout = {
@@ -393,7 +394,7 @@ def _package_file(relative: str) -> Path:
         ) from error
     path = Path(package.get_model_path()) / relative
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is missing from the installed package {WEIGHTS_PACKAGE!r}; "
             f"reinstall it with `{_INSTALL_HINT}`"
         )

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tlflax.errors import InputError
 from tlflax.models import efficientnet, minilm, resnet, small_cnn
 from tlflax.models.torch_weights import LoadReport
 from tlflax.models.weights import is_flax_layout, load_flax_weights, read_weights
@@ -147,14 +148,14 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     """The spec registered as `name`.
 
     Raises:
-      ValueError: unknown name; the message lists the valid names and the nearest one.
+      InputError: unknown name; the message lists the valid names and the nearest one.
     """
     try:
         return _SPECS[name]
     except KeyError:
         nearest = difflib.get_close_matches(name, _SPECS, n=1)
         suggestion = f"; did you mean {nearest[0]!r}?" if nearest else ""
-        raise ValueError(
+        raise InputError(
             f"unknown backbone {name!r}: valid names are {', '.join(backbone_names())}{suggestion}"
         ) from None
 
@@ -184,7 +185,7 @@ def load_backbone_weights(
 
     Raises:
       WeightsFileError: the file is missing, unreadable or unsafe.
-      ValueError: a shape differs outside `dont_load`; or foreign names for a backbone
+      InputError: a shape differs outside `dont_load`; or foreign names for a backbone
         without an importer.
     """
     spec = get_backbone_spec(name)
@@ -194,7 +195,7 @@ def load_backbone_weights(
         prefix = _CLASSIFIER_BACKBONE_PREFIX if from_classifier else ""
         return load_flax_weights(model, arrays, prefix=prefix, dont_load=dont_load)
     if spec.load_state_dict is None:
-        raise ValueError(
+        raise InputError(
             f"backbone {name!r} loads only weights saved by tlflax (named by parameter "
             f"paths, such as 'blocks/0/conv/kernel'); got names like {next(iter(arrays), None)!r}"
         )
@@ -229,9 +230,11 @@ def create_backbone(
       The module, and the `LoadReport` (None when `pretrained` is False).
 
     Raises:
-      ValueError: unknown name (with the valid names and the nearest one); `pretrained`
-        without `weights_path` for a backbone with no packaged weights; `weights_path`
-        with `pretrained=False`.
+      InputError: unknown name (with the valid names and the nearest one); a weights
+        file that cannot be read or does not fit (see `load_backbone_weights`).
+      ValueError: arguments that contradict each other: `pretrained` without
+        `weights_path` for a backbone with no packaged weights, `weights_path` with
+        `pretrained=False`.
     """
     spec = get_backbone_spec(name)
 

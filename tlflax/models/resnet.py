@@ -285,7 +285,7 @@ def load_resnet_weights(
       A `LoadReport`: with `include_top=False`, `fc.weight` and `fc.bias` are `unexpected`.
 
     Raises:
-      ValueError: a shape differs (naming the key and both shapes) outside `dont_load`.
+      InputError: a shape differs (naming the key and both shapes) outside `dont_load`.
     """
     return load_state_dict_into(
         model,

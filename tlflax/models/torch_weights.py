@@ -27,6 +27,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from tlflax.errors import InputError
+
 __all__ = [
     "LoadReport",
     "WeightsFileError",
@@ -55,7 +57,7 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(InputError):
     """A weights file is missing, corrupt, truncated, or unsafe to load. Names the file."""
 
 
@@ -356,7 +358,7 @@ def load_state_dict_into(
       A `LoadReport`.
 
     Raises:
-      ValueError: a loaded entry's shape differs from ours; names both paths and shapes.
+      InputError: a loaded entry's shape differs from ours; names both paths and shapes.
     """
     state = nnx.state(model, (nnx.Param, nnx.BatchStat))
     report = LoadReport()
@@ -375,7 +377,7 @@ def load_state_dict_into(
             continue
         value = convert(state_dict[key])
         if value.shape != variable.shape:
-            raise ValueError(
+            raise InputError(
                 f"shape mismatch for {path} (file key {key!r}): the file has {value.shape} "
                 f"after layout conversion, the model expects {variable.shape}; add a "
                 "dont_load pattern to keep it initialised"

@@ -192,7 +192,7 @@ def load_flax_weights(
       A `LoadReport` (RNG counters in the file are neither loaded nor `unexpected`).
 
     Raises:
-      ValueError: a shape differs outside `dont_load`.
+      InputError: a shape differs outside `dont_load`.
     """
     return load_state_dict_into(
         model,

@@ -1,0 +1,110 @@
+"""The resolved plan: advice and written settings merged once, nothing left undecided."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flax import nnx
+
+from tests.test_train import _classifier, load_digits_split
+from tlflax.advisor import measure, recommend
+from tlflax.config import AdviseParams, FinetuneParams, TrainScratchParams, TransferRule
+from tlflax.data.pipeline import prepare_images
+from tlflax.errors import InputError, MissingInputError
+from tlflax.plan import RunPlan, TrainingPlan, load_plan, plan_table, resolve_plan
+from tlflax.vision import pooled_after_each_group
+
+
+@pytest.fixture(scope="module")
+def advice():
+    train, validation = load_digits_split()
+    model = _classifier()
+
+    def pooled(backbone, batch):
+        return pooled_after_each_group(backbone, prepare_images(batch["image"], 16))
+
+    evidence, _ = measure(model.backbone, pooled, train, validation, num_classes=10, batch_size=64)
+    return recommend(evidence, AdviseParams())
+
+
+def _abstract():
+    return nnx.eval_shape(lambda: _classifier())
+
+
+def _nulls(value, path=""):
+    if value is None:
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nulls(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _nulls(item, f"{path}[{index}]")
+
+
+def test_auto_plan_is_fully_populated(advice):
+    plan = resolve_plan(
+        FinetuneParams(strategy="auto", epochs=None, warmup_fraction=None, layer_lr_decay=None),
+        TrainScratchParams(),
+        advice,
+        model=_abstract(),
+        num_train_examples=300,
+    )
+    written = plan.model_dump(mode="json")
+    assert list(_nulls(written)) == []
+    assert plan.finetune.strategy == advice.strategy
+    assert {"epochs", "warmup_fraction", "layer_lr_decay", "rules"} <= set(plan.from_advice)
+    assert plan.finetune.epochs == advice.schedule.epochs(300, 32)
+    # The scratch plan: same budget and schedule, everything trains with BatchNorm.
+    assert plan.scratch.epochs == plan.finetune.epochs
+    assert plan.scratch.batchnorm == "train" and plan.scratch.layer_lr_decay == 1.0
+    # Round trip through the file the stage writes.
+    assert RunPlan.model_validate_json(json.dumps(written)) == plan
+
+
+def test_written_settings_win_and_full_keeps_layer_decay(advice):
+    plan = resolve_plan(
+        FinetuneParams(strategy="full", epochs=7, learning_rate=1e-3, layer_lr_decay=None),
+        TrainScratchParams(),
+        advice,
+        model=_abstract(),
+        num_train_examples=300,
+    )
+    cfg = plan.finetune
+    assert cfg.strategy == "full" and cfg.epochs == 7 and cfg.unfreeze_groups == 2
+    assert "epochs" not in plan.from_advice
+    # A hand-picked strategy keeps layer-wise decay: the lower group learns slower.
+    assert cfg.layer_lr_decay < 1.0
+    rates = {row.name: row.peak_learning_rate for row in plan.learning_rates}
+    assert rates["head"] == pytest.approx(1e-3)
+    assert rates["backbone group 0"] < rates["backbone group 1"] < rates["head"]
+    table = plan_table(plan)
+    assert "full (advised: " in table and "backbone group 0" in table
+
+
+def test_explicit_rules_are_the_plan(advice):
+    rules = [TransferRule(pattern="^head/"), TransferRule(pattern=".*", freeze=True)]
+    plan = resolve_plan(
+        FinetuneParams(strategy="auto", rules=rules),
+        TrainScratchParams(),
+        advice,
+        model=_abstract(),
+        num_train_examples=300,
+    )
+    assert plan.finetune.strategy == "rules" and plan.finetune.unfreeze_groups == 0
+    assert [row.trains for row in plan.learning_rates] == [False, False, True]
+
+
+def test_a_plan_has_no_optional_field():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingPlan(strategy="full", unfreeze_groups=1, warmup_fraction=0.1,
+                     layer_lr_decay=0.8, rules=[TransferRule(pattern=".*")])  # fmt: skip
+
+
+def test_load_plan_names_the_file(tmp_path):
+    with pytest.raises(MissingInputError, match="plan stage"):
+        load_plan(tmp_path / "plan.json")
+    (tmp_path / "plan.json").write_text('{"advised_strategy": "full"}')
+    with pytest.raises(InputError, match=r"plan\.json: 'from_advice'"):
+        load_plan(tmp_path / "plan.json")
