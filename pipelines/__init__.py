@@ -1,0 +1,1 @@
+"""The pipeline around tlflax: DVC stage scripts, the Prefect flow, reports, tools."""

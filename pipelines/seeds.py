@@ -21,10 +21,10 @@ run fails)::
      "runs": {"0": {"<model>": {"accuracy", "macro_f1"}}, ...},
      "dvc_experiments": {"0": "<experiment>-seed0", ...}}
 
-``models`` holds every entry of the run's ``evaluate.json`` that reports an accuracy (head_only,
-finetune, scratch, baseline, ...), so a new model is picked up without a code change. Each
-``*_std`` is the *sample* standard deviation over the seeds (``ddof=1``; hence at least two
-seeds): an estimate of how far one more seed's result would stray, not the spread of these runs.
+``models`` holds every entry of ``evaluate.json`` that reports an accuracy (head_only, finetune,
+scratch, baseline, ...) in every seed's run, so a new model is picked up without a code change.
+Each ``*_std`` is the *sample* standard deviation over the seeds (``numpy.std(ddof=1)``, hence at
+least two seeds): the estimate of the seed-to-seed spread, a little wider than these runs' own.
 
 The workspace ends as it began. ``dvc exp run`` leaves the workspace at its last run's params
 and outputs, so the params file's own seed runs last (when its seed keys share one value that

@@ -1,0 +1,1 @@
+"""One script per DVC stage: read params, call tlflax, write outputs."""

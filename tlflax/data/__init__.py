@@ -1,0 +1,1 @@
+"""Datasets: TFDS builders and readers, manifests, subsets, the input pipeline."""

@@ -1,0 +1,1 @@
+"""Backbones (registry and variants), heads and weight importers."""
