@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-import jax
 from flax import nnx
 from pydantic import (
     BaseModel,
@@ -29,7 +28,7 @@ from pydantic import (
 from tlflax.advisor import Advice, apply_advice
 from tlflax.config import FinetuneParams, TrainScratchParams, TransferRule
 from tlflax.errors import InputError, MissingInputError
-from tlflax.transfer import layer_depths, parameter_names, resolve_settings
+from tlflax.transfer import model_settings
 
 ResolvedStrategy = Literal["feature_extraction", "top_k", "full", "scratch", "rules"]
 
@@ -115,20 +114,15 @@ def group_learning_rates(
 
     ``model`` may be abstract (``nnx.eval_shape``): only parameter names and shapes are read.
     """
-    params = nnx.state(model, nnx.Param)
-    names = parameter_names(params)
-    leaves = jax.tree_util.tree_leaves(params)
-    ndims = {name: leaf.ndim for name, leaf in zip(names, leaves, strict=True)}
-    sizes = {name: int(leaf.size) for name, leaf in zip(names, leaves, strict=True)}
-    depths = layer_depths(names, group_patterns, "backbone/")
-    settings = resolve_settings(
-        names,
+    resolved = model_settings(
+        model,
         plan.rules,
-        ndims=ndims,
-        depths=depths,
+        group_patterns=group_patterns,
         layer_lr_decay=plan.layer_lr_decay,
         gradual_unfreezing=plan.gradual_unfreezing,
     )
+    settings, sizes, depths = resolved.settings, resolved.sizes, resolved.depths
+    names = list(settings)
     num_groups = len(group_patterns)
     # Depth counts from the top (1 = last backbone group, 0 = the head).
     labels = {depth: f"backbone group {num_groups - depth}" for depth in range(1, num_groups + 1)}
@@ -195,18 +189,15 @@ def _trained_groups(
     rules: Sequence[TransferRule], model: nnx.Module, group_patterns: Sequence[str]
 ) -> int:
     """How many backbone layer groups have at least one parameter that trains."""
-    plan = TrainingPlan(
-        strategy="rules",
-        unfreeze_groups=0,
-        epochs=1,
-        warmup_fraction=0.0,
-        layer_lr_decay=1.0,
-        rules=list(rules),
+    resolved = model_settings(
+        model, rules, group_patterns=group_patterns, layer_lr_decay=1.0, gradual_unfreezing=False
     )
-    return sum(
-        row.trains
-        for row in group_learning_rates(model, plan, group_patterns)
-        if row.name != "head"
+    return len(
+        {
+            resolved.depths[name]
+            for name, setting in resolved.settings.items()
+            if not setting.frozen and resolved.depths[name] > 0
+        }
     )
 
 

@@ -35,7 +35,7 @@ from tlflax.models.layers import set_batchnorm_modes, set_batchnorm_training
 from tlflax.optim import make_optimizer, warmup_cosine
 from tlflax.transfer import (
     ParamSetting,
-    layer_depths,
+    model_settings,
     parameter_names,
     resolve_settings,
     trainable_filter,
@@ -257,20 +257,16 @@ class Finetuner:
         backbone_prefix: str = "backbone/",
     ):
         self.cfg = cfg
-        params = nnx.state(model, nnx.Param)
-        names = parameter_names(params)
-        leaves = jax.tree_util.tree_leaves(params)
-        ndims = {n: leaf.ndim for n, leaf in zip(names, leaves, strict=True)}
-        self.sizes = {n: int(leaf.size) for n, leaf in zip(names, leaves, strict=True)}
-        depths = layer_depths(names, group_patterns, backbone_prefix)
-        self.settings: dict[str, ParamSetting] = resolve_settings(
-            names,
+        resolved = model_settings(
+            model,
             cfg.rules,
-            ndims=ndims,
-            depths=depths,
+            group_patterns=group_patterns,
             layer_lr_decay=cfg.layer_lr_decay,
             gradual_unfreezing=cfg.gradual_unfreezing,
+            backbone_prefix=backbone_prefix,
         )
+        self.sizes = resolved.sizes
+        self.settings: dict[str, ParamSetting] = resolved.settings
         self.is_trainable = trainable_filter(self.settings)
         # Two programs over the same state: training normalises with batch statistics in the
         # BatchNorm layers that train (`batchnorm: train`), evaluation always with the running

@@ -144,6 +144,46 @@ def resolve_settings(
     return settings
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """How every parameter of one model trains, with the parameter sizes (for reports)."""
+
+    settings: dict[str, ParamSetting]
+    sizes: dict[str, int]
+    depths: dict[str, int]
+
+
+def model_settings(
+    model: nnx.Module,
+    rules: Sequence[TransferRule],
+    *,
+    group_patterns: Sequence[str],
+    layer_lr_decay: float,
+    gradual_unfreezing: bool,
+    backbone_prefix: str = "backbone/",
+) -> ModelSettings:
+    """:func:`resolve_settings` over every parameter of ``model`` (which may be abstract).
+
+    ``group_patterns`` are the backbone's layer groups in forward order, relative to
+    ``backbone_prefix``; they give each parameter its depth for layer-wise decay.
+    """
+    params = nnx.state(model, nnx.Param)
+    names = parameter_names(params)
+    leaves = jax.tree_util.tree_leaves(params)
+    ndims = {name: leaf.ndim for name, leaf in zip(names, leaves, strict=True)}
+    depths = layer_depths(names, group_patterns, backbone_prefix)
+    settings = resolve_settings(
+        names,
+        rules,
+        ndims=ndims,
+        depths=depths,
+        layer_lr_decay=layer_lr_decay,
+        gradual_unfreezing=gradual_unfreezing,
+    )
+    sizes = {name: int(leaf.size) for name, leaf in zip(names, leaves, strict=True)}
+    return ModelSettings(settings, sizes, depths)
+
+
 def trainable_filter(settings: dict[str, ParamSetting]):
     """An NNX filter selecting the parameters that train (used to split the model)."""
 
