@@ -330,12 +330,26 @@ def test_diverging_finetuning_stops_naming_the_step_and_keeps_the_last_good_chec
         project,
         finetune={"learning_rate": 1e30, "batch_size": 60, "warmup_fraction": 0.34},
     )
+    # finetune reads its settings only from the plan: resolve one from the diverging params,
+    # and put the project's own plan back afterwards (the tests share one built project).
+    plan_file = project / "metrics/vision/plan.json"
+    good_plan = plan_file.read_bytes()
     before = hash_outputs(project)
-    result = run(
-        [sys.executable, "-m", "pipelines.stages.finetune", "--params", str(params)],
-        cwd=project,
-        timeout=300,
-    )
+    try:
+        planned = run(
+            [sys.executable, "-m", "pipelines.stages.plan", "--params", str(params)],
+            cwd=project,
+            timeout=300,
+        )
+        assert planned.returncode == 0, planned.stderr[-3000:]
+        assert json.loads(plan_file.read_text())["finetune"]["learning_rate"] == 1e30
+        result = run(
+            [sys.executable, "-m", "pipelines.stages.finetune", "--params", str(params)],
+            cwd=project,
+            timeout=300,
+        )
+    finally:
+        plan_file.write_bytes(good_plan)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (message,) = [line for line in result.stderr.splitlines() if line.startswith("finetune:")]
