@@ -22,8 +22,15 @@ def test_flow_runs_every_stage_then_dvc_is_a_noop(tiny_project):
         # Even 6 images per class through a pretrained backbone beat chance (0.1) clearly.
         assert metrics[phase]["accuracy"] > 0.3, metrics
     assert "head-only accuracy" in result.stdout + result.stderr
+    # extract.taps: auto - the plan, and so every model, reads the depths the advice chose
+    # on train, and the advice report says why.
+    advice = json.loads((tiny_project / "metrics/vision/advice.json").read_text())
+    plan = json.loads((tiny_project / "metrics/vision/plan.json").read_text())
+    assert plan["taps"] == advice["taps"]["taps"] and len(plan["taps"]) >= 1
+    assert "## Depths the head reads" in (tiny_project / "reports/vision/advice.md").read_text()
     lock = (tiny_project / "dvc.lock").read_text()
-    stages = ("prepare", "validate", "extract", "advise", "train_head", "finetune", "evaluate")
+    stages = ("prepare", "validate", "advise", "plan", "extract", "train_head", "finetune")
+    stages += ("evaluate",)
     for stage in stages:
         assert f"  {stage}:" in lock
 

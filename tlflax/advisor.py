@@ -45,6 +45,7 @@ from tlflax.probes import (
     paired_test,
     probe_depths,
 )
+from tlflax.taps import TapsProbe
 
 Strategy = Literal["feature_extraction", "top_k", "full", "scratch"]
 # What a comparison of two probes decides: whether the top groups lose accuracy
@@ -310,6 +311,9 @@ class Advice:
     comparisons: tuple[Comparison, ...]
     evidence: Evidence
     thresholds: AdviseParams = field(default_factory=AdviseParams)
+    # The depths a head reads with extract.taps: auto (tlflax.taps.probe_taps), chosen on
+    # the probed training examples; None where they were not measured.
+    taps: TapsProbe | None = None
 
     def lr_multipliers(self) -> list[tuple[str, float]]:
         """(layer group or 'head', learning-rate multiplier) for everything that trains."""
@@ -367,7 +371,15 @@ class Advice:
             comparisons=comparisons,
             evidence=Evidence(**evidence),
             thresholds=AdviseParams(**data["thresholds"]),
+            taps=_taps_from_json(data.get("taps")),
         )
+
+
+def _taps_from_json(data: Mapping[str, Any] | None) -> TapsProbe | None:
+    if data is None:
+        return None
+    steps = tuple((int(depth), float(accuracy)) for depth, accuracy in data["steps"])
+    return TapsProbe(**{**data, "taps": tuple(data["taps"]), "steps": steps})
 
 
 def recommend(evidence: Evidence, thresholds: AdviseParams) -> Advice:

@@ -253,6 +253,17 @@ class ExtractParams(_Section):
     # included): one fixed shape, so every jitted function compiles once.
     max_length: Annotated[int, Field(ge=8, le=512)] = 128
     batch_size: PositiveInt = 128
+    # Which depths the head reads (tlflax/taps.py): "auto", the depths the advise stage
+    # picks from its probes; "last", the backbone's final pooled features; or a list of
+    # layer-group counts, e.g. [7, 13, 14]. With taps the network is cut at the highest.
+    taps: Literal["auto", "last"] | Annotated[list[PositiveInt], Field(min_length=1)] = "auto"
+
+    @field_validator("taps")
+    @classmethod
+    def _taps_increase(cls, taps: str | list[int]) -> str | list[int]:
+        if isinstance(taps, list) and any(b <= a for a, b in zip(taps, taps[1:], strict=False)):
+            raise ValueError(f"list the depths in increasing order, each once (got {taps})")
+        return taps
 
 
 class TrainHeadParams(_Section):
@@ -373,6 +384,11 @@ class AdviseParams(_Section):
     # Probing cost: at most this many training examples (a stratified subset) are embedded;
     # the validation split is used whole.
     max_train_examples: PositiveInt = 2000
+    # extract.taps: auto picks the head's depths by greedy forward selection on the leave-
+    # one-out accuracy of a ridge probe on the probed training examples (validation only
+    # scores the result): a depth joins while it adds at least min_tap_gain, up to max_taps.
+    max_taps: PositiveInt = 8
+    min_tap_gain: Probability = 0.002
     # Dataset-size regimes, in training examples of the rarest class: below
     # small_data_per_class is "small"; from large_data_per_class on, "large" (training from
     # scratch becomes a candidate, and random-init features are probed as its reference).

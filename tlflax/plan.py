@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from tlflax.advisor import Advice, apply_advice
-from tlflax.config import FinetuneParams, TrainScratchParams, TransferRule
+from tlflax.config import FinetuneParams, ParamsError, TrainScratchParams, TransferRule
 from tlflax.errors import InputError, MissingInputError
 from tlflax.transfer import model_settings
 
@@ -81,6 +81,15 @@ class RunPlan(BaseModel):
     finetune: TrainingPlan
     scratch: TrainingPlan
     learning_rates: list[GroupLearningRate]
+    # The depths the head reads (tlflax.taps), layer groups counted from 1, the network cut
+    # at the highest; "last": the backbone's final pooled features. Every model of the run -
+    # head only, fine-tuned, from scratch - has this architecture.
+    taps: list[int] | Literal["last"]
+
+    @property
+    def head_taps(self) -> list[int] | None:
+        """The taps a classifier is built with (None: the final pooled features)."""
+        return None if self.taps == "last" else self.taps
 
 
 def scratch_plan(finetune: TrainingPlan, scratch: TrainScratchParams) -> TrainingPlan:
@@ -147,6 +156,30 @@ def group_learning_rates(
     return rows
 
 
+def resolve_taps(
+    taps: Literal["auto", "last"] | list[int],
+    advised: Sequence[int] | None,
+    *,
+    num_groups: int,
+) -> list[int] | None:
+    """``extract.taps`` decided: the ``advised`` depths for ``auto`` (None where the advice
+    has none), None for ``last``.
+
+    Raises:
+      ParamsError: a written depth beyond the backbone's ``num_groups`` layer groups.
+    """
+    if taps == "last":
+        return None
+    if taps == "auto":
+        return None if advised is None else list(advised)
+    if taps[-1] > num_groups:
+        raise ParamsError(
+            f"'extract.taps': depth {taps[-1]} is beyond the backbone's {num_groups} layer "
+            f"groups; use depths 1 to {num_groups}"
+        )
+    return list(taps)
+
+
 def resolve_plan(
     finetune: FinetuneParams,
     scratch: TrainScratchParams,
@@ -154,6 +187,7 @@ def resolve_plan(
     *,
     model: nnx.Module,
     num_train_examples: int,
+    taps: list[int] | None = None,
 ) -> RunPlan:
     """Merge ``finetune`` (written settings win), the advice and the defaults into a plan.
 
@@ -162,6 +196,8 @@ def resolve_plan(
       advice: the advise stage's recommendation (:func:`tlflax.advisor.recommend`).
       model: the classifier the plan trains (abstract is enough): its layer groups.
       num_train_examples: training examples, which turn the advised steps into epochs.
+      taps: the depths the model's head reads (:func:`resolve_taps`); ``model`` is built
+        with them, so its layer groups are those of the cut network.
     """
     group_patterns = model.backbone.group_patterns()
     applied = apply_advice(
@@ -182,6 +218,7 @@ def resolve_plan(
         finetune=finetune_plan,
         scratch=scratch_run,
         learning_rates=group_learning_rates(model, finetune_plan, group_patterns),
+        taps="last" if taps is None else taps,
     )
 
 
@@ -206,6 +243,13 @@ def plan_table(plan: RunPlan) -> str:
     cfg = plan.finetune
     settings = [
         ("strategy", f"{cfg.strategy} (advised: {plan.advised_strategy})"),
+        (
+            "head reads",
+            "final pooled features"
+            if plan.head_taps is None
+            else f"layer groups {', '.join(map(str, plan.head_taps))} "
+            f"(cut after {plan.head_taps[-1]})",
+        ),
         ("backbone groups that train", str(cfg.unfreeze_groups)),
         ("epochs", str(cfg.epochs)),
         ("batch size", str(cfg.batch_size)),

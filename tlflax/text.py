@@ -12,6 +12,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
@@ -21,6 +22,7 @@ from tlflax.data.pipeline import map_batches
 from tlflax.models.heads import TextClassifier
 from tlflax.models.minilm import load_tokenizer, minilm_tokenizer_path, tokenize
 from tlflax.models.registry import create_backbone
+from tlflax.taps import tap_widths
 from tlflax.train import Batch, Forward, create_head
 
 TOKEN_KEYS = ("input_ids", "attention_mask")
@@ -58,21 +60,40 @@ def build_text_classifier(
     *,
     pretrained: bool,
     seed: int = 0,
+    taps: Sequence[int] | None = None,
 ) -> TextClassifier:
     """Text encoder from the backbone registry, plus a new head shaped by ``head_cfg``.
 
     ``seed`` also seeds the encoder's dropout stream, so a fine-tuning run is repeatable.
+    ``taps``: the head reads the joined pooled outputs after these layer groups
+    (:mod:`tlflax.taps`), and the layers above the highest tap are dropped; None, the
+    encoder's final pooled features.
     """
     backbone, _ = create_backbone(backbone_name, pretrained=pretrained, rngs=nnx.Rngs(seed))
-    return TextClassifier(backbone, create_head(backbone.feature_dim, num_classes, head_cfg))
+    in_features = backbone.feature_dim
+    if taps is not None:
+        # The encoder is cut at its highest tap: the layers above it never run.
+        backbone.keep_groups(max(taps))
+        shapes = jax.eval_shape(
+            lambda: pooled_after_each_group(
+                backbone, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)
+            )
+        )
+        in_features = sum(tap_widths(shapes)[tap - 1] for tap in taps)
+    return TextClassifier(backbone, create_head(in_features, num_classes, head_cfg), taps)
 
 
 def abstract_text_classifier(
-    backbone_name: str, num_classes: int, head_cfg: TrainHeadParams
+    backbone_name: str,
+    num_classes: int,
+    head_cfg: TrainHeadParams,
+    taps: Sequence[int] | None = None,
 ) -> TextClassifier:
     """The classifier's structure with shape-only weights, to restore a checkpoint into."""
     return nnx.eval_shape(
-        lambda: build_text_classifier(backbone_name, num_classes, head_cfg, pretrained=False)
+        lambda: build_text_classifier(
+            backbone_name, num_classes, head_cfg, pretrained=False, taps=taps
+        )
     )
 
 

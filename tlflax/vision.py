@@ -7,6 +7,7 @@ happen inside the jitted step, so the host never holds a resized copy of the dat
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from tlflax.config import AugmentParams, TrainHeadParams
 from tlflax.data.pipeline import augment_images, map_batches, prepare_images
 from tlflax.models.heads import Head, ImageClassifier
 from tlflax.models.registry import create_backbone
+from tlflax.taps import tap_widths
 from tlflax.train import Batch, Forward
 
 
@@ -27,23 +29,41 @@ def build_image_classifier(
     *,
     pretrained: bool,
     seed: int = 0,
+    taps: Sequence[int] | None = None,
 ) -> ImageClassifier:
-    """Backbone without its original top, plus a new head shaped by ``head_cfg``."""
+    """Backbone without its original top, plus a new head shaped by ``head_cfg``.
+
+    ``taps``: the head reads the joined pooled outputs after these layer groups
+    (:mod:`tlflax.taps`), and the groups above the highest tap are dropped; None, the
+    backbone's final pooled features.
+    """
     rngs = nnx.Rngs(seed)
     backbone, _ = create_backbone(backbone_name, pretrained=pretrained, rngs=rngs)
+    in_features = backbone.feature_dim
+    if taps is not None:
+        # The network is cut at its highest tap: the groups above it never run.
+        backbone.keep_groups(max(taps))
+        # Channel widths do not depend on the image size: any small image gives them.
+        shapes = jax.eval_shape(
+            lambda: pooled_after_each_group(backbone, jnp.zeros((1, 64, 64, 3), jnp.float32))
+        )
+        in_features = sum(tap_widths(shapes)[tap - 1] for tap in taps)
     head = Head(
-        backbone.feature_dim,
+        in_features,
         num_classes,
         kind=head_cfg.head,
         hidden_dim=head_cfg.hidden_dim,
         dropout_rate=head_cfg.dropout,
         rngs=rngs,
     )
-    return ImageClassifier(backbone, head)
+    return ImageClassifier(backbone, head, taps)
 
 
 def abstract_image_classifier(
-    backbone_name: str, num_classes: int, head_cfg: TrainHeadParams
+    backbone_name: str,
+    num_classes: int,
+    head_cfg: TrainHeadParams,
+    taps: Sequence[int] | None = None,
 ) -> ImageClassifier:
     """The classifier's structure with shape-only weights, to restore a checkpoint into.
 
@@ -51,7 +71,9 @@ def abstract_image_classifier(
     CPU); a model about to be overwritten by a checkpoint does not need it.
     """
     return nnx.eval_shape(
-        lambda: build_image_classifier(backbone_name, num_classes, head_cfg, pretrained=False)
+        lambda: build_image_classifier(
+            backbone_name, num_classes, head_cfg, pretrained=False, taps=taps
+        )
     )
 
 

@@ -9,6 +9,7 @@ stage merges with params.yaml into the run's plan) and
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tlflax.config import Params
 from tlflax.data.subsets import stratified_subset
 from tlflax.io import atomic_path, write_json
 from tlflax.models.registry import create_backbone
+from tlflax.taps import probe_taps
 
 
 def advice_path(paths: ExperimentPaths) -> Path:
@@ -117,6 +119,27 @@ def advice_markdown(advice: Advice, *, title: str) -> str:
         if random_by_depth:
             row += f" {random_by_depth[probe.groups].validation_accuracy:.3f} |"
         lines.append(row)
+    if advice.taps is not None:
+        taps = advice.taps
+        lines += [
+            "",
+            "## Depths the head reads (extract.taps: auto)",
+            "",
+            f"Taps {', '.join(map(str, taps.taps))} (layer groups counted from 1): the same "
+            f"ridge probe on their joined pooled outputs scores {taps.validation_accuracy:.3f} "
+            f"on validation, against {evidence.top.validation_accuracy:.3f} for the last "
+            f"group alone and {evidence.best.validation_accuracy:.3f} for the best single "
+            "depth. Chosen on the probed training examples alone (greedy forward selection "
+            "by leave-one-out accuracy; a depth joins while it adds at least "
+            f"advise.min_tap_gain = {thresholds.min_tap_gain}):",
+            "",
+            "| step | depth added | leave-one-out accuracy (train) |",
+            "|---|---|---|",
+            *(
+                f"| {step} | {depth} | {accuracy:.3f} |"
+                for step, (depth, accuracy) in enumerate(taps.steps, start=1)
+            ),
+        ]
     lines += ["", "## Learning-rate multipliers (of finetune.learning_rate)", ""]
     lines += ["| trains | multiplier |", "|---|---|"]
     lines += [f"| {name} | {multiplier:g} |" for name, multiplier in advice.lr_multipliers()]
@@ -148,7 +171,7 @@ def advise(params: Params, paths: ExperimentPaths) -> None:
         records[probed] if isinstance(records, np.ndarray) else [records[i] for i in probed]
     )
     train_per_class = count_per_class(labels, num_classes)
-    evidence, _ = measure(
+    evidence, features = measure(
         _backbone(params, pretrained=params.extract.pretrained),
         task.pooled_after_each_group,
         {**task.model_inputs(probed_records), "label": labels[probed]},
@@ -164,7 +187,17 @@ def advise(params: Params, paths: ExperimentPaths) -> None:
             else None
         ),
     )
-    advice = recommend(evidence, cfg)
+    validation_labels = task.read_split("validation")[1]
+    taps = probe_taps(
+        features["train"],
+        labels[probed],
+        features["validation"],
+        validation_labels,
+        num_classes=num_classes,
+        max_taps=cfg.max_taps,
+        min_gain=cfg.min_tap_gain,
+    )
+    advice = dataclasses.replace(recommend(evidence, cfg), taps=taps)
     write_json(advice_path(paths), advice.to_json())
     report = advice_markdown(advice, title=f"{params.experiment}: transfer strategy advice")
     with atomic_path(report_path(paths)) as temporary:
@@ -173,7 +206,8 @@ def advise(params: Params, paths: ExperimentPaths) -> None:
         f"advise: {advice.strategy} (top {advice.unfreeze_groups} of {evidence.num_groups} "
         f"layer groups), {advice.schedule.steps} steps; best probe "
         f"{evidence.best.validation_accuracy:.3f} after {evidence.best.group_name}, top "
-        f"{evidence.top.validation_accuracy:.3f}; {time.perf_counter() - started:.1f} s"
+        f"{evidence.top.validation_accuracy:.3f}, taps {list(taps.taps)} "
+        f"{taps.validation_accuracy:.3f}; {time.perf_counter() - started:.1f} s"
     )
 
 

@@ -15,6 +15,9 @@ from pipelines.stages.tasks import task_for
 from tlflax.config import Params
 from tlflax.io import atomic_path, write_arrays
 from tlflax.models.registry import create_backbone
+from tlflax.plan import load_plan
+from tlflax.probes import features_by_depth
+from tlflax.taps import joined_numpy
 
 SPLITS = ("train", "validation", "test")
 
@@ -22,17 +25,30 @@ SPLITS = ("train", "validation", "test")
 def extract(params: Params, paths: ExperimentPaths) -> None:
     cfg = params.extract
     task = task_for(params, paths)
+    # The plan says which depths the head reads (extract.taps, resolved with the advice).
+    taps = load_plan(paths.metrics("plan")).head_taps
     backbone, report = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, rngs=nnx.Rngs(params.finetune.seed)
     )
     if report is not None:
         print(f"extract: loaded {len(report.loaded)} pretrained tensors for {cfg.backbone}")
+    if taps is not None:
+        print(f"extract: the head reads layer groups {taps}")
     with atomic_path(paths.features, directory=True) as features_dir:
         for split in SPLITS:
             inputs = task.read_inputs(split)
             check_batch_fits("extract.batch_size", cfg.batch_size, inputs)
             started = time.perf_counter()
-            features = task.extract_features(backbone, inputs, description=f"extract {split}")
+            if taps is None:
+                features = task.extract_features(backbone, inputs, description=f"extract {split}")
+            else:
+                by_depth = features_by_depth(
+                    backbone,
+                    task.pooled_after_each_group,
+                    {split: inputs},
+                    batch_size=cfg.batch_size,
+                )[split]
+                features = joined_numpy(by_depth, taps)
             seconds = time.perf_counter() - started
             count = len(inputs["label"])
             write_arrays(features_dir / f"{split}.npz", features=features, label=inputs["label"])

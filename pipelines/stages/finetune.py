@@ -36,10 +36,10 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
     num_classes = len(task.class_names())
     if cfg.strategy == "scratch":
-        model = build_scratch_classifier(task, num_classes, cfg.seed)
+        model = build_scratch_classifier(task, num_classes, cfg.seed, plan.head_taps)
     else:
         model = task.build_classifier(
-            num_classes, pretrained=params.extract.pretrained, seed=cfg.seed
+            num_classes, pretrained=params.extract.pretrained, seed=cfg.seed, taps=plan.head_taps
         )
         nnx.update(model.head, restore_tree(paths.head, nnx.state(model.head, nnx.Param)))
     check_batch_fits("finetune.batch_size", cfg.batch_size, train)

@@ -1,9 +1,11 @@
 """Stage ``plan``: the advice and params.yaml merged once into the run's plan.
 
-Reads the ``finetune`` and ``train_scratch`` sections and ``metrics/<experiment>/advice.json``
-and writes ``metrics/<experiment>/plan.json`` (:class:`tlflax.plan.RunPlan`): every setting
-of the fine-tuning run and of the from-scratch reference, decided, with the per-group
-learning rates. ``finetune`` and ``train_scratch`` read only this file.
+Reads the ``finetune`` and ``train_scratch`` sections, ``extract.taps`` and
+``metrics/<experiment>/advice.json`` and writes ``metrics/<experiment>/plan.json``
+(:class:`tlflax.plan.RunPlan`): the depths the head reads, and every setting of the
+fine-tuning run and of the from-scratch reference, decided, with the per-group learning
+rates. ``extract``, ``finetune``, ``train_scratch`` and ``evaluate`` read the model's
+architecture (its taps) from this file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from tlflax.advisor import Advice
 from tlflax.config import Params
 from tlflax.errors import MissingInputError
 from tlflax.io import write_json
-from tlflax.plan import plan_table, resolve_plan
+from tlflax.plan import plan_table, resolve_plan, resolve_taps
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
@@ -29,12 +31,19 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     advice = Advice.from_json(json.loads(advice_file.read_text(encoding="utf-8")))
     task = task_for(params, paths)
     _, labels = task.read_split("train")
+    num_classes = len(task.class_names())
+    taps = resolve_taps(
+        params.extract.taps,
+        None if advice.taps is None else advice.taps.taps,
+        num_groups=len(task.abstract_classifier(num_classes).backbone.group_patterns()),
+    )
     plan = resolve_plan(
         params.finetune,
         params.train_scratch,
         advice,
-        model=task.abstract_classifier(len(task.class_names())),
+        model=task.abstract_classifier(num_classes, taps),
         num_train_examples=len(labels),
+        taps=taps,
     )
     write_json(paths.metrics("plan"), plan.model_dump(mode="json"))
     print(f"plan ({paths.metrics('plan')}):\n{plan_table(plan)}")

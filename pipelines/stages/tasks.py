@@ -54,8 +54,16 @@ class Task(ABC):
     def model_inputs(self, records: Records) -> dict[str, np.ndarray]:
         """The arrays the classifier's forward pass reads, one row per record."""
 
-    def build_classifier(self, num_classes: int, *, pretrained: bool, seed: int) -> nnx.Module:
-        """Backbone (pretrained or random) plus a new head shaped by ``train_head``."""
+    def build_classifier(
+        self,
+        num_classes: int,
+        *,
+        pretrained: bool,
+        seed: int,
+        taps: Sequence[int] | None = None,
+    ) -> nnx.Module:
+        """Backbone (pretrained or random) plus a new head shaped by ``train_head``, reading
+        ``taps`` (the plan's; None: the final pooled features)."""
         build, _ = self.classifier_builders
         return build(
             self.params.extract.backbone,
@@ -63,12 +71,17 @@ class Task(ABC):
             self.params.train_head,
             pretrained=pretrained,
             seed=seed,
+            taps=taps,
         )
 
-    def abstract_classifier(self, num_classes: int) -> nnx.Module:
+    def abstract_classifier(
+        self, num_classes: int, taps: Sequence[int] | None = None
+    ) -> nnx.Module:
         """The classifier with shape-only weights, to restore a checkpoint into."""
         _, build_abstract = self.classifier_builders
-        return build_abstract(self.params.extract.backbone, num_classes, self.params.train_head)
+        return build_abstract(
+            self.params.extract.backbone, num_classes, self.params.train_head, taps
+        )
 
     @abstractmethod
     def forward(self, training: FinetuneParams | None = None) -> Forward:
@@ -95,9 +108,12 @@ class Task(ABC):
     def class_names(self) -> list[str]:
         return read_class_names(self.paths.dataset_dir, self.params.prepare.stored_name)
 
-    def load_classifier(self, num_classes: int, path: Path) -> nnx.Module:
-        """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one)."""
-        graphdef, abstract_state = nnx.split(self.abstract_classifier(num_classes))
+    def load_classifier(
+        self, num_classes: int, path: Path, taps: Sequence[int] | None = None
+    ) -> nnx.Module:
+        """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one),
+        built with the ``taps`` of the plan it was trained by."""
+        graphdef, abstract_state = nnx.split(self.abstract_classifier(num_classes, taps))
         return nnx.merge(graphdef, restore_tree(path, abstract_state))
 
     def read_inputs(self, split: str) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     cfg = plan.scratch
     task = task_for(params, paths)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
-    model = build_scratch_classifier(task, len(task.class_names()), cfg.seed)
+    model = build_scratch_classifier(task, len(task.class_names()), cfg.seed, plan.head_taps)
     fit_and_save(
         "train_scratch",
         model,

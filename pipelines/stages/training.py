@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flax import nnx
@@ -107,13 +108,16 @@ def fit_and_save(
     return summary
 
 
-def build_scratch_classifier(task: Task, num_classes: int, seed: int) -> nnx.Module:
-    """The task's classifier from random weights (its plan trains BatchNorm too)."""
+def build_scratch_classifier(
+    task: Task, num_classes: int, seed: int, taps: Sequence[int] | None = None
+) -> nnx.Module:
+    """The task's classifier from random weights (its plan trains BatchNorm too), reading
+    the plan's ``taps``: the same network as the fine-tuned one."""
 
     # One compiled program initialises every parameter (eagerly, each shape compiles alone).
     @nnx.jit
     def create():
-        return task.build_classifier(num_classes, pretrained=False, seed=seed)
+        return task.build_classifier(num_classes, pretrained=False, seed=seed, taps=taps)
 
     return create()
 
@@ -145,6 +149,9 @@ def cache_frozen_prefix(
     otherwise the inputs and the task's forward come back unchanged.
     """
     groups = frozen_prefix_groups(model, cfg.rules) if cfg.cache_frozen_prefix else 0
+    if model.taps is not None:
+        # A tap below the cut would read activations the cache no longer has.
+        groups = min(groups, model.taps[0])
     if not groups:
         return TrainingInputs(train, validation, task.forward(cfg))
     started = time.perf_counter()

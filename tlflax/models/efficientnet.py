@@ -30,6 +30,7 @@ from tlflax.models.layers import (
     DepthwiseConv2d,
     DepthwiseImpl,
     PooledConvBackbone,
+    check_kept_groups,
     pretrained_batch_norm,
     set_batchnorm_training,
 )
@@ -193,7 +194,7 @@ class EfficientNetLite0(PooledConvBackbone):
                 )
                 in_channels = stage.channels
         self.blocks = nnx.List(blocks)
-        self.head_conv = ConvNorm(
+        self.head_conv: ConvNorm | None = ConvNorm(
             Conv2d(in_channels, HEAD_CHANNELS, 1, rngs=rngs), HEAD_CHANNELS, relu6=True, rngs=rngs
         )
         self.classifier = nnx.Linear(HEAD_CHANNELS, num_classes, rngs=rngs) if include_top else None
@@ -202,15 +203,23 @@ class EfficientNetLite0(PooledConvBackbone):
         def stem(images: jax.Array) -> jax.Array:
             return self.stem(images * _PIXEL_SCALE - _PIXEL_SHIFT)
 
-        return [stem, *self.blocks, self.head_conv]
+        head = [self.head_conv] if self.head_conv is not None else []
+        return [stem, *self.blocks, *head]
 
     def group_patterns(self) -> list[str]:
         """One regex per layer group, in forward order, over '/'-joined parameter paths."""
         return [
             r"^stem/",
             *(rf"^blocks/{index}/" for index in range(len(self.blocks))),
-            r"^head_conv/",
+            *([r"^head_conv/"] if self.head_conv is not None else []),
         ]
+
+    def keep_groups(self, groups: int) -> None:
+        """Drop every layer group after the first ``groups`` (a network cut at that depth)."""
+        check_kept_groups(groups, len(self.group_patterns()))
+        if groups <= len(self.blocks) + 1:
+            self.head_conv = None
+            self.blocks = nnx.List(list(self.blocks)[: groups - 1])
 
 
 # Our module path → the PyTorch module name holding its weights; the leaf names map

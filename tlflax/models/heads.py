@@ -7,11 +7,14 @@ large, noisy gradients into the pretrained backbone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from tlflax.taps import join_taps
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -65,16 +68,40 @@ class _BackboneClassifier(nnx.Module):
     backbone in two parts, ``run_prefix`` (layer groups ``[0, k)``, inference mode) and
     ``from_prefix`` (groups ``[k, end)``, pooling and the head), so that the activations of a
     frozen prefix can be computed once and cached (:mod:`tlflax.prefix_cache`).
+
+    ``taps`` (:mod:`tlflax.taps`): the head reads the pooled outputs after these layer groups
+    (counted from 1), joined, instead of the backbone's final pooled features; the groups
+    above the highest tap never run - the network is cut there. None: the final features.
     """
 
-    def __init__(self, backbone: nnx.Module, head: Head):
+    def __init__(self, backbone: nnx.Module, head: Head, taps: Sequence[int] | None = None):
         self.backbone = backbone
         self.head = head
+        self.taps = None if taps is None else tuple(int(tap) for tap in taps)
 
     def _classify(
         self, features: jax.Array, train: bool, dropout_key: jax.Array | None
     ) -> jax.Array:
         return self.head(features, dropout_key=dropout_key if train else None)
+
+    def _tapped_features(
+        self,
+        activations: jax.Array,
+        start: int,
+        run_group: Callable[[jax.Array, int], jax.Array],
+        pool: Callable[[jax.Array], jax.Array],
+    ) -> jax.Array:
+        """The joined taps, from the activations after ``start`` groups (``start`` <= the
+        lowest tap): runs the groups up to the highest tap, pooling after each tap."""
+        assert self.taps is not None
+        if start > self.taps[0]:
+            raise ValueError(f"activations after {start} groups cannot give tap {self.taps[0]}")
+        pooled = [pool(activations)] if start in self.taps else []
+        for group in range(start, self.taps[-1]):
+            activations = run_group(activations, group)
+            if group + 1 in self.taps:
+                pooled.append(pool(activations))
+        return join_taps(pooled)
 
 
 class ImageClassifier(_BackboneClassifier):
@@ -83,6 +110,8 @@ class ImageClassifier(_BackboneClassifier):
     def __call__(
         self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
     ) -> jax.Array:
+        if self.taps is not None:
+            return self.from_prefix(images, 0, train=train, dropout_key=dropout_key)
         return self._classify(self.backbone.features(images, train=train), train, dropout_key)
 
     def run_prefix(self, images: jax.Array, stop: int) -> jax.Array:
@@ -98,8 +127,16 @@ class ImageClassifier(_BackboneClassifier):
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """Logits from the activations :meth:`run_prefix` returned for ``stop=start``."""
+        if self.taps is not None:
+            features = self._tapped_features(
+                activations,
+                start,
+                lambda x, group: self.backbone.run_groups(x, group, group + 1, train=train),
+                # Global average pooling, as the image backbones' own `features` ends.
+                lambda x: jnp.mean(x, axis=(1, 2)),
+            )
+            return self._classify(features, train, dropout_key)
         unpooled = self.backbone.run_groups(activations, start, None, train=train)
-        # Global average pooling, as the image backbones' own `features` ends.
         return self._classify(jnp.mean(unpooled, axis=(1, 2)), train, dropout_key)
 
 
@@ -114,6 +151,10 @@ class TextClassifier(_BackboneClassifier):
         train: bool = False,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
+        if self.taps is not None:
+            return self.from_prefix(
+                input_ids, attention_mask, 0, train=train, dropout_key=dropout_key
+            )
         features = self.backbone.features(input_ids, attention_mask, train=train)
         return self._classify(features, train, dropout_key)
 
@@ -130,6 +171,17 @@ class TextClassifier(_BackboneClassifier):
         train: bool = False,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits from the hidden states :meth:`run_prefix` returned for ``stop=start``."""
+        """Logits from the hidden states :meth:`run_prefix` returned for ``stop=start``
+        (token ids for ``start=0``)."""
+        if self.taps is not None:
+            features = self._tapped_features(
+                hidden,
+                start,
+                lambda x, group: self.backbone.run_groups(
+                    x, attention_mask, group, group + 1, train=train
+                ),
+                lambda x: self.backbone.pool(x, attention_mask),
+            )
+            return self._classify(features, train, dropout_key)
         hidden = self.backbone.run_groups(hidden, attention_mask, start, None, train=train)
         return self._classify(self.backbone.pool(hidden, attention_mask), train, dropout_key)

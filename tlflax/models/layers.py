@@ -345,6 +345,12 @@ def set_batchnorm_modes(
     return trained
 
 
+def check_kept_groups(groups: int, available: int) -> None:
+    """A backbone can be cut after 1 to all of its ``available`` layer groups."""
+    if not 1 <= groups <= available:
+        raise ValueError(f"cannot keep {groups} layer groups of a backbone with {available}")
+
+
 class PooledConvBackbone(nnx.Module):
     """What the convolutional backbones share: layer groups run in order, global average
     pooling, and an optional ImageNet classifier on top.

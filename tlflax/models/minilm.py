@@ -36,6 +36,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from tlflax.errors import MissingInputError
+from tlflax.models.layers import check_kept_groups
 from tlflax.models.matmul import matmul_in_turn
 from tlflax.models.safetensors_weights import read_safetensors
 from tlflax.models.torch_weights import LoadReport, load_state_dict_into
@@ -302,6 +303,11 @@ class MiniLM(nnx.Module):
     def group_patterns(self) -> list[str]:
         """Regexes over '/'-joined parameter paths, one per group, in forward order."""
         return [r"^embeddings/"] + [rf"^layers/{index}/" for index in range(len(self.layers))]
+
+    def keep_groups(self, groups: int) -> None:
+        """Drop every layer after the first ``groups`` groups (the encoder cut at that depth)."""
+        check_kept_groups(groups, self.num_groups)
+        self.layers = nnx.List(list(self.layers)[: groups - 1])
 
 
 # --- Pretrained weights -------------------------------------------------------------------

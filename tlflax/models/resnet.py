@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tlflax.models.layers import PooledConvBackbone, pretrained_batch_norm
+from tlflax.models.layers import PooledConvBackbone, check_kept_groups, pretrained_batch_norm
 from tlflax.models.torch_weights import TORCH_LEAF_NAMES, LoadReport, load_state_dict_into
 
 __all__ = [
@@ -223,6 +223,11 @@ class ResNet(PooledConvBackbone):
     def group_patterns(self) -> list[str]:
         """One regex per layer group, in forward order, over '/'-joined parameter paths."""
         return [r"^stem/", *(rf"^blocks/{index}/" for index in range(len(self.blocks)))]
+
+    def keep_groups(self, groups: int) -> None:
+        """Drop every layer group after the first ``groups`` (a network cut at that depth)."""
+        check_kept_groups(groups, len(self.group_patterns()))
+        self.blocks = nnx.List(list(self.blocks)[: groups - 1])
 
 
 # --- torchvision / timm state dicts: the one place that knows their names ---------------

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlflax.models.layers import check_kept_groups
+
 
 class ConvBlock(nnx.Module):
     """3×3 conv → BatchNorm → ReLU, stride 2."""
@@ -39,7 +41,8 @@ class SmallCNN(nnx.Module):
         self, x: jax.Array, start: int, stop: int | None, *, train: bool = False
     ) -> jax.Array:
         """Run blocks ``[start, stop)``; block 0 takes images in [0, 1]."""
-        if start == 0:
+        # The input scaling belongs to block 0: an empty range returns its input unchanged.
+        if start == 0 and (stop is None or stop > 0):
             x = (x - 0.5) / 0.25
         for block in self.blocks[start:stop]:
             x = block(x)
@@ -53,3 +56,8 @@ class SmallCNN(nnx.Module):
 
     def group_patterns(self) -> list[str]:
         return [rf"^blocks/{i}/" for i in range(len(self.blocks))]
+
+    def keep_groups(self, groups: int) -> None:
+        """Drop every block after the first ``groups`` (a network cut at that depth)."""
+        check_kept_groups(groups, len(self.blocks))
+        self.blocks = nnx.List(list(self.blocks)[:groups])
