@@ -28,15 +28,18 @@ advice records each comparison it made with the numbers of examples behind it.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from flax import nnx
 
 from tlflax.config import AdviseParams, FinetuneParams, ParamsError, TransferRule
+from tlflax.errors import MissingInputError
 from tlflax.probes import (
     DepthProbe,
     PairedTest,
@@ -373,6 +376,20 @@ class Advice:
             thresholds=AdviseParams(**data["thresholds"]),
             taps=_taps_from_json(data.get("taps")),
         )
+
+
+def load_advice(path: Path) -> Advice:
+    """The advice the ``advise`` stage wrote to ``path``.
+
+    Raises:
+      MissingInputError: there is no advice yet (the advise stage has not run).
+    """
+    if not path.exists():
+        raise MissingInputError(
+            f"{path} is missing: run the advise stage first (dvc repro advise); the plan's "
+            "strategy, schedule and the depths the head reads come from it"
+        )
+    return Advice.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _taps_from_json(data: Mapping[str, Any] | None) -> TapsProbe | None:

@@ -12,10 +12,11 @@ from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, check_batch_fits, run_stage
 from pipelines.stages.tasks import task_for
+from tlflax.advisor import load_advice
 from tlflax.config import Params
 from tlflax.io import atomic_path, write_arrays
 from tlflax.models.registry import create_backbone
-from tlflax.plan import load_plan
+from tlflax.plan import resolve_taps
 from tlflax.probes import features_by_depth
 from tlflax.taps import joined_numpy
 
@@ -25,10 +26,17 @@ SPLITS = ("train", "validation", "test")
 def extract(params: Params, paths: ExperimentPaths) -> None:
     cfg = params.extract
     task = task_for(params, paths)
-    # The plan says which depths the head reads (extract.taps, resolved with the advice).
-    taps = load_plan(paths.metrics("plan")).head_taps
     backbone, report = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, rngs=nnx.Rngs(params.finetune.seed)
+    )
+    # The depths the head reads: extract.taps resolved with the advice, as the plan stage
+    # resolves them (reading the advice, not the plan, keeps a change of the fine-tuning
+    # settings from re-running the backbone over every split).
+    advice = load_advice(paths.metrics("advice"))
+    taps = resolve_taps(
+        cfg.taps,
+        None if advice.taps is None else advice.taps.taps,
+        num_groups=len(backbone.group_patterns()),
     )
     if report is not None:
         print(f"extract: loaded {len(report.loaded)} pretrained tensors for {cfg.backbone}")

@@ -10,25 +10,16 @@ architecture (its taps) from this file.
 
 from __future__ import annotations
 
-import json
-
 from pipelines.stages.common import ExperimentPaths, run_stage
 from pipelines.stages.tasks import task_for
-from tlflax.advisor import Advice
+from tlflax.advisor import load_advice
 from tlflax.config import Params
-from tlflax.errors import MissingInputError
 from tlflax.io import write_json
 from tlflax.plan import plan_table, resolve_plan, resolve_taps
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
-    advice_file = paths.metrics("advice")
-    if not advice_file.exists():
-        raise MissingInputError(
-            f"{advice_file} is missing: run the advise stage first (dvc repro advise); "
-            "the plan's strategy and schedule come from it"
-        )
-    advice = Advice.from_json(json.loads(advice_file.read_text(encoding="utf-8")))
+    advice = load_advice(paths.metrics("advice"))
     task = task_for(params, paths)
     _, labels = task.read_split("train")
     num_classes = len(task.class_names())
