@@ -26,7 +26,6 @@ from tlflax.config import Params
 from tlflax.data.errors import DataError
 from tlflax.data.tfds_store import read_image_shape
 from tlflax.errors import MissingInputError
-from tlflax.plan import load_plan
 
 # Longest input echoed back on an output line.
 _SHOWN_CHARACTERS = 60
@@ -126,9 +125,7 @@ def predict(
     if not sources:
         raise DataError("inputs", "nothing to classify; give sentences, --file or images")
     class_names = task.class_names()
-    # The run's plan holds the model's architecture: the depths its head reads.
-    taps = load_plan(paths.metrics("plan")).head_taps
-    model = task.load_classifier(len(class_names), model_path, taps)
+    model = task.load_classifier(len(class_names), model_path)
     probabilities = class_probabilities(
         model, task.forward(), task.model_inputs(records), params.evaluate.batch_size
     )

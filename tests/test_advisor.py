@@ -373,6 +373,21 @@ def test_explicit_settings_win_over_the_advice():
     assert frozen_prefix_groups(_classifier(), full.finetune.rules) == 0
 
 
+def test_advised_top_k_wider_than_a_cut_network_trains_all_of_it():
+    # The advice counts the whole 4-group backbone (top 3 train); a network cut after its
+    # second group (extract.taps) has 2 groups, and then both train.
+    advice = _advice()
+    assert (advice.strategy, advice.unfreeze_groups) == ("top_k", 3)
+    params = parse_params({"finetune": {"strategy": "auto"}})
+    patterns = _classifier().backbone.group_patterns()[:2]
+    applied = apply_advice(params.finetune, advice, group_patterns=patterns, num_train_examples=100)
+    assert [rule.pattern for rule in applied.finetune.rules] == ["^head/", "^backbone/"]
+    # A number written by hand is the user's: too many groups is an error naming the key.
+    written = parse_params({"finetune": {"strategy": "top_k", "unfreeze_groups": 3}})
+    with pytest.raises(ParamsError, match=r"'finetune.unfreeze_groups' is 3; .* 2 layer groups"):
+        apply_advice(written.finetune, advice, group_patterns=patterns, num_train_examples=100)
+
+
 @pytest.mark.parametrize(
     ("finetune", "trained_groups"),
     [

@@ -560,7 +560,8 @@ def strategy_rules(
     if not 1 <= unfreeze_groups <= len(group_patterns):
         raise ParamsError(
             f"'finetune.unfreeze_groups' is {unfreeze_groups}; this backbone has "
-            f"{len(group_patterns)} layer groups"
+            f"{len(group_patterns)} layer groups (with extract.taps, the groups up to the "
+            "highest tap)"
         )
     frozen = group_patterns[: len(group_patterns) - unfreeze_groups]
     if not frozen:
@@ -602,6 +603,10 @@ def apply_advice(
         if strategy == "top_k" and unfreeze is None:
             # The advice picked another strategy; its plateau still says where to cut.
             unfreeze = max(1, advice.evidence.num_groups - advice.plateau_depth)
+        if unfreeze is not None and unfreeze > len(group_patterns):
+            # The advice counts the groups of the whole backbone; a network cut after its
+            # highest tap (extract.taps) has fewer, and then every one of them trains.
+            unfreeze = len(group_patterns)
     update: dict[str, Any] = {}
     if cfg.is_explicit("rules"):
         strategy = "rules"

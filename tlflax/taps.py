@@ -130,7 +130,7 @@ def select_taps(
         scored = [
             (
                 _leave_one_out_accuracy(current_gram + grams[depth], train_labels, num_classes),
-                -depth,  # ties go to the deeper depth: fewer groups below it to cache
+                -depth,  # ties go to the shallower depth: a lower cut, a cheaper network
             )
             for depth in candidates
         ]

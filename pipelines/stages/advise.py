@@ -133,10 +133,11 @@ def advice_markdown(advice: Advice, *, title: str) -> str:
             "by leave-one-out accuracy; a depth joins while it adds at least "
             f"advise.min_tap_gain = {thresholds.min_tap_gain}):",
             "",
-            "| step | depth added | leave-one-out accuracy (train) |",
-            "|---|---|---|",
+            "| step | depth added | after group | leave-one-out accuracy (train) |",
+            "|---|---|---|---|",
             *(
-                f"| {step} | {depth} | {accuracy:.3f} |"
+                f"| {step} | {depth} | {evidence.pretrained[depth - 1].group_name} | "
+                f"{accuracy:.3f} |"
                 for step, (depth, accuracy) in enumerate(taps.steps, start=1)
             ),
         ]

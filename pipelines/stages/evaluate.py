@@ -22,7 +22,6 @@ from tlflax.data.errors import DataError
 from tlflax.errors import MissingInputError
 from tlflax.evaluate import classification_report
 from tlflax.io import atomic_path, read_arrays, write_json
-from tlflax.plan import load_plan
 from tlflax.plots import plot_learning_curves
 from tlflax.train import create_head
 
@@ -47,13 +46,9 @@ def _head_only_probabilities(params: Params, paths: ExperimentPaths, num_classes
 
 
 def _saved_model_probabilities(
-    task: Task,
-    model_dir: Path,
-    test: dict[str, np.ndarray],
-    num_classes: int,
-    taps: list[int] | None,
+    task: Task, model_dir: Path, test: dict[str, np.ndarray], num_classes: int
 ) -> np.ndarray:
-    model = task.load_classifier(num_classes, model_dir / "model", taps)
+    model = task.load_classifier(num_classes, model_dir / "model")
     return class_probabilities(model, task.forward(), test, task.params.evaluate.batch_size)
 
 
@@ -135,17 +130,15 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     baseline_model, baseline = read_baseline_predictions(
         paths, len(class_names), {"validation": len(validation_labels), "test": len(labels)}
     )
-    # The plan holds the models' architecture: the depths their heads read.
-    taps = load_plan(paths.metrics("plan")).head_taps
     probabilities = {
         "baseline": baseline["test"],
         "head_only": _head_only_probabilities(params, paths, len(class_names)),
-        "finetune": _saved_model_probabilities(task, paths.finetune, test, len(class_names), taps),
+        "finetune": _saved_model_probabilities(task, paths.finetune, test, len(class_names)),
     }
     # The from-scratch model exists where the pipeline has a train_scratch stage.
     if (paths.scratch / "model").exists():
         probabilities["scratch"] = _saved_model_probabilities(
-            task, paths.scratch, test, len(class_names), taps
+            task, paths.scratch, test, len(class_names)
         )
     reports = {
         name: classification_report(

@@ -9,6 +9,7 @@ pass for a prefix cache. The modality comes from ``prepare.dataset``; the backbo
 from __future__ import annotations
 
 import functools
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,9 @@ from tlflax.errors import InputError
 from tlflax.models.registry import backbone_names, get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
+
+# Beside a saved model's weights: what its weights alone do not say (the depths its head reads).
+ARCHITECTURE_FILE = "architecture.json"
 
 # Records of a split: uint8 images (N, H, W, C), or N texts.
 Records = np.ndarray | Sequence[str]
@@ -108,11 +112,13 @@ class Task(ABC):
     def class_names(self) -> list[str]:
         return read_class_names(self.paths.dataset_dir, self.params.prepare.stored_name)
 
-    def load_classifier(
-        self, num_classes: int, path: Path, taps: Sequence[int] | None = None
-    ) -> nnx.Module:
+    def load_classifier(self, num_classes: int, path: Path) -> nnx.Module:
         """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one),
-        built with the ``taps`` of the plan it was trained by."""
+        with the taps its folder's ``architecture.json`` names (none: the final features)."""
+        architecture = path.parent / ARCHITECTURE_FILE
+        taps = None
+        if architecture.exists():
+            taps = json.loads(architecture.read_text(encoding="utf-8"))["taps"]
         graphdef, abstract_state = nnx.split(self.abstract_classifier(num_classes, taps))
         return nnx.merge(graphdef, restore_tree(path, abstract_state))
 

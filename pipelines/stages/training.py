@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, resume_dir, write_live_log
-from pipelines.stages.tasks import Task
+from pipelines.stages.tasks import ARCHITECTURE_FILE, Task
 from tlflax.checkpoint import TrainingCheckpoints, save_tree
 from tlflax.config import FinetuneParams
 from tlflax.io import atomic_path, write_json
@@ -90,6 +90,8 @@ def fit_and_save(
     checkpoints.close()
     with atomic_path(output_dir, directory=True) as staging:
         save_tree(staging / "model", nnx.state(finetuner.model(state)))
+        # The weights alone do not say which depths the head reads: the folder does.
+        write_json(staging / ARCHITECTURE_FILE, {"taps": model.taps and list(model.taps)})
         # Hard links: the resume folder stays whole until every output is in place, so a
         # kill before the end still resumes instead of training again.
         shutil.copytree(resume, staging / "checkpoints", copy_function=_link_or_copy)
