@@ -333,9 +333,21 @@ TINY_TEXT_PARAMS = {
         "max_split_kl_divergence": 0.5,
         "max_feature_mean_shift": 0.5,
     },
-    "extract": {"max_length": 32, "batch_size": 128},
+    # The final features and the bottom 5 groups frozen: the run below must take the
+    # frozen-prefix cache path (the shipped job fine-tunes everything, so has no prefix).
+    "extract": {"max_length": 32, "batch_size": 128, "taps": "last"},
     "train_head": {"max_epochs": 5, "patience": 5},
-    "finetune": {"epochs": 1, "batch_size": 16},
+    "finetune": {
+        "epochs": 1,
+        "batch_size": 16,
+        "strategy": "auto",
+        "cache_frozen_prefix": True,
+        "rules": [
+            {"pattern": "^head/"},
+            {"pattern": "^backbone/(embeddings|layers/[0-3])/", "freeze": True},
+            {"pattern": "^backbone/"},
+        ],
+    },
     "evaluate": {"batch_size": 250},
 }
 TEXT_PARAMS = "experiments/text/params.yaml"
