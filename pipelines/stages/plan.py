@@ -4,8 +4,8 @@ Reads the ``finetune`` and ``train_scratch`` sections, ``extract.taps`` and
 ``metrics/<experiment>/advice.json`` and writes ``metrics/<experiment>/plan.json``
 (:class:`tlflax.plan.RunPlan`): the depths the head reads, and every setting of the
 fine-tuning run and of the from-scratch reference, decided, with the per-group learning
-rates. ``extract``, ``finetune``, ``train_scratch`` and ``evaluate`` read the model's
-architecture (its taps) from this file.
+rates. ``finetune`` and ``train_scratch`` build their models from this file (``extract``
+resolves the same taps from the advice; a saved model's folder names its own).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     taps = resolve_taps(
         params.extract.taps,
         None if advice.taps is None else advice.taps.taps,
-        num_groups=len(task.abstract_classifier(num_classes).backbone.group_patterns()),
+        # The advice probed every layer group of this backbone: no model needs building.
+        num_groups=advice.evidence.num_groups,
     )
     plan = resolve_plan(
         params.finetune,
