@@ -125,9 +125,9 @@ def predict(
     if not sources:
         raise DataError("inputs", "nothing to classify; give sentences, --file or images")
     class_names = task.class_names()
-    model = task.load_classifier(len(class_names), model_path)
+    model, forward = task.load_classifier(len(class_names), model_path)
     probabilities = class_probabilities(
-        model, task.forward(), task.model_inputs(records), params.evaluate.batch_size
+        model, forward, task.model_inputs(records), params.evaluate.batch_size
     )
     best = probabilities.argmax(axis=1)
     return [

@@ -277,8 +277,10 @@ def run_seed(
     seed: int,
     experiment_name: str,
     evaluation_file: Path,
+    overrides: Sequence[str] = (),
 ) -> SeedScores:
-    """One full run of the pipeline with every seed key at ``seed``; returns its scores.
+    """One full run of the pipeline with every seed key at ``seed`` (and each ``key=value``
+    of ``overrides`` set in the params file); returns its scores.
 
     Raises:
         SeedRunFailed: the run failed, or wrote no usable ``evaluation_file``.
@@ -287,6 +289,8 @@ def run_seed(
     arguments = ["exp", "run", "--name", experiment_name]
     for key in seed_keys:
         arguments += ["--set-param", f"{params_file}:{key}={seed}"]
+    for override in overrides:
+        arguments += ["--set-param", f"{params_file}:{override}"]
     arguments.append(pipeline_file)
     print(f"seeds: seed {seed}: dvc {' '.join(arguments)}", flush=True)
     status, output = run_dvc(arguments, project)

@@ -248,7 +248,10 @@ def train_strategy(
         checkpoints.close()
     trained = finetuner.model(state)
     probabilities = class_probabilities(
-        trained, task.forward(), data.test, params.evaluate.batch_size
+        trained,
+        task.forward(test_time_flip=cfg.augment.test_time_flip),
+        data.test,
+        params.evaluate.batch_size,
     )
     test_accuracy = float(np.mean(probabilities.argmax(axis=1) == data.test["label"]))
     best = history.epochs[history.best_epoch]

@@ -69,8 +69,8 @@ def test_image_files_predict_as_the_stored_images_do(vision_project, monkeypatch
     # The PNGs hold the stored digits; the path from file to model must not change them.
     task = task_for(params, paths)
     images, _ = task.read_split("test")
-    model = task.load_classifier(10, paths.finetune / "model")
-    expected = class_probabilities(model, task.forward(), {"image": images[:3]}, batch_size=8)
+    model, forward = task.load_classifier(10, paths.finetune / "model")
+    expected = class_probabilities(model, forward, {"image": images[:3]}, batch_size=8)
     for prediction, row in zip(predictions, expected, strict=False):
         assert prediction.label == DIGIT_NAMES[row.argmax()]
         assert prediction.probability == pytest.approx(row.max(), abs=1e-5)

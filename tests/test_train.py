@@ -16,6 +16,7 @@ from tlflax.train import (
     Finetuner,
     NonFiniteLossError,
     create_head,
+    masked_cross_entropy,
     run_finetuning,
     train_head,
 )
@@ -386,3 +387,121 @@ def test_batchnorm_training_needs_one_full_batch(digits):
     cfg = _finetune_cfg(batchnorm="train", batch_size=512)
     with pytest.raises(ValueError, match=r"finetune\.batch_size. \(512"):
         _finetuner(cfg, train)
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    logits = jax.numpy.asarray([[4.0, 0.0, -2.0], [0.5, 1.5, 0.0]])
+    labels = jax.numpy.asarray([0, 2])
+    mask = jax.numpy.asarray([1.0, 1.0])
+    smoothing = 0.3
+    targets = np.full((2, 3), smoothing / 3) + (1 - smoothing) * np.eye(3)[[0, 2]]
+    log_probabilities = np.asarray(jax.nn.log_softmax(logits))
+    expected = float(np.mean(-(targets * log_probabilities).sum(axis=1)))
+    assert float(masked_cross_entropy(logits, labels, mask, smoothing)) == pytest.approx(expected)
+    # Without smoothing it is the plain loss; confident right answers cost more with it.
+    plain = float(masked_cross_entropy(logits, labels, mask))
+    assert plain == pytest.approx(float(np.mean(-log_probabilities[[0, 1], [0, 2]])))
+    confident = jax.numpy.asarray([[20.0, 0.0, 0.0]])
+    one = jax.numpy.asarray([1.0])
+    assert float(masked_cross_entropy(confident, labels[:1], one, smoothing)) > float(
+        masked_cross_entropy(confident, labels[:1], one)
+    )
+
+
+def test_weight_ema_is_validated_saved_and_resumed(digits, tmp_path):
+    train, validation = digits
+    cfg = _finetune_cfg(epochs=2, ema_decay=0.9)
+    finetuner = _finetuner(cfg, train)
+    # By hand: the moving average of the weights after each step of the first epoch (copied:
+    # the step donates the buffers it is given).
+    expected = jax.tree_util.tree_map(np.array, finetuner.initial.ema)
+    state = finetuner.initial
+    steps = []
+
+    step = finetuner.train_step
+
+    def recording_step(trainable, opt_state, frozen, rest, batch, key):
+        result = step(trainable, opt_state, frozen, rest, batch, key)
+        steps.append(jax.tree_util.tree_map(np.array, result[0]))
+        return result
+
+    finetuner.train_step = recording_step
+    state, _ = finetuner.run_epoch(state, train, progress=False)
+    for index, weights in enumerate(steps):
+        decay = min(0.9, (1 + index) / (10 + index))
+        expected = jax.tree_util.tree_map(
+            lambda e, w, d=decay: d * e + (1 - d) * w, expected, weights
+        )
+    for got, want in zip(
+        jax.tree_util.tree_leaves(state.ema), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert any(
+        not np.allclose(np.asarray(a), np.asarray(b))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(state.ema),
+            jax.tree_util.tree_leaves(state.trainable),
+            strict=True,
+        )
+    )
+    # The model that is validated and saved holds the averaged weights.
+    saved = nnx.state(finetuner.model(state), nnx.Param)
+    for name, value in zip(
+        parameter_names(state.ema), jax.tree_util.tree_leaves(state.ema), strict=True
+    ):
+        path = tuple(int(p) if p.isdigit() else p for p in name.split("/"))
+        leaf = saved
+        for part in path:
+            leaf = leaf[part]
+        np.testing.assert_array_equal(np.asarray(leaf.value), np.asarray(value))
+    # A run killed after its first epoch resumes with the same average as an unbroken one.
+    whole = TrainingCheckpoints(tmp_path / "whole", keep_best=1)
+    full, _ = run_finetuning(_finetuner(cfg, train), train, validation, whole, eval_batch_size=64)
+    whole.close()
+
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    broken = TrainingCheckpoints(tmp_path / "broken", keep_best=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetuning(
+            _finetuner(cfg, train),
+            train,
+            validation,
+            broken,
+            eval_batch_size=64,
+            on_epoch_end=interrupt,
+        )
+    broken.close()
+    again = TrainingCheckpoints(tmp_path / "broken", keep_best=1)
+    resumed, _ = run_finetuning(
+        _finetuner(cfg, train), train, validation, again, eval_batch_size=64
+    )
+    again.close()
+    for a, b in zip(
+        jax.tree_util.tree_leaves(full.ema), jax.tree_util.tree_leaves(resumed.ema), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_test_time_flip_averages_each_image_with_its_mirror(digits):
+    _, validation = digits
+    model = _classifier()
+    images = validation["image"][:16]
+    plain = image_forward(16, AugmentParams(random_crop=False, flip=False))
+    flipped = image_forward(16, AugmentParams(random_crop=False, flip=False, test_time_flip=True))
+    probabilities = jax.nn.softmax(plain(model, {"image": images}, False, None))
+    mirrored = jax.nn.softmax(plain(model, {"image": images[:, :, ::-1, :]}, False, None))
+    averaged = jax.nn.softmax(flipped(model, {"image": images}, False, None))
+    np.testing.assert_allclose(averaged, (probabilities + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    # A mirror image gets the same prediction as its original.
+    np.testing.assert_allclose(
+        averaged,
+        jax.nn.softmax(flipped(model, {"image": images[:, :, ::-1, :]}, False, None)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # Training steps never see the averaging.
+    np.testing.assert_allclose(
+        flipped(model, {"image": images}, True, None), plain(model, {"image": images}, True, None)
+    )

@@ -302,6 +302,9 @@ class TransferRule(_Section):
 class AugmentParams(_Section):
     random_crop: bool = True
     flip: bool = True
+    # Test-time augmentation: validation and test predictions average the class
+    # probabilities of each image and its mirror image (images only).
+    test_time_flip: bool = False
 
 
 Strategy = Literal["auto", "feature_extraction", "top_k", "full", "scratch"]
@@ -329,6 +332,11 @@ class FinetuneParams(_Section):
     weight_decay: NonNegativeFloat = 1e-4
     gradient_clip_norm: PositiveFloat = 1.0
     layer_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = 0.8
+    # Share of each target's probability spread evenly over all classes (0: none).
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # Decay of an exponential moving average of the trained weights, validated and saved in
+    # their place (0: none); warmed up as TensorFlow's ExponentialMovingAverage.
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # ULMFiT's gradual unfreezing: the head trains from epoch 0, then one more layer group
     # from the top joins per epoch (the step still compiles once: later groups wait at lr 0).
     gradual_unfreezing: bool = False
@@ -467,16 +475,17 @@ class Params(_Section):
                     f"'{self.prepare.dataset}' ({modality} data); remove it"
                 )
         finetune = self.finetune
-        augmented = finetune.augment.random_crop or finetune.augment.flip
+        augment = finetune.augment
+        augmented = augment.random_crop or augment.flip or augment.test_time_flip
         if (
             modality == "image"
             and finetune.cache_frozen_prefix
             and (augmented or finetune.batchnorm == "train")
         ):
             raise ValueError(
-                "'finetune.cache_frozen_prefix' needs finetune.augment off (random_crop and "
-                "flip false) and finetune.batchnorm 'frozen': both change the frozen layers' "
-                "outputs from step to step"
+                "'finetune.cache_frozen_prefix' needs finetune.augment off (random_crop, "
+                "flip and test_time_flip false) and finetune.batchnorm 'frozen': both change "
+                "the frozen layers' outputs from step to step"
             )
         return self
 

@@ -258,6 +258,8 @@ def plan_table(plan: RunPlan) -> str:
         ("warmup fraction", f"{cfg.warmup_fraction:.3f}"),
         ("weight decay", f"{cfg.weight_decay:g}"),
         ("gradient clip norm", f"{cfg.gradient_clip_norm:g}"),
+        ("label smoothing", f"{cfg.label_smoothing:g}"),
+        ("weight EMA decay", f"{cfg.ema_decay:g}" if cfg.ema_decay else "none"),
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         ("BatchNorm", cfg.batchnorm),
         ("monitor / patience", f"{cfg.monitor} / {cfg.patience}"),

@@ -60,10 +60,29 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------------------------
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy over the real rows of a padded batch."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def masked_cross_entropy(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Mean cross-entropy over the real rows of a padded batch.
+
+    ``label_smoothing`` moves that much of each target's mass evenly onto all classes
+    (Szegedy et al., 2016): the loss stops rewarding ever larger logits, which on a few
+    hundred examples is one way a network memorises them.
+    """
+    if label_smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA's decay at ``step`` (0-based): TensorFlow's ExponentialMovingAverage warm-up,
+    ``min(decay, (1 + step) / (10 + step))``, so the average of a run of a few hundred steps
+    is not dominated by the starting weights."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -236,6 +255,9 @@ class FinetuneState:
     opt_state: Any
     epoch: int
     key: jax.Array
+    # Exponential moving average of the trainable weights (``finetune.ema_decay``): what is
+    # validated and saved when set; None otherwise.
+    ema: nnx.State | None = None
 
 
 class Finetuner:
@@ -314,11 +336,15 @@ class Finetuner:
         trainable, frozen, rest, opt_state = jax.device_put(
             (trainable, frozen, rest, self.tx.init(trainable)), self.replicated
         )
+        ema = None
+        if cfg.ema_decay:
+            ema = jax.tree_util.tree_map(jnp.copy, trainable)
         self.initial = FinetuneState(
-            trainable, frozen, rest, opt_state, 0, jax.random.key(cfg.seed)
+            trainable, frozen, rest, opt_state, 0, jax.random.key(cfg.seed), ema
         )
         self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1, 3))
         self.eval_step = jax.jit(self._eval_step)
+        self.ema_step = jax.jit(self._ema_step, donate_argnums=(0,))
         self.forward = forward
 
     # The step functions close over graphdef, optimizer and forward: all static per run.
@@ -341,7 +367,9 @@ class Finetuner:
 
         def loss_fn(model):
             logits = self.forward(model, batch, True, key).astype(jnp.float32)
-            return masked_cross_entropy(logits, batch["label"], batch["mask"])
+            return masked_cross_entropy(
+                logits, batch["label"], batch["mask"], self.cfg.label_smoothing
+            )
 
         # nnx.value_and_grad with a DiffState filter differentiates the trainable variables
         # only, and lets stateful layers (dropout RNG counters, BatchNorm statistics) update.
@@ -355,14 +383,24 @@ class Finetuner:
         )
         return optax.apply_updates(trainable, updates), opt_state, new_rest, loss
 
+    def _ema_step(self, ema, trainable, step):
+        decay = ema_decay_at(step, self.cfg.ema_decay)
+        return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, trainable)
+
     def _eval_step(self, trainable, frozen, rest, batch):
         model = nnx.merge(self.eval_graphdef, *self._for_compute((trainable, frozen, rest)))
         logits = self.forward(model, batch, False, None).astype(jnp.float32)
         return batch_counts(logits, batch["label"], batch["mask"])
 
     def model(self, state: FinetuneState) -> nnx.Module:
-        """The NNX model holding ``state``'s weights, in inference mode (running statistics)."""
-        return nnx.merge(self.eval_graphdef, state.trainable, state.frozen, state.rest)
+        """The NNX model holding ``state``'s weights (their moving average where
+        ``ema_decay`` is set), in inference mode (running statistics)."""
+        return nnx.merge(self.eval_graphdef, self.weights(state), state.frozen, state.rest)
+
+    @staticmethod
+    def weights(state: FinetuneState) -> nnx.State:
+        """The trainable weights that are validated and saved: the EMA's where there is one."""
+        return state.trainable if state.ema is None else state.ema
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Train steps in one epoch over ``num_examples``."""
@@ -372,7 +410,7 @@ class Finetuner:
         totals: dict[str, float] = {}
         for batch in iterate_batches(arrays, batch_size, shuffle=False, seed=0):
             batch = jax.device_put(batch, self.split_batch)
-            _add(totals, self.eval_step(state.trainable, state.frozen, state.rest, batch))
+            _add(totals, self.eval_step(self.weights(state), state.frozen, state.rest, batch))
         return _finish(totals)
 
     def run_epoch(
@@ -390,6 +428,7 @@ class Finetuner:
         )
         steps = self.steps_per_epoch(len(train["label"]))
         trainable, opt_state, rest, key = state.trainable, state.opt_state, state.rest, state.key
+        ema, first_step = state.ema, state.epoch * steps
         bar = tqdm(
             batches,
             total=steps,
@@ -404,16 +443,23 @@ class Finetuner:
             trainable, opt_state, rest, loss = self.train_step(
                 trainable, opt_state, state.frozen, rest, batch, step_key
             )
+            if ema is not None:
+                ema = self.ema_step(ema, trainable, jnp.asarray(first_step + step))
             loss = float(loss)
             _check_finite(loss, "finetune", state.epoch, step)
             count = float(batch["mask"].sum())
             total_loss, total_count = total_loss + loss * count, total_count + count
-        new_state = FinetuneState(trainable, state.frozen, rest, opt_state, state.epoch + 1, key)
+        new_state = FinetuneState(
+            trainable, state.frozen, rest, opt_state, state.epoch + 1, key, ema
+        )
         return new_state, total_loss / max(total_count, 1.0)
 
 
 def _checkpoint_state(state: FinetuneState) -> dict[str, Any]:
-    return {"trainable": state.trainable, "rest": state.rest, "opt_state": state.opt_state}
+    tree = {"trainable": state.trainable, "rest": state.rest, "opt_state": state.opt_state}
+    if state.ema is not None:
+        tree["ema"] = state.ema
+    return tree
 
 
 def run_finetuning(
@@ -453,6 +499,7 @@ def run_finetuning(
             restored["opt_state"],
             progress["epoch"],
             jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)),
+            restored.get("ema"),
         )
         history = History(**progress["history"])
     steps_per_epoch = finetuner.steps_per_epoch(len(train["label"]))
@@ -505,5 +552,6 @@ def run_finetuning(
             restored["opt_state"],
             best + 1,
             state.key,
+            restored.get("ema"),
         )
     return state, history

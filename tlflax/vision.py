@@ -94,9 +94,22 @@ def image_forward(
             images = augment_images(
                 augment_key, images, random_crop=augment.random_crop, flip=augment.flip
             )
+        if not train and augment.test_time_flip:
+            return _mirror_averaged(model, images.astype(compute_dtype))
         return model(images.astype(compute_dtype), train=train, dropout_key=dropout_key)
 
     return forward
+
+
+def _mirror_averaged(model: nnx.Module, images: jax.Array) -> jax.Array:
+    """Log of the mean class probabilities of each image and its mirror image: logits whose
+    softmax is the averaged prediction (so loss, accuracy and calibration read it as is)."""
+    both = jnp.concatenate([images, images[:, :, ::-1, :]])
+    log_probabilities = jax.nn.log_softmax(
+        model(both, train=False, dropout_key=None).astype(jnp.float32)
+    )
+    original, mirrored = jnp.split(log_probabilities, 2)
+    return jnp.logaddexp(original, mirrored) - jnp.log(2.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

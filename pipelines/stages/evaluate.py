@@ -48,8 +48,8 @@ def _head_only_probabilities(params: Params, paths: ExperimentPaths, num_classes
 def _saved_model_probabilities(
     task: Task, model_dir: Path, test: dict[str, np.ndarray], num_classes: int
 ) -> np.ndarray:
-    model = task.load_classifier(num_classes, model_dir / "model")
-    return class_probabilities(model, task.forward(), test, task.params.evaluate.batch_size)
+    model, forward = task.load_classifier(num_classes, model_dir / "model")
+    return class_probabilities(model, forward, test, task.params.evaluate.batch_size)
 
 
 def read_baseline_predictions(

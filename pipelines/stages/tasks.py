@@ -35,6 +35,18 @@ from tlflax.train import Batch, Forward
 # Beside a saved model's weights: what its weights alone do not say (the depths its head reads).
 ARCHITECTURE_FILE = "architecture.json"
 
+
+
+def read_architecture(model_dir: Path) -> dict:
+    """What ``model_dir``'s :data:`ARCHITECTURE_FILE` says of its model (empty when it has
+    none: a model saved before the file existed reads its final features, with no
+    test-time augmentation)."""
+    path = model_dir / ARCHITECTURE_FILE
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 # Records of a split: uint8 images (N, H, W, C), or N texts.
 Records = np.ndarray | Sequence[str]
 
@@ -88,11 +100,14 @@ class Task(ABC):
         )
 
     @abstractmethod
-    def forward(self, training: FinetuneParams | None = None) -> Forward:
+    def forward(
+        self, training: FinetuneParams | None = None, *, test_time_flip: bool = False
+    ) -> Forward:
         """The forward pass (model, batch, train, key) -> logits on :meth:`model_inputs`.
 
         ``training``: the plan of the run that trains with it (augmentation, compute dtype);
-        None for inference (float32, nothing random).
+        None for inference (float32, nothing random; with ``test_time_flip``, images are
+        predicted averaged with their mirror images).
         """
 
     @abstractmethod
@@ -112,15 +127,16 @@ class Task(ABC):
     def class_names(self) -> list[str]:
         return read_class_names(self.paths.dataset_dir, self.params.prepare.stored_name)
 
-    def load_classifier(self, num_classes: int, path: Path) -> nnx.Module:
-        """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one),
-        with the taps its folder's ``architecture.json`` names (none: the final features)."""
-        architecture = path.parent / ARCHITECTURE_FILE
-        taps = None
-        if architecture.exists():
-            taps = json.loads(architecture.read_text(encoding="utf-8"))["taps"]
+    def load_classifier(self, num_classes: int, path: Path) -> tuple[nnx.Module, Forward]:
+        """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one)
+        and its inference forward pass, as its folder's ``architecture.json`` describes them:
+        the taps its head reads (none: the final features) and whether its predictions
+        average each image with its mirror image."""
+        architecture = read_architecture(path.parent)
+        taps = architecture.get("taps")
         graphdef, abstract_state = nnx.split(self.abstract_classifier(num_classes, taps))
-        return nnx.merge(graphdef, restore_tree(path, abstract_state))
+        model = nnx.merge(graphdef, restore_tree(path, abstract_state))
+        return model, self.forward(test_time_flip=architecture.get("test_time_flip", False))
 
     def read_inputs(self, split: str) -> dict[str, np.ndarray]:
         """Model inputs and ``label`` of ``split``."""
@@ -147,9 +163,13 @@ class ImageTask(Task):
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": records}
 
-    def forward(self, training: FinetuneParams | None = None) -> Forward:
+    def forward(
+        self, training: FinetuneParams | None = None, *, test_time_flip: bool = False
+    ) -> Forward:
         if training is None:
-            inference = AugmentParams(random_crop=False, flip=False)
+            inference = AugmentParams(
+                random_crop=False, flip=False, test_time_flip=test_time_flip
+            )
             return vision.image_forward(self.params.extract.image_size, inference)
         return vision.image_forward(
             self.params.extract.image_size, training.augment, training.compute_dtype
@@ -184,8 +204,10 @@ class TextTask(Task):
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
         return text.tokenize_texts(records, self.params.extract.max_length)
 
-    def forward(self, training: FinetuneParams | None = None) -> Forward:
-        return text.text_forward()
+    def forward(
+        self, training: FinetuneParams | None = None, *, test_time_flip: bool = False
+    ) -> Forward:
+        return text.text_forward()  # a text has no mirror image: test_time_flip is for images
 
     def extract_features(
         self, backbone: nnx.Module, inputs: dict[str, np.ndarray], description: str

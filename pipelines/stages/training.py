@@ -91,7 +91,11 @@ def fit_and_save(
     with atomic_path(output_dir, directory=True) as staging:
         save_tree(staging / "model", nnx.state(finetuner.model(state)))
         # The weights alone do not say which depths the head reads: the folder does.
-        write_json(staging / ARCHITECTURE_FILE, {"taps": model.taps and list(model.taps)})
+        architecture = {
+            "taps": model.taps and list(model.taps),
+            "test_time_flip": cfg.augment.test_time_flip,
+        }
+        write_json(staging / ARCHITECTURE_FILE, architecture)
         # Hard links: the resume folder stays whole until every output is in place, so a
         # kill before the end still resumes instead of training again.
         shutil.copytree(resume, staging / "checkpoints", copy_function=_link_or_copy)

@@ -1,0 +1,241 @@
+"""The training recipe, one lever at a time: each row of an ablation file run under every seed.
+
+    python -m pipelines.ablations --job vision                # rows of experiments/ablations.yaml
+    python -m pipelines.ablations --job text --rows reference max_length_128
+
+A row is a set of params on top of the job's params file (``dvc exp run -S key=value``). Each
+row runs the whole pipeline once per seed (as :mod:`pipelines.seeds` does; stages whose inputs
+did not change come from DVC's run cache), and reads the fine-tuned model's validation
+accuracy (``finetune.json``: the epoch it saved) and every model's test accuracy
+(``evaluate.json``). A lever is *kept* when its mean validation accuracy beats the reference
+row's: the choice is made on validation, never on test; test is reported beside it.
+
+Writes ``metrics/<experiment>/ablations.json`` when every run has finished::
+
+    {"seeds": [0, 1, 2], "reference": "reference", "std_ddof": 1,
+     "rows": {"<row>": {"set": {"<key>": <value>}, "validation_accuracy_mean": ..,
+                        "validation_accuracy_std": .., "test": {"<model>": {"accuracy_mean", "accuracy_std"}},
+                        "runs": {"0": {"validation_accuracy": .., "test": {"<model>": ..}}}}},
+     "kept": ["<row>", ...]}
+
+and prints the table the README shows. The workspace ends as it began: params file bytes
+restored, then ``dvc repro`` (from the run cache where the reference row ran the file's seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from dvc.exceptions import DvcException
+
+from pipelines.flows import PROJECT_ROOT, PipelineError
+from pipelines.seeds import (
+    DEFAULT_SEEDS,
+    STANDARD_DEVIATION_DDOF,
+    find_seed_keys,
+    first_free_name,
+    non_negative_seed,
+    params_file_of,
+    restore_bytes,
+    run_dvc,
+    run_seed,
+)
+from pipelines.stages.common import ExperimentPaths
+from tlflax.io import write_json
+
+ABLATIONS_FILE = Path("experiments/ablations.yaml")
+REFERENCE_ROW = "reference"
+
+
+def load_rows(path: Path, job: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The pipeline file and the rows (name -> params to set) of ``job`` in ``path``.
+
+    Raises:
+        PipelineError: the file, the job or a row is malformed (naming which).
+    """
+    try:
+        jobs = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise PipelineError(f"{path}: unreadable ({error})") from None
+    entry = jobs.get(job)
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("rows"), Mapping):
+        raise PipelineError(
+            f"{path}: no job {job!r} with 'pipeline' and 'rows'; jobs: {list(jobs)}"
+        )
+    rows = {}
+    for name, settings in entry["rows"].items():
+        settings = settings or {}
+        if not isinstance(settings, Mapping):
+            raise PipelineError(
+                f"{path}: {job}.rows.{name}: give a mapping of param keys to values"
+            )
+        rows[str(name)] = dict(settings)
+    if REFERENCE_ROW not in rows or rows[REFERENCE_ROW]:
+        raise PipelineError(
+            f"{path}: {job}.rows needs a {REFERENCE_ROW!r} row that sets nothing: every lever "
+            "is judged against the params file as it is"
+        )
+    return str(entry.get("pipeline", "dvc.yaml")), rows
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` as ``dvc exp run -S`` reads it (YAML flow syntax)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    spread = float(array.std(ddof=STANDARD_DEVIATION_DDOF)) if len(array) > 1 else 0.0
+    return float(array.mean()), spread
+
+
+def summarize_row(settings: Mapping[str, Any], runs: Mapping[int, dict[str, Any]]) -> dict:
+    """A row's entry of ``ablations.json`` from its runs (seed -> validation and test)."""
+    validation = [run["validation_accuracy"] for run in runs.values()]
+    mean, spread = _mean_std(validation)
+    models = [
+        m for m in next(iter(runs.values()))["test"] if all(m in r["test"] for r in runs.values())
+    ]
+    test = {}
+    for model in models:
+        model_mean, model_std = _mean_std([run["test"][model] for run in runs.values()])
+        test[model] = {"accuracy_mean": model_mean, "accuracy_std": model_std}
+    return {
+        "set": dict(settings),
+        "validation_accuracy_mean": mean,
+        "validation_accuracy_std": spread,
+        "test": test,
+        "runs": {str(seed): run for seed, run in runs.items()},
+    }
+
+
+def kept_levers(rows: Mapping[str, dict]) -> list[str]:
+    """The rows whose mean validation accuracy beats the reference row's."""
+    reference = rows[REFERENCE_ROW]["validation_accuracy_mean"]
+    return [
+        name
+        for name, row in rows.items()
+        if name != REFERENCE_ROW and row["validation_accuracy_mean"] > reference
+    ]
+
+
+def format_table(report: Mapping[str, Any], model: str = "finetune") -> str:
+    """The rows as the README's markdown table: what each sets, validation, test."""
+    seeds = len(report["seeds"])
+    lines = [
+        f"| row | sets | validation accuracy ({seeds} seeds) | test accuracy, {model} ({seeds} seeds) | kept |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in report["rows"].items():
+        sets = ", ".join(f"`{key}: {json.dumps(value)}`" for key, value in row["set"].items())
+        test = row["test"].get(model)
+        test_cell = f"{test['accuracy_mean']:.4f} ± {test['accuracy_std']:.4f}" if test else "-"
+        kept = (
+            "reference"
+            if name == report["reference"]
+            else ("yes" if name in report["kept"] else "no")
+        )
+        lines.append(
+            f"| {name} | {sets or '(params file)'} | {row['validation_accuracy_mean']:.4f} ± "
+            f"{row['validation_accuracy_std']:.4f} | {test_cell} | {kept} |"
+        )
+    return "\n".join(lines)
+
+
+def run_ablations(
+    project_dir: str, job: str, seeds: Sequence[int], only: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run every row of ``job`` (or those in ``only``, plus the reference) under ``seeds``;
+    write and return ``ablations.json``."""
+    project = Path(project_dir).resolve()
+    pipeline_file, rows = load_rows(project / ABLATIONS_FILE, job)
+    unknown = [name for name in only if name not in rows]
+    if unknown:
+        raise PipelineError(f"{ABLATIONS_FILE}: {job} has no row {unknown}; rows: {list(rows)}")
+    if only:
+        rows = {name: rows[name] for name in rows if name in only or name == REFERENCE_ROW}
+    params_path = project / params_file_of(pipeline_file)
+    original_params = params_path.read_bytes()
+    params = yaml.safe_load(original_params) or {}
+    experiment, seed_keys = params.get("experiment"), find_seed_keys(params)
+    if not experiment or not seed_keys:
+        raise PipelineError(f"{params_path}: needs an 'experiment' and a section with a 'seed'")
+    paths = ExperimentPaths(str(experiment))
+    results: dict[str, dict] = {}
+    taken: set[str] = set()
+    try:
+        for name, settings in rows.items():
+            runs = {}
+            for seed in seeds:
+                run_name = first_free_name(
+                    f"{experiment}-{name}-seed{seed}".replace(".", "_"), taken.__contains__
+                )
+                taken.add(run_name)
+                overrides = [override(key, value) for key, value in settings.items()]
+                print(f"ablations: {name}, seed {seed}", flush=True)
+                scores = run_seed(
+                    project,
+                    pipeline_file,
+                    seed_keys,
+                    seed,
+                    run_name,
+                    paths.metrics("evaluate"),
+                    overrides,
+                )
+                finetune = json.loads((project / paths.metrics("finetune")).read_text())
+                runs[seed] = {
+                    "validation_accuracy": float(finetune["validation_accuracy"]),
+                    "test": {model: score["accuracy"] for model, score in scores.items()},
+                }
+            results[name] = summarize_row(settings, runs)
+        report = {
+            "seeds": list(seeds),
+            "reference": REFERENCE_ROW,
+            "std_ddof": STANDARD_DEVIATION_DDOF,
+            "rows": results,
+            "kept": kept_levers(results),
+        }
+        write_json(project / paths.metrics("ablations"), report)
+        print(f"ablations: wrote {paths.metrics('ablations')}")
+    finally:
+        restore_bytes(params_path, original_params)
+    status, output = run_dvc(["repro", pipeline_file], project)
+    if status != 0:
+        raise PipelineError(f"restoring the workspace: `dvc repro` failed: {(output or ['?'])[-1]}")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="the DVC project")
+    parser.add_argument("--job", default="vision", help=f"a job of {ABLATIONS_FILE}")
+    parser.add_argument("--rows", nargs="+", default=[], help="only these rows (and the reference)")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=non_negative_seed,
+        default=list(DEFAULT_SEEDS),
+        help="distinct seeds (default: 0 1 2)",
+    )
+    arguments = parser.parse_args()
+    if len(set(arguments.seeds)) != len(arguments.seeds):
+        parser.error("--seeds: give distinct seeds")
+    try:
+        report = run_ablations(
+            arguments.project_dir, arguments.job, arguments.seeds, arguments.rows
+        )
+    except (PipelineError, DvcException) as error:
+        print(f"ablations: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(format_table(report))
+
+
+if __name__ == "__main__":
+    main()

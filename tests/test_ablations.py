@@ -1,0 +1,136 @@
+"""The ablations command: rows, the choice on validation, and a real run on a tiny project."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines.ablations import (
+    ABLATIONS_FILE,
+    format_table,
+    kept_levers,
+    load_rows,
+    override,
+    summarize_row,
+)
+from pipelines.flows import PipelineError
+from tests.conftest import RAW_FASHION_MNIST, ROOT, make_project_copy, run
+from tests.small_project import SMALL_PARAMS
+from tests.test_seeds import RUN_TIMEOUT_SECONDS, dvc, dvc_site_cache  # noqa: F401
+
+
+def test_the_projects_rows_set_known_params_of_each_job() -> None:
+    from tlflax.config import parse_params
+
+    for job in ("vision", "text"):
+        pipeline, rows = load_rows(ROOT / ABLATIONS_FILE, job)
+        params_file = ROOT / Path(pipeline).parent / "params.yaml"
+        params = yaml.safe_load(params_file.read_text())
+        assert rows["reference"] == {}
+        for name, settings in rows.items():
+            changed = json.loads(json.dumps(params))
+            for key, value in settings.items():
+                section = changed
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    section = section.setdefault(part, {})
+                assert leaf in section or parents[-1] == "augment", (name, key)
+                section[leaf] = value
+            parse_params(changed, f"{params_file} + row {name}")  # a typo would stop here
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text: {rows: {reference: {}}}\n", "no job 'vision'"),
+        ("vision: {rows: {fast: {finetune.epochs: 1}}}\n", "needs a 'reference' row"),
+        ("vision: {rows: {reference: {}, bad: [1]}}\n", "vision.rows.bad: give a mapping"),
+    ],
+)
+def test_a_malformed_file_is_named_with_what_to_change(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "ablations.yaml"
+    path.write_text(content)
+    with pytest.raises(PipelineError, match=message):
+        load_rows(path, "vision")
+
+
+def test_overrides_are_yaml_values_dvc_reads_back() -> None:
+    assert override("finetune.label_smoothing", 0.1) == "finetune.label_smoothing=0.1"
+    assert override("finetune.augment.test_time_flip", True) == (
+        "finetune.augment.test_time_flip=true"
+    )
+    assert override("extract.taps", [3, 7]) == "extract.taps=[3, 7]"
+    assert yaml.safe_load(override("a", None).split("=", 1)[1]) is None
+
+
+def test_a_lever_is_kept_on_validation_never_on_test() -> None:
+    def row(validation, test):
+        runs = {
+            seed: {"validation_accuracy": v, "test": {"finetune": t, "baseline": 0.8}}
+            for seed, (v, t) in enumerate(zip(validation, test, strict=True))
+        }
+        return summarize_row({}, runs)
+
+    rows = {
+        "reference": row([0.90, 0.92], [0.86, 0.86]),
+        # Better on test, worse on validation: not kept.
+        "lucky_on_test": row([0.89, 0.92], [0.90, 0.90]),
+        "better": row([0.91, 0.92], [0.85, 0.85]),
+    }
+    assert kept_levers(rows) == ["better"]
+    reference = rows["reference"]
+    assert reference["validation_accuracy_mean"] == pytest.approx(0.91)
+    assert reference["validation_accuracy_std"] == pytest.approx(np.std([0.90, 0.92], ddof=1))
+    assert reference["test"]["finetune"]["accuracy_mean"] == pytest.approx(0.86)
+    table = format_table(
+        {"seeds": [0, 1], "reference": "reference", "rows": rows, "kept": ["better"]}
+    )
+    assert "| better | (params file) | 0.9150 ± 0.0071 | 0.8500 ± 0.0000 | yes |" in table
+    assert "| lucky_on_test |" in table and table.count("| no |") == 1
+
+
+@pytest.mark.slow
+def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
+    tmp_path: Path,
+    dvc_site_cache: None,  # noqa: F811
+) -> None:
+    if not RAW_FASHION_MNIST.exists():
+        pytest.fail(f"{RAW_FASHION_MNIST} is missing: run `make assets` (scripts/fetch_assets.sh)")
+    project = make_project_copy(tmp_path / "project", SMALL_PARAMS)
+    rows = {"reference": {}, "smoothed": {"finetune.label_smoothing": 0.3}}
+    (project / ABLATIONS_FILE).write_text(
+        yaml.safe_dump({"vision": {"pipeline": "dvc.yaml", "rows": rows}})
+    )
+    for command in (["add", "-A"], ["commit", "-qm", "two rows"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command],
+                       cwd=project, check=True, capture_output=True)  # fmt: skip
+    dvc(project, "repro", "dvc.yaml")
+    params_before = (project / "params.yaml").read_bytes()
+    command = [sys.executable, "-m", "pipelines.ablations", "--job", "vision", "--seeds", "0", "1"]
+    result = run(command, cwd=project, timeout=RUN_TIMEOUT_SECONDS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((project / "metrics/vision/ablations.json").read_text())
+    assert list(report["rows"]) == ["reference", "smoothed"]
+    assert report["rows"]["smoothed"]["set"] == {"finetune.label_smoothing": 0.3}
+    for row in report["rows"].values():
+        assert set(row["runs"]) == {"0", "1"}
+        assert {"finetune", "baseline", "head_only"} <= set(row["test"])
+    # The smoothed row really trained with smoothing: its runs differ from the reference's.
+    assert report["rows"]["smoothed"]["runs"] != report["rows"]["reference"]["runs"]
+    assert report["kept"] == (
+        ["smoothed"]
+        if report["rows"]["smoothed"]["validation_accuracy_mean"]
+        > report["rows"]["reference"]["validation_accuracy_mean"]
+        else []
+    )
+    assert "| smoothed | `finetune.label_smoothing: 0.3` |" in result.stdout
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert "Data and pipelines are up to date." in dvc(project, "status", "dvc.yaml")
