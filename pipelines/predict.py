@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.stages.common import ExperimentPaths, params_parser, run_command
-from pipelines.stages.tasks import class_probabilities, task_for
 from tlflax.config import Params
 from tlflax.data.errors import DataError
 from tlflax.data.tfds_store import read_image_shape
 from tlflax.errors import MissingInputError
+from tlflax.tasks import class_probabilities, task_for
 
 # Longest input echoed back on an output line.
 _SHOWN_CHARACTERS = 60
@@ -110,7 +110,7 @@ def predict(
       DataError: a bad input (named), or ``--file`` given to an image experiment.
       MissingInputError: the experiment has no fine-tuned model yet.
     """
-    task = task_for(params, paths)
+    task = task_for(params, paths.dataset_dir)
     model_path = paths.finetune / "model"
     if not model_path.exists():
         raise MissingInputError(f"{model_path}: no fine-tuned model; run the experiment first")

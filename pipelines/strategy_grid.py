@@ -30,8 +30,6 @@ import numpy as np
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, enable_compilation_cache
-from pipelines.stages.tasks import Task, class_probabilities, task_for
-from pipelines.stages.training import build_scratch_classifier, cache_frozen_prefix
 from tlflax.advisor import Advice, measure, recommend
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import Params, parse_params
@@ -40,8 +38,10 @@ from tlflax.data.fine_foods import FINE_FOODS_CLASSES, read_fine_foods
 from tlflax.data.manifest import duplicate_records, text_content_hash
 from tlflax.data.pipeline import num_batches
 from tlflax.data.subsets import stratified_subset
+from tlflax.fit import build_scratch_classifier, cache_frozen_prefix
 from tlflax.io import atomic_path, write_json
 from tlflax.plan import resolve_plan
+from tlflax.tasks import Task, class_probabilities, task_for
 from tlflax.train import Finetuner, create_head, run_finetuning, train_head
 
 STRATEGIES = ("feature_extraction", "top_k", "full", "scratch")
@@ -279,7 +279,7 @@ def run_cell(dataset: GridDataset, per_class: int, raw, *, steps: int) -> dict[s
         {**dataset.params, "prepare": {**dataset.params["prepare"], "train_per_class": per_class}},
         source=f"strategy grid ({dataset.name})",
     )
-    task = task_for(params, ExperimentPaths(params.experiment))
+    task = task_for(params, ExperimentPaths(params.experiment).dataset_dir)
     num_classes = int(raw[1].max()) + 1
     data = cell_data(task, dataset, per_class, raw)
     advice, top_features = run_advisor(task, params, data, num_classes)

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from pipelines.stages.common import ExperimentPaths
-from pipelines.stages.tasks import TextTask, task_for
 from tlflax.config import Params, ParamsError, load_params, parse_params
+from tlflax.tasks import TextTask, task_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,14 +101,14 @@ def test_text_params_file_is_valid_and_explicit():
 
 def test_backbone_must_take_the_datasets_modality():
     text = load_params(TEXT_PARAMS)
-    assert isinstance(task_for(text, ExperimentPaths("text")), TextTask)
+    assert isinstance(task_for(text, ExperimentPaths("text").dataset_dir), TextTask)
     raw = yaml.safe_load(TEXT_PARAMS.read_text())
     raw["extract"]["backbone"] = "efficientnet_lite0"
     with pytest.raises(ParamsError, match="'extract.backbone': 'efficientnet_lite0' takes image"):
-        task_for(parse_params(raw), ExperimentPaths("text"))
+        task_for(parse_params(raw), ExperimentPaths("text").dataset_dir)
     vision = parse_params({"extract": {"backbone": "minilm_l6"}})
     with pytest.raises(ParamsError, match="is image data; use one of: .*efficientnet_lite0"):
-        task_for(vision, ExperimentPaths("vision"))
+        task_for(vision, ExperimentPaths("vision").dataset_dir)
 
 
 @pytest.mark.parametrize(

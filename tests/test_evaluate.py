@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from tlflax.evaluate import classification_report, expected_calibration_error
+from tlflax.metrics import classification_report, expected_calibration_error
 
 
 def test_report_matches_scikit_learn():

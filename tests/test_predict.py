@@ -20,12 +20,12 @@ from sklearn.datasets import load_digits
 
 from pipelines.predict import Prediction, predict, read_images, read_texts
 from pipelines.stages.common import ExperimentPaths
-from pipelines.stages.tasks import class_probabilities, task_for
 from tests.conftest import run
 from tlflax.checkpoint import save_tree
 from tlflax.config import parse_params
 from tlflax.data.errors import DataError
 from tlflax.data.tfds_store import write_image_dataset
+from tlflax.tasks import class_probabilities, task_for
 
 DIGIT_NAMES = [f"digit {digit}" for digit in range(10)]
 VISION_PARAMS = {
@@ -46,7 +46,7 @@ def vision_project(tmp_path_factory) -> Path:
     write_image_dataset(
         project / paths.dataset_dir, "fashion_mnist", {"test": (images, labels)}, DIGIT_NAMES
     )
-    task = task_for(parse_params(VISION_PARAMS), paths)
+    task = task_for(parse_params(VISION_PARAMS), paths.dataset_dir)
     model = task.build_classifier(10, pretrained=False, seed=0)
     # A random output kernel instead of the zero init, so predictions depend on the image.
     kernel = model.head.output.kernel
@@ -67,7 +67,7 @@ def test_image_files_predict_as_the_stored_images_do(vision_project, monkeypatch
     predictions = predict(params, paths, files)
     assert [p.source for p in predictions] == files
     # The PNGs hold the stored digits; the path from file to model must not change them.
-    task = task_for(params, paths)
+    task = task_for(params, paths.dataset_dir)
     images, _ = task.read_split("test")
     model, forward = task.load_classifier(10, paths.finetune / "model")
     expected = class_probabilities(model, forward, {"image": images[:3]}, batch_size=8)

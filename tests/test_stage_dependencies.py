@@ -100,20 +100,16 @@ def test_params_a_stage_reads_are_declared(pipeline_file):
     for name, stage in pipeline["stages"].items():
         module = re.search(r"pipelines\.stages\.(\w+)", stage["cmd"]).group(1)
         # The stage script and the stage helpers it runs (the library takes typed sections).
-        # The modality task (tasks.py) serves every stage and reads per method, which this
-        # reading of source cannot tell apart: a stage that uses it declares what every task
-        # reads - the modality (prepare.dataset) and the backbone's input (extract).
+        # The modality task (tlflax/tasks.py) serves every stage and reads per method, which
+        # this reading of source cannot tell apart: a stage that uses it declares what every
+        # task reads - the modality (prepare.dataset) and the backbone's input (extract).
         closure = import_closure(f"pipelines.stages.{module}")
-        files = [
-            path
-            for path in closure
-            if path.startswith("pipelines/stages/") and path != "pipelines/stages/tasks.py"
-        ]
+        files = [path for path in closure if path.startswith("pipelines/stages/")]
         declared = []
         for entry in stage.get("params", []):
             declared += next(iter(entry.values())) if isinstance(entry, dict) else [entry]
         read = _params_read(files)
-        if "pipelines/stages/tasks.py" in closure:
+        if "tlflax/tasks.py" in closure:
             read |= {"prepare.dataset", "extract"}
         undeclared = {key for key in read if not _covered(key, declared)}
         assert not undeclared, f"{pipeline_file.name}: stage {name} reads {sorted(undeclared)}"

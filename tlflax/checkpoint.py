@@ -147,10 +147,15 @@ class TrainingCheckpoints:
         self.manager.close()
 
     def delete(self) -> None:
-        """Delete the folder (after :meth:`close`), its fingerprint first: a deletion cut
-        short leaves steps that no run will resume from, never a half-deleted one to resume."""
-        (self.directory / FINGERPRINT_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Delete the folder (after :meth:`close`): :func:`delete_checkpoints`."""
+        delete_checkpoints(self.directory)
+
+
+def delete_checkpoints(directory: str | Path) -> None:
+    """Delete a checkpoint folder, its fingerprint first: a deletion cut short leaves steps
+    that no run will resume from, never a half-deleted one to resume."""
+    (Path(directory) / FINGERPRINT_FILE).unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def save_tree(path: str | Path, tree: PyTree) -> None:

@@ -9,26 +9,15 @@ stage merges with params.yaml into the run's plan) and
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
-from flax import nnx
-
 from pipelines.stages.common import ExperimentPaths, run_stage
-from pipelines.stages.tasks import task_for
-from tlflax.advisor import (
-    Advice,
-    count_per_class,
-    measure,
-    recommend,
-)
+from tlflax.advisor import Advice
+from tlflax.api import advise
 from tlflax.config import Params
-from tlflax.data.subsets import stratified_subset
 from tlflax.io import atomic_path, write_json
-from tlflax.models.registry import create_backbone
-from tlflax.taps import probe_taps
+from tlflax.tasks import task_for
 
 
 def advice_path(paths: ExperimentPaths) -> Path:
@@ -37,13 +26,6 @@ def advice_path(paths: ExperimentPaths) -> Path:
 
 def report_path(paths: ExperimentPaths) -> Path:
     return Path("reports") / paths.experiment / "advice.md"
-
-
-def _backbone(params: Params, *, pretrained: bool) -> nnx.Module:
-    backbone, _ = create_backbone(
-        params.extract.backbone, pretrained=pretrained, rngs=nnx.Rngs(params.finetune.seed)
-    )
-    return backbone
 
 
 def advice_markdown(advice: Advice, *, title: str) -> str:
@@ -157,52 +139,14 @@ def advice_markdown(advice: Advice, *, title: str) -> str:
     return "\n".join(lines)
 
 
-def advise(params: Params, paths: ExperimentPaths) -> None:
-    cfg = params.advise
+def run(params: Params, paths: ExperimentPaths) -> None:
     started = time.perf_counter()
-    task = task_for(params, paths)
-    num_classes = len(task.class_names())
-    records, labels = task.read_split("train")
-    probed = np.arange(len(labels))
-    if len(labels) > cfg.max_train_examples:
-        # A stratified subset: the probe's cost is bounded, the class balance kept.
-        fraction = cfg.max_train_examples / len(labels)
-        probed = stratified_subset(labels, fraction=fraction, seed=params.prepare.seed)
-    probed_records = (
-        records[probed] if isinstance(records, np.ndarray) else [records[i] for i in probed]
-    )
-    train_per_class = count_per_class(labels, num_classes)
-    evidence, features = measure(
-        _backbone(params, pretrained=params.extract.pretrained),
-        task.pooled_after_each_group,
-        {**task.model_inputs(probed_records), "label": labels[probed]},
-        task.read_inputs("validation"),
-        num_classes=num_classes,
-        batch_size=params.extract.batch_size,
-        all_train_labels=labels,
-        # Random-init features are the reference of "does pretraining help at all", asked
-        # only where training from scratch is a candidate.
-        random_init=(
-            _backbone(params, pretrained=False)
-            if train_per_class >= cfg.large_data_per_class
-            else None
-        ),
-    )
-    validation_labels = task.read_split("validation")[1]
-    taps = probe_taps(
-        features["train"],
-        labels[probed],
-        features["validation"],
-        validation_labels,
-        num_classes=num_classes,
-        max_taps=cfg.max_taps,
-        min_gain=cfg.min_tap_gain,
-    )
-    advice = dataclasses.replace(recommend(evidence, cfg), taps=taps)
+    advice = advise(task_for(params, paths.dataset_dir))
     write_json(advice_path(paths), advice.to_json())
     report = advice_markdown(advice, title=f"{params.experiment}: transfer strategy advice")
     with atomic_path(report_path(paths)) as temporary:
         temporary.write_text(report, encoding="utf-8")
+    evidence, taps = advice.evidence, advice.taps
     print(
         f"advise: {advice.strategy} (top {advice.unfreeze_groups} of {evidence.num_groups} "
         f"layer groups), {advice.schedule.steps} steps; best probe "
@@ -213,4 +157,4 @@ def advise(params: Params, paths: ExperimentPaths) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("advise", advise)
+    run_stage("advise", run)

@@ -14,11 +14,11 @@ from tlflax.baseline import fit_baseline
 from tlflax.config import Params
 from tlflax.data.tfds_store import read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
-from tlflax.evaluate import classification_report
 from tlflax.io import atomic_path, write_arrays, write_json
+from tlflax.metrics import classification_report
 
 PREDICTED_SPLITS = ("validation", "test")
-# The prepared dataset's split readers, by modality. Not pipelines.stages.tasks: a task
+# The prepared dataset's split readers, by modality. Not tlflax.tasks: a task
 # resolves the backbone (and imports JAX), which a scikit-learn baseline never uses.
 SPLIT_READERS = {"image": read_image_split, "text": read_text_split}
 

@@ -7,18 +7,15 @@ that knows file paths; the library gets typed config sections and paths.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
 
-import tlflax
 from tlflax.config import Params, ParamsError, load_params
 from tlflax.errors import InputError
 from tlflax.io import atomic_path
@@ -103,28 +100,6 @@ RESUME_CHECKPOINTS = Path(".cache/resume")
 def resume_dir(output_dir: Path) -> Path:
     """Where the training run that writes ``output_dir`` keeps its checkpoints meanwhile."""
     return RESUME_CHECKPOINTS / output_dir
-
-
-def run_fingerprint(settings: Sequence[BaseModel], *trees: object) -> str:
-    """What checkpoints must match to be resumed: settings, code, and the starting ``trees``.
-
-    ``settings`` are the run's params and plan. ``trees`` are what the run starts from: the
-    arrays it trains and validates on, the
-    initial model state (pretrained and head weights included). The code is every Python
-    file of ``tlflax`` and of the stages, so a run never continues checkpoints that other
-    code wrote.
-    """
-    from tlflax.checkpoint import tree_digest  # Orbax: only the training stages need it
-
-    digest = hashlib.sha256()
-    for model in settings:
-        digest.update(model.model_dump_json().encode())
-    for package in (Path(tlflax.__file__).parent, Path(__file__).parent):
-        for source in sorted(package.rglob("*.py")):
-            digest.update(source.relative_to(package).as_posix().encode())
-            digest.update(source.read_bytes())
-    digest.update(tree_digest(*trees).encode())
-    return digest.hexdigest()
 
 
 def write_live_log(live_dir: Path, epochs: list[dict[str, float]]) -> None:

@@ -15,14 +15,14 @@ import numpy as np
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, run_stage
-from pipelines.stages.tasks import Task, class_probabilities, task_for
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
 from tlflax.data.errors import DataError
 from tlflax.errors import MissingInputError
-from tlflax.evaluate import classification_report
 from tlflax.io import atomic_path, read_arrays, write_json
+from tlflax.metrics import classification_report
 from tlflax.plots import plot_learning_curves
+from tlflax.tasks import Task, class_probabilities, task_for
 from tlflax.train import create_head
 
 HEADLINE = ("accuracy", "macro_f1", "ece")
@@ -122,7 +122,7 @@ def _write_confusion(path, labels, predictions, class_names) -> None:
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
-    task = task_for(params, paths)
+    task = task_for(params, paths.dataset_dir)
     class_names = task.class_names()
     test = task.read_inputs("test")
     labels = test["label"]

@@ -8,38 +8,24 @@ from __future__ import annotations
 
 import time
 
-from flax import nnx
-
 from pipelines.stages.common import ExperimentPaths, check_batch_fits, run_stage
-from pipelines.stages.tasks import task_for
 from tlflax.advisor import load_advice
+from tlflax.api import backbone_for, extract_features, head_taps
 from tlflax.config import Params
 from tlflax.io import atomic_path, write_arrays
-from tlflax.models.registry import create_backbone
-from tlflax.plan import resolve_taps
-from tlflax.probes import features_by_depth
-from tlflax.taps import joined_numpy
+from tlflax.tasks import task_for
 
 SPLITS = ("train", "validation", "test")
 
 
 def extract(params: Params, paths: ExperimentPaths) -> None:
     cfg = params.extract
-    task = task_for(params, paths)
-    backbone, report = create_backbone(
-        cfg.backbone, pretrained=cfg.pretrained, rngs=nnx.Rngs(params.finetune.seed)
-    )
+    task = task_for(params, paths.dataset_dir)
+    backbone = backbone_for(params)
     # The depths the head reads: extract.taps resolved with the advice, as the plan stage
     # resolves them (reading the advice, not the plan, keeps a change of the fine-tuning
     # settings from re-running the backbone over every split).
-    advice = load_advice(paths.metrics("advice"))
-    taps = resolve_taps(
-        cfg.taps,
-        None if advice.taps is None else advice.taps.taps,
-        num_groups=len(backbone.group_patterns()),
-    )
-    if report is not None:
-        print(f"extract: loaded {len(report.loaded)} pretrained tensors for {cfg.backbone}")
+    taps = head_taps(params, load_advice(paths.metrics("advice")))
     if taps is not None:
         print(f"extract: the head reads layer groups {taps}")
     with atomic_path(paths.features, directory=True) as features_dir:
@@ -47,16 +33,7 @@ def extract(params: Params, paths: ExperimentPaths) -> None:
             inputs = task.read_inputs(split)
             check_batch_fits("extract.batch_size", cfg.batch_size, inputs)
             started = time.perf_counter()
-            if taps is None:
-                features = task.extract_features(backbone, inputs, description=f"extract {split}")
-            else:
-                by_depth = features_by_depth(
-                    backbone,
-                    task.pooled_after_each_group,
-                    {split: inputs},
-                    batch_size=cfg.batch_size,
-                )[split]
-                features = joined_numpy(by_depth, taps)
+            features = extract_features(task, backbone, taps, inputs)
             seconds = time.perf_counter() - started
             count = len(inputs["label"])
             write_arrays(features_dir / f"{split}.npz", features=features, label=inputs["label"])

@@ -18,36 +18,32 @@ from flax import nnx
 from pipelines.stages.common import (
     ExperimentPaths,
     check_batch_fits,
-    run_fingerprint,
     run_stage,
 )
-from pipelines.stages.tasks import task_for
-from pipelines.stages.training import build_scratch_classifier, cache_frozen_prefix, fit_and_save
+from pipelines.stages.training import fit_and_save, run_fingerprint
+from tlflax.api import initial_classifier
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
+from tlflax.fit import cache_frozen_prefix
 from tlflax.plan import load_plan, plan_table
+from tlflax.tasks import task_for
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
     plan = load_plan(paths.metrics("plan"))
     cfg = plan.finetune
     print(f"finetune: the plan ({paths.metrics('plan')}):\n{plan_table(plan)}")
-    task = task_for(params, paths)
+    task = task_for(params, paths.dataset_dir)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
-    num_classes = len(task.class_names())
-    if cfg.strategy == "scratch":
-        model = build_scratch_classifier(task, num_classes, cfg.seed, plan.head_taps)
-    else:
-        model = task.build_classifier(
-            num_classes, pretrained=params.extract.pretrained, seed=cfg.seed, taps=plan.head_taps
-        )
+    model = initial_classifier(task, plan)
+    if cfg.strategy != "scratch":  # fine-tuning starts from train_head's head
         nnx.update(model.head, restore_tree(paths.head, nnx.state(model.head, nnx.Param)))
     check_batch_fits("finetune.batch_size", cfg.batch_size, train)
     check_batch_fits("evaluate.batch_size", params.evaluate.batch_size, validation)
     # Before the prefix cache replaces the inputs: what the run starts from, whatever path.
     fingerprint = run_fingerprint([plan, params], train, validation, nnx.state(model))
     inputs = cache_frozen_prefix(
-        task, model, cfg, train, validation, batch_size=params.extract.batch_size, stage="finetune"
+        task, model, cfg, train, validation, batch_size=params.extract.batch_size, name="finetune"
     )
     fit_and_save(
         "finetune",

@@ -11,32 +11,16 @@ resolves the same taps from the advice; a saved model's folder names its own).
 from __future__ import annotations
 
 from pipelines.stages.common import ExperimentPaths, run_stage
-from pipelines.stages.tasks import task_for
 from tlflax.advisor import load_advice
+from tlflax.api import make_plan
 from tlflax.config import Params
 from tlflax.io import write_json
-from tlflax.plan import plan_table, resolve_plan, resolve_taps
+from tlflax.plan import plan_table
+from tlflax.tasks import task_for
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
-    advice = load_advice(paths.metrics("advice"))
-    task = task_for(params, paths)
-    _, labels = task.read_split("train")
-    num_classes = len(task.class_names())
-    taps = resolve_taps(
-        params.extract.taps,
-        None if advice.taps is None else advice.taps.taps,
-        # The advice probed every layer group of this backbone: no model needs building.
-        num_groups=advice.evidence.num_groups,
-    )
-    plan = resolve_plan(
-        params.finetune,
-        params.train_scratch,
-        advice,
-        model=task.abstract_classifier(num_classes, taps),
-        num_train_examples=len(labels),
-        taps=taps,
-    )
+    plan = make_plan(task_for(params, paths.dataset_dir), load_advice(paths.metrics("advice")))
     write_json(paths.metrics("plan"), plan.model_dump(mode="json"))
     print(f"plan ({paths.metrics('plan')}):\n{plan_table(plan)}")
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from flax import nnx
 
-from pipelines.stages.common import ExperimentPaths, run_fingerprint, run_stage
-from pipelines.stages.tasks import task_for
-from pipelines.stages.training import build_scratch_classifier, fit_and_save
+from pipelines.stages.common import ExperimentPaths, run_stage
+from pipelines.stages.training import fit_and_save, run_fingerprint
 from tlflax.config import Params
+from tlflax.fit import build_scratch_classifier
 from tlflax.plan import load_plan
+from tlflax.tasks import task_for
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
     plan = load_plan(paths.metrics("plan"))
     cfg = plan.scratch
-    task = task_for(params, paths)
+    task = task_for(params, paths.dataset_dir)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
     model = build_scratch_classifier(task, len(task.class_names()), cfg.seed, plan.head_taps)
     fit_and_save(

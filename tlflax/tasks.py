@@ -1,8 +1,8 @@
-"""The one place the stages tell images from text: a :class:`Task` per input modality.
+"""The one place images and text part ways: a :class:`Task` per input modality.
 
-The stage scripts are the same for both experiments; they ask :func:`task_for` how to read
-a split's model inputs, build and run the classifier, extract features and cut the forward
-pass for a prefix cache. The modality comes from ``prepare.dataset``; the backbone named by
+Everything above it - the Python API, the stage scripts - is the same for both; it asks
+:func:`task_for` how to read a split's model inputs, build and run the classifier, extract
+features and cut the forward pass for a prefix cache. The modality comes from ``prepare.dataset``; the backbone named by
 ``extract.backbone`` must take that kind of input (the registry says which it takes).
 """
 
@@ -19,7 +19,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pipelines.stages.common import ExperimentPaths
 from tlflax import text, vision
 from tlflax.checkpoint import restore_tree
 from tlflax.config import AugmentParams, FinetuneParams, Params, ParamsError
@@ -34,7 +33,6 @@ from tlflax.train import Batch, Forward
 
 # Beside a saved model's weights: what its weights alone do not say (the depths its head reads).
 ARCHITECTURE_FILE = "architecture.json"
-
 
 
 def read_architecture(model_dir: Path) -> dict:
@@ -52,15 +50,17 @@ Records = np.ndarray | Sequence[str]
 
 
 class Task(ABC):
-    """How the stages handle one modality, given the experiment's params and paths."""
+    """How one modality is read, built, run and cut, given the params and the prepared
+    dataset's folder."""
 
     # The modality's classifier constructors in tlflax (build, and build with shape-only
     # weights), both taking (backbone name, number of classes, train_head params).
     classifier_builders: ClassVar[tuple[Callable[..., nnx.Module], Callable[..., nnx.Module]]]
 
-    def __init__(self, params: Params, paths: ExperimentPaths):
+    def __init__(self, params: Params, dataset_dir: Path):
         self.params = params
-        self.paths = paths
+        # The prepared dataset (tlflax.data.tfds_store): its splits and class names.
+        self.dataset_dir = Path(dataset_dir)
 
     @abstractmethod
     def read_split(self, split: str) -> tuple[Records, np.ndarray]:
@@ -125,7 +125,7 @@ class Task(ABC):
         """Pooled backbone activations after each layer group (the advisor's depth probes)."""
 
     def class_names(self) -> list[str]:
-        return read_class_names(self.paths.dataset_dir, self.params.prepare.stored_name)
+        return read_class_names(self.dataset_dir, self.params.prepare.stored_name)
 
     def load_classifier(self, num_classes: int, path: Path) -> tuple[nnx.Module, Forward]:
         """The classifier saved at ``path`` (a whole-model state, e.g. the fine-tuned one)
@@ -149,11 +149,11 @@ class ImageTask(Task):
 
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         name = self.params.prepare.stored_name
-        images, labels = read_image_split(self.paths.dataset_dir, name, split)
+        images, labels = read_image_split(self.dataset_dir, name, split)
         if images.shape[-1] not in (1, 3):
             # Checked here, where the folder is known, not deep inside a jitted step.
             raise DataError(
-                dataset_version_dir(self.paths.dataset_dir, name),
+                dataset_version_dir(self.dataset_dir, name),
                 f"split {split!r} holds images with {images.shape[-1]} channels; the image "
                 "backbones take 1 (grayscale) or 3 (RGB)",
                 "prepare the dataset again with prepare.channels: 1 or 3",
@@ -167,9 +167,7 @@ class ImageTask(Task):
         self, training: FinetuneParams | None = None, *, test_time_flip: bool = False
     ) -> Forward:
         if training is None:
-            inference = AugmentParams(
-                random_crop=False, flip=False, test_time_flip=test_time_flip
-            )
+            inference = AugmentParams(random_crop=False, flip=False, test_time_flip=test_time_flip)
             return vision.image_forward(self.params.extract.image_size, inference)
         return vision.image_forward(
             self.params.extract.image_size, training.augment, training.compute_dtype
@@ -198,7 +196,7 @@ class TextTask(Task):
     classifier_builders = (text.build_text_classifier, text.abstract_text_classifier)
 
     def read_split(self, split: str) -> tuple[list[str], np.ndarray]:
-        return read_text_split(self.paths.dataset_dir, self.params.prepare.stored_name, split)
+        return read_text_split(self.dataset_dir, self.params.prepare.stored_name, split)
 
     def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
@@ -226,7 +224,7 @@ class TextTask(Task):
 _TASKS: dict[str, type[Task]] = {"image": ImageTask, "text": TextTask}
 
 
-def task_for(params: Params, paths: ExperimentPaths) -> Task:
+def task_for(params: Params, dataset_dir: Path) -> Task:
     """The task of ``prepare.dataset``'s modality, once the backbone is known to fit it.
 
     Raises:
@@ -252,7 +250,7 @@ def task_for(params: Params, paths: ExperimentPaths) -> Task:
             f"prepare.dataset {params.prepare.dataset!r} is {modality} data; "
             f"use one of: {', '.join(fitting)}"
         )
-    return _TASKS[modality](params, paths)
+    return _TASKS[modality](params, dataset_dir)
 
 
 def class_probabilities(

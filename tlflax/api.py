@@ -1,0 +1,292 @@
+"""The steps of a transfer-learning run, as functions a notebook calls (no Prefect, no DVC).
+
+Each pipeline stage is one of these steps with its files around it, so a notebook and
+``dvc repro`` run the same code::
+
+    task = prepare_dataset(params, "work/data")       # source -> train / validation / test
+    advice = advise(task)                             # probes per depth -> strategy, taps
+    plan = make_plan(task, advice)                    # every training setting, decided
+    head = train_new_head(task, plan.head_taps)       # head on frozen features
+    result = fine_tune(task, plan, head, checkpoint_dir="work/checkpoints")
+    report = evaluate(task, result.model, plan.finetune)
+
+or all of it at once: :func:`run_transfer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from tlflax.advisor import Advice, count_per_class, measure, recommend
+from tlflax.checkpoint import delete_checkpoints
+from tlflax.config import FinetuneParams, Params
+from tlflax.data.sources import prepare_dataset as _prepare_source
+from tlflax.data.subsets import stratified_subset
+from tlflax.fit import (
+    FitResult,
+    build_scratch_classifier,
+    cache_frozen_prefix,
+    fit_classifier,
+    run_fingerprint,
+    save_classifier,
+)
+from tlflax.metrics import classification_report
+from tlflax.models.heads import Head
+from tlflax.models.registry import create_backbone
+from tlflax.plan import RunPlan, resolve_plan, resolve_taps
+from tlflax.probes import features_by_depth
+from tlflax.taps import joined_numpy, probe_taps
+from tlflax.tasks import Task, class_probabilities, task_for
+from tlflax.train import Forward, History, create_head, train_head
+
+
+def prepare_dataset(params: Params, dataset_dir: str | Path) -> Task:
+    """Read ``params.prepare``'s source, draw train and validation from it, store the three
+    splits in ``dataset_dir``, and return the :class:`~tlflax.tasks.Task` that reads them.
+
+    Raises:
+      DataError: the source is unreadable or laid out wrongly (naming the file or key).
+      ParamsError: the backbone does not fit the data's modality.
+    """
+    _prepare_source(params.prepare, Path(dataset_dir))
+    return task_for(params, Path(dataset_dir))
+
+
+def open_dataset(params: Params, dataset_dir: str | Path) -> Task:
+    """The :class:`~tlflax.tasks.Task` of a dataset :func:`prepare_dataset` stored before."""
+    return task_for(params, Path(dataset_dir))
+
+
+def backbone_for(params: Params, *, pretrained: bool | None = None) -> nnx.Module:
+    """``extract.backbone`` (pretrained per ``extract.pretrained`` unless given)."""
+    if pretrained is None:
+        pretrained = params.extract.pretrained
+    backbone, _ = create_backbone(
+        params.extract.backbone, pretrained=pretrained, rngs=nnx.Rngs(params.finetune.seed)
+    )
+    return backbone
+
+
+def advise(task: Task) -> Advice:
+    """Probe the frozen backbone after every layer group on this data and recommend how to
+    transfer: strategy, layer groups to train, schedule, and the depths the head reads.
+
+    The probes fit on a stratified subset of train (``advise.max_train_examples``) and are
+    scored on validation; see :func:`tlflax.advisor.recommend` for the rules.
+    """
+    params, cfg = task.params, task.params.advise
+    num_classes = len(task.class_names())
+    records, labels = task.read_split("train")
+    probed = np.arange(len(labels))
+    if len(labels) > cfg.max_train_examples:
+        # A stratified subset: the probe's cost is bounded, the class balance kept.
+        fraction = cfg.max_train_examples / len(labels)
+        probed = stratified_subset(labels, fraction=fraction, seed=params.prepare.seed)
+    probed_records = (
+        records[probed] if isinstance(records, np.ndarray) else [records[i] for i in probed]
+    )
+    validation = task.read_inputs("validation")
+    evidence, features = measure(
+        backbone_for(params),
+        task.pooled_after_each_group,
+        {**task.model_inputs(probed_records), "label": labels[probed]},
+        validation,
+        num_classes=num_classes,
+        batch_size=params.extract.batch_size,
+        all_train_labels=labels,
+        # Random-init features are the reference of "does pretraining help at all", asked
+        # only where training from scratch is a candidate.
+        random_init=(
+            backbone_for(params, pretrained=False)
+            if count_per_class(labels, num_classes) >= cfg.large_data_per_class
+            else None
+        ),
+    )
+    taps = probe_taps(
+        features["train"],
+        labels[probed],
+        features["validation"],
+        validation["label"],
+        num_classes=num_classes,
+        max_taps=cfg.max_taps,
+        min_gain=cfg.min_tap_gain,
+    )
+    return dataclasses.replace(recommend(evidence, cfg), taps=taps)
+
+
+def head_taps(params: Params, advice: Advice) -> list[int] | None:
+    """The depths the head reads: ``extract.taps`` decided with the advice (None: the
+    backbone's final pooled features)."""
+    return resolve_taps(
+        params.extract.taps,
+        None if advice.taps is None else advice.taps.taps,
+        # The advice probed every layer group of this backbone: no model needs building.
+        num_groups=advice.evidence.num_groups,
+    )
+
+
+def make_plan(task: Task, advice: Advice) -> RunPlan:
+    """The advice and the params merged once: every setting of the fine-tuning run and of
+    its from-scratch reference, decided (written params win over the advice)."""
+    params = task.params
+    taps = head_taps(params, advice)
+    return resolve_plan(
+        params.finetune,
+        params.train_scratch,
+        advice,
+        model=task.abstract_classifier(len(task.class_names()), taps),
+        num_train_examples=len(task.read_split("train")[1]),
+        taps=taps,
+    )
+
+
+def extract_features(
+    task: Task, backbone: nnx.Module, taps: Sequence[int] | None, inputs: dict[str, np.ndarray]
+) -> np.ndarray:
+    """The frozen ``backbone``'s features of ``inputs`` (:meth:`Task.read_inputs`) as the
+    head reads them: the joined pooled outputs of ``taps``, or the final pooled features."""
+    if taps is None:
+        return task.extract_features(backbone, inputs, description="extract")
+    by_depth = features_by_depth(
+        backbone,
+        task.pooled_after_each_group,
+        {"inputs": inputs},
+        batch_size=task.params.extract.batch_size,
+    )["inputs"]
+    return joined_numpy(by_depth, taps)
+
+
+def _head_inputs(
+    task: Task, backbone: nnx.Module, taps: Sequence[int] | None, split: str
+) -> dict[str, np.ndarray]:
+    inputs = task.read_inputs(split)
+    return {"features": extract_features(task, backbone, taps, inputs), "label": inputs["label"]}
+
+
+def train_new_head(
+    task: Task, taps: Sequence[int] | None, backbone: nnx.Module | None = None
+) -> tuple[Head, History]:
+    """Feature extraction: a new head (``train_head``) trained on the frozen backbone's
+    features of train, early-stopped on validation."""
+    backbone = backbone if backbone is not None else backbone_for(task.params)
+    train, validation = (_head_inputs(task, backbone, taps, s) for s in ("train", "validation"))
+    cfg = task.params.train_head
+    head = create_head(train["features"].shape[1], len(task.class_names()), cfg)
+    return head, train_head(head, train, validation, cfg)
+
+
+def initial_classifier(task: Task, plan: RunPlan, head: Head | None = None) -> nnx.Module:
+    """The network the plan's fine-tuning starts from: the pretrained backbone cut at the
+    plan's taps with ``head``'s weights on top (random weights for ``scratch``)."""
+    cfg, num_classes = plan.finetune, len(task.class_names())
+    if cfg.strategy == "scratch":
+        return build_scratch_classifier(task, num_classes, cfg.seed, plan.head_taps)
+    model = task.build_classifier(
+        num_classes, pretrained=task.params.extract.pretrained, seed=cfg.seed, taps=plan.head_taps
+    )
+    if head is not None:
+        nnx.update(model.head, nnx.state(head, nnx.Param))
+    return model
+
+
+def fine_tune(
+    task: Task,
+    plan: RunPlan,
+    head: Head | None,
+    *,
+    checkpoint_dir: str | Path,
+    scratch: bool = False,
+    fingerprint: str | None = None,
+) -> FitResult:
+    """Train by the plan - its fine-tuning, or with ``scratch`` its from-scratch reference -
+    checkpointing every epoch in ``checkpoint_dir``: a killed run started again resumes
+    there when its ``fingerprint`` (by default: params, plan, data, starting weights and
+    tlflax's code) is the same."""
+    cfg = plan.scratch if scratch else plan.finetune
+    if scratch:
+        model = build_scratch_classifier(task, len(task.class_names()), cfg.seed, plan.head_taps)
+    else:
+        model = initial_classifier(task, plan, head)
+    train, validation = task.read_inputs("train"), task.read_inputs("validation")
+    if fingerprint is None:
+        # What a checkpoint must match to be resumed: settings, data and starting weights.
+        fingerprint = run_fingerprint([task.params, plan], train, validation, nnx.state(model))
+    inputs = cache_frozen_prefix(
+        task, model, cfg, train, validation, batch_size=task.params.extract.batch_size
+    )
+    return fit_classifier(
+        model,
+        inputs.forward,
+        cfg,
+        inputs.train,
+        inputs.validation,
+        checkpoint_dir=Path(checkpoint_dir),
+        eval_batch_size=task.params.evaluate.batch_size,
+        fingerprint=fingerprint,
+        name="train_scratch" if scratch else "finetune",
+    )
+
+
+def evaluate(
+    task: Task, model: nnx.Module, cfg: FinetuneParams | None = None, split: str = "test"
+) -> dict:
+    """Accuracy, macro-F1, calibration and per-class scores of ``model`` on ``split``
+    (predicting as ``cfg`` says: with its test-time augmentation)."""
+    inputs = task.read_inputs(split)
+    flip = cfg is not None and cfg.augment.test_time_flip
+    forward = task.forward(test_time_flip=flip)
+    probabilities = class_probabilities(model, forward, inputs, task.params.evaluate.batch_size)
+    return classification_report(
+        probabilities,
+        inputs["label"],
+        task.class_names(),
+        calibration_bins=task.params.evaluate.calibration_bins,
+    )
+
+
+def load_classifier(task: Task, model_dir: str | Path) -> tuple[nnx.Module, Forward]:
+    """The classifier :func:`save_classifier` wrote to ``model_dir`` and its inference
+    forward pass (with the test-time augmentation it was validated with)."""
+    return task.load_classifier(len(task.class_names()), Path(model_dir) / "model")
+
+
+def predict(task: Task, model_dir: str | Path, records: Sequence | np.ndarray) -> np.ndarray:
+    """Class probabilities (one row per record, columns in ``task.class_names()`` order) of
+    the classifier saved in ``model_dir``: images as uint8 (N, H, W, C) at the dataset's
+    stored size, or texts."""
+    model, forward = load_classifier(task, model_dir)
+    inputs = task.model_inputs(records)
+    return class_probabilities(model, forward, inputs, task.params.evaluate.batch_size)
+
+
+def run_transfer(params: Params, work_dir: str | Path) -> dict:
+    """The whole run in ``work_dir``: prepare the dataset, advise, plan, train a new head,
+    fine-tune by the plan, save the classifier (``work_dir/classifier``, read back by
+    :func:`predict`) and evaluate it on test. Returns the test report, with the strategy
+    that ran and the head-only model's test accuracy beside it."""
+    work_dir = Path(work_dir)
+    task = prepare_dataset(params, work_dir / "data")
+    plan = make_plan(task, advise(task))
+    backbone = backbone_for(params)
+    head, _ = train_new_head(task, plan.head_taps, backbone)
+    test = _head_inputs(task, backbone, plan.head_taps, "test")
+
+    def head_forward(model, batch, train, key):
+        return model(batch["features"])
+
+    head_only = class_probabilities(head, head_forward, test, params.evaluate.batch_size)
+    checkpoints = work_dir / "checkpoints"
+    result = fine_tune(task, plan, head, checkpoint_dir=checkpoints)
+    save_classifier(
+        result.model, work_dir / "classifier", test_time_flip=plan.finetune.augment.test_time_flip
+    )
+    delete_checkpoints(checkpoints)
+    report = evaluate(task, result.model, plan.finetune)
+    report["strategy"] = plan.finetune.strategy
+    report["head_only_accuracy"] = float(np.mean(head_only.argmax(axis=1) == test["label"]))
+    return report
