@@ -19,7 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tlflax", "pipelines")
-DEFAULT_PIPELINES = ("dvc.yaml", "experiments/text/dvc.yaml")
+# The project's pipeline and every experiment's (python -m pipelines.new_experiment).
+DEFAULT_PIPELINES = (
+    "dvc.yaml",
+    *sorted(
+        path.relative_to(ROOT).as_posix() for path in (ROOT / "experiments").glob("*/dvc.yaml")
+    ),
+)
 # Folders listed whole when the closure holds every Python file in them (shorter lists).
 WHOLE_FOLDERS = ("tlflax/models",)
 
