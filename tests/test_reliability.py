@@ -435,3 +435,23 @@ def test_after_every_fault_the_test_metrics_equal_the_uninterrupted_run(
     metrics = json.loads((project / relative).read_text())
     assert metrics == json.loads((small_project / relative).read_text())
     assert metrics["n_test"] == 10000
+
+
+def test_the_live_log_is_rewritten_at_most_every_interval_and_always_at_the_end(tmp_path):
+    from pipelines.stages.common import LiveLog
+
+    def logged_steps(live_dir):
+        tsv = live_dir / "plots/metrics/validation_accuracy.tsv"
+        return len(tsv.read_text().splitlines()) - 1 if tsv.exists() else 0
+
+    epochs = [{"validation_accuracy": 0.5 + i / 100} for i in range(4)]
+    every_time = LiveLog(tmp_path / "every", interval_seconds=0.0)
+    for count in range(1, 5):
+        every_time.update(epochs[:count])
+        assert logged_steps(tmp_path / "every") == count  # readable while training runs
+    throttled = LiveLog(tmp_path / "throttled", interval_seconds=3600.0)
+    for count in range(1, 5):
+        throttled.update(epochs[:count])
+    assert logged_steps(tmp_path / "throttled") == 1  # the first write only
+    throttled.update(epochs, final=True)
+    assert logged_steps(tmp_path / "throttled") == 4

@@ -505,3 +505,40 @@ def test_test_time_flip_averages_each_image_with_its_mirror(digits):
     np.testing.assert_allclose(
         flipped(model, {"image": images}, True, None), plain(model, {"image": images}, True, None)
     )
+
+
+def test_the_history_callback_sees_every_epoch_so_far_a_resumed_runs_included(digits, tmp_path):
+    train, validation = digits
+    cfg = _finetune_cfg(epochs=3)
+
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    first = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
+    seen: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_finetuning(
+            _finetuner(cfg, train),
+            train,
+            validation,
+            first,
+            eval_batch_size=64,
+            on_epoch_end=interrupt,
+            on_history=lambda history: seen.append(len(history.epochs)),
+        )
+    first.close()
+    assert seen == []  # the kill came before the history callback of epoch 0
+    again = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
+    histories: list[list[dict]] = []
+    _, history = run_finetuning(
+        _finetuner(cfg, train),
+        train,
+        validation,
+        again,
+        eval_batch_size=64,
+        on_history=lambda history: histories.append(list(history.epochs)),
+    )
+    again.close()
+    # Resumed after epoch 0: the first call already holds it, then one more per epoch.
+    assert [len(epochs) for epochs in histories] == [2, 3]
+    assert histories[-1] == history.epochs

@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,7 @@ def fit_classifier(
     eval_batch_size: int,
     fingerprint: str | None = None,
     on_epoch_end: EpochCallback | None = None,
+    on_history: Callable[[History], None] | None = None,
     name: str = "finetune",
 ) -> FitResult:
     """Train ``model`` by ``cfg`` (a plan: fine-tuning, or from scratch) with early stopping.
@@ -66,7 +67,8 @@ def fit_classifier(
     Every epoch is checkpointed in ``checkpoint_dir`` (latest + best N): a killed run started
     again with the same ``fingerprint`` (what the run starts from: settings, data, initial
     weights, code) continues from its last finished epoch; checkpoints of another run are
-    discarded. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics as it ends.
+    discarded. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics as it ends, and
+    ``on_history(history)`` the whole history so far (a resumed run's earlier epochs too).
     The checkpoints stay for the caller (:func:`save_classifier` keeps them beside the model).
     """
     finetuner = Finetuner(
@@ -107,6 +109,7 @@ def fit_classifier(
         checkpoints,
         eval_batch_size=eval_batch_size,
         on_epoch_end=report_epoch,
+        on_history=on_history,
     )
     checkpoints.close()
     best = history.epochs[history.best_epoch]

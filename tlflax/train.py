@@ -470,11 +470,13 @@ def run_finetuning(
     *,
     eval_batch_size: int,
     on_epoch_end: EpochCallback | None = None,
+    on_history: Callable[[History], None] | None = None,
 ) -> tuple[FinetuneState, History]:
     """Fine-tune for ``cfg.epochs`` with early stopping; resumes from the latest checkpoint.
 
     Every epoch is checkpointed (latest + best N by ``cfg.monitor``, which the checkpoints
-    must rank by too). A run killed mid-way and
+    must rank by too); then ``on_epoch_end(epoch, metrics)`` and ``on_history(history)`` see
+    it. A run killed mid-way and
     started again continues from its last finished epoch with the same optimizer state and
     random key, so on CPU it ends with the same parameters as an uninterrupted run.
 
@@ -541,6 +543,8 @@ def run_finetuning(
         # Reported after the save is issued, so what a log shows is what a resume continues from.
         if on_epoch_end:
             on_epoch_end(epoch, metrics)
+        if on_history:  # every epoch so far, those a resumed run restored included
+            on_history(history)
     checkpoints.manager.wait_until_finished()
     best = checkpoints.best_step()
     if best is not None and best != state.epoch - 1:

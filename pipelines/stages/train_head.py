@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from pipelines.stages.common import ExperimentPaths, check_batch_fits, run_stage, write_live_log
+from pipelines.stages.common import ExperimentPaths, LiveLog, check_batch_fits, run_stage
 from tlflax.checkpoint import save_tree
 from tlflax.config import Params
 from tlflax.data.errors import DataError
@@ -57,10 +57,17 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         )
     check_batch_fits("train_head.batch_size", cfg.batch_size, train)
     head = create_head(train["features"].shape[1], len(class_names), cfg)
-    history = train_head(head, train, validation, cfg)
+    epochs: list[dict[str, float]] = []
+    live = LiveLog(paths.live("train_head"))
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        epochs.append(metrics)  # the log as epochs end: progress shows while it trains
+        live.update(epochs)
+
+    history = train_head(head, train, validation, cfg, on_epoch_end=log_epoch)
+    live.update(history.epochs, final=True)
     with atomic_path(paths.head, directory=True) as temporary:
         save_tree(temporary, nnx.state(head, nnx.Param))
-    write_live_log(paths.live("train_head"), history.epochs)
     best = history.epochs[history.best_epoch]
     summary = {
         "best_epoch": history.best_epoch,

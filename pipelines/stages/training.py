@@ -14,7 +14,7 @@ from pathlib import Path
 from flax import nnx
 from pydantic import BaseModel
 
-from pipelines.stages.common import ExperimentPaths, resume_dir, write_live_log
+from pipelines.stages.common import ExperimentPaths, LiveLog, resume_dir
 from tlflax import fit
 from tlflax.checkpoint import delete_checkpoints
 from tlflax.config import FinetuneParams
@@ -41,9 +41,10 @@ def fit_and_save(
     """The training run of ``stage`` (finetune, train_scratch) with the stage's outputs:
     :func:`tlflax.fit.fit_classifier`, checkpointing under :func:`resume_dir` (outside the
     outputs DVC deletes before a run, so a killed run resumes), then the model folder, the
-    dvclive log and the metrics JSON, written once training is over. Returns the summary."""
+    dvclive log (after every epoch) and the metrics JSON. Returns the summary."""
     output_dir = paths.model_dir(stage)
     resume = resume_dir(output_dir)
+    live = LiveLog(paths.live(stage))
     result = fit.fit_classifier(
         model,
         forward,
@@ -53,15 +54,19 @@ def fit_and_save(
         checkpoint_dir=resume,
         eval_batch_size=eval_batch_size,
         fingerprint=fingerprint,
+        # The dvclive log as epochs end, so `dvc plots` shows progress during training:
+        # rewritten whole (atomically) from the run's history, which a resumed run
+        # restores, so a kill never leaves a log with a gap.
+        on_history=lambda history: live.update(history.epochs),
         name=stage,
     )
+    live.update(result.history.epochs, final=True)
     fit.save_classifier(
         result.model,
         output_dir,
         test_time_flip=cfg.augment.test_time_flip,
         checkpoint_dir=resume,
     )
-    write_live_log(paths.live(stage), result.history.epochs)
     write_json(paths.metrics(stage), result.summary)
     delete_checkpoints(resume)
     return result.summary
