@@ -13,9 +13,9 @@ from scipy.stats import binom, binomtest
 from sklearn.datasets import load_digits
 
 from pipelines import reports
-from pipelines.stages.advise import advice_markdown
 from tests.conftest import run
 from tlflax import vision
+from tlflax.advice_report import advice_markdown
 from tlflax.advisor import (
     Advice,
     Evidence,
