@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from dvc.exceptions import DvcException
 
-from pipelines.flows import PROJECT_ROOT, PipelineError
+from pipelines.flows import PROJECT_ROOT, PipelineError, open_repository
 from pipelines.seeds import (
     DEFAULT_SEEDS,
     STANDARD_DEVIATION_DDOF,
@@ -149,6 +149,25 @@ def format_table(report: Mapping[str, Any], model: str = "finetune") -> str:
     return "\n".join(lines)
 
 
+def taken_names(project: Path) -> Callable[[str], bool]:
+    """Whether a DVC experiment name is taken on the current commit, or by this command."""
+    with open_repository(str(project)) as repository:
+        baseline = repository.scm.get_rev()
+        existing = {
+            ref.rsplit("/", 1)[-1]
+            for ref in repository.scm.iter_refs(base=f"refs/exps/{baseline[:2]}/{baseline[2:]}/")
+        }
+    claimed: set[str] = set()
+
+    def is_taken(name: str) -> bool:
+        if name in existing or name in claimed:
+            return True
+        claimed.add(name)  # the caller takes the first free name it is told of
+        return False
+
+    return is_taken
+
+
 def run_ablations(
     project_dir: str, job: str, seeds: Sequence[int], only: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -169,15 +188,14 @@ def run_ablations(
         raise PipelineError(f"{params_path}: needs an 'experiment' and a section with a 'seed'")
     paths = ExperimentPaths(str(experiment))
     results: dict[str, dict] = {}
-    taken: set[str] = set()
+    is_taken = taken_names(project)
     try:
         for name, settings in rows.items():
             runs = {}
             for seed in seeds:
                 run_name = first_free_name(
-                    f"{experiment}-{name}-seed{seed}".replace(".", "_"), taken.__contains__
+                    f"{experiment}-{name}-seed{seed}".replace(".", "_"), is_taken
                 )
-                taken.add(run_name)
                 overrides = [override(key, value) for key, value in settings.items()]
                 print(f"ablations: {name}, seed {seed}", flush=True)
                 scores = run_seed(
