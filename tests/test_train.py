@@ -62,6 +62,35 @@ def _finetuner(cfg, train, model=None):
     )
 
 
+def _killed_after_first_epoch(cfg, train, validation, directory, **callbacks):
+    """A run interrupted right after its first epoch (checkpoint saved), as a kill would."""
+
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    checkpoints = TrainingCheckpoints(directory, keep_best=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetuning(
+            _finetuner(cfg, train),
+            train,
+            validation,
+            checkpoints,
+            eval_batch_size=64,
+            on_epoch_end=interrupt,
+            **callbacks,
+        )
+    checkpoints.close()
+
+
+def _resumed(cfg, train, validation, directory, **callbacks):
+    checkpoints = TrainingCheckpoints(directory, keep_best=1)
+    state, history = run_finetuning(
+        _finetuner(cfg, train), train, validation, checkpoints, eval_batch_size=64, **callbacks
+    )
+    checkpoints.close()
+    return state, history
+
+
 def test_head_learns_on_cached_features(digits):
     train, validation = digits
     backbone = SmallCNN(widths=(16, 32, 64), rngs=nnx.Rngs(0))
@@ -121,25 +150,8 @@ def test_resume_after_interruption_gives_identical_parameters(digits, tmp_path):
     uninterrupted_ckpt.close()
 
     # The first run is interrupted right after its first epoch; the second resumes.
-    def interrupt(epoch, metrics):
-        raise KeyboardInterrupt
-
-    partial_ckpt = TrainingCheckpoints(tmp_path / "b", keep_best=1)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetuning(
-            _finetuner(cfg, train),
-            train,
-            validation,
-            partial_ckpt,
-            eval_batch_size=64,
-            on_epoch_end=interrupt,
-        )
-    partial_ckpt.close()
-    resumed_ckpt = TrainingCheckpoints(tmp_path / "b", keep_best=1)
-    resumed, history = run_finetuning(
-        _finetuner(cfg, train), train, validation, resumed_ckpt, eval_batch_size=64
-    )
-    resumed_ckpt.close()
+    _killed_after_first_epoch(cfg, train, validation, tmp_path / "b")
+    resumed, history = _resumed(cfg, train, validation, tmp_path / "b")
 
     assert len(history.epochs) == 3
     for a, b in zip(
@@ -458,26 +470,8 @@ def test_weight_ema_is_validated_saved_and_resumed(digits, tmp_path):
     whole = TrainingCheckpoints(tmp_path / "whole", keep_best=1)
     full, _ = run_finetuning(_finetuner(cfg, train), train, validation, whole, eval_batch_size=64)
     whole.close()
-
-    def interrupt(epoch, metrics):
-        raise KeyboardInterrupt
-
-    broken = TrainingCheckpoints(tmp_path / "broken", keep_best=1)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetuning(
-            _finetuner(cfg, train),
-            train,
-            validation,
-            broken,
-            eval_batch_size=64,
-            on_epoch_end=interrupt,
-        )
-    broken.close()
-    again = TrainingCheckpoints(tmp_path / "broken", keep_best=1)
-    resumed, _ = run_finetuning(
-        _finetuner(cfg, train), train, validation, again, eval_batch_size=64
-    )
-    again.close()
+    _killed_after_first_epoch(cfg, train, validation, tmp_path / "broken")
+    resumed, _ = _resumed(cfg, train, validation, tmp_path / "broken")
     for a, b in zip(
         jax.tree_util.tree_leaves(full.ema), jax.tree_util.tree_leaves(resumed.ema), strict=True
     ):
@@ -510,35 +504,19 @@ def test_test_time_flip_averages_each_image_with_its_mirror(digits):
 def test_the_history_callback_sees_every_epoch_so_far_a_resumed_runs_included(digits, tmp_path):
     train, validation = digits
     cfg = _finetune_cfg(epochs=3)
-
-    def interrupt(epoch, metrics):
-        raise KeyboardInterrupt
-
-    first = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
     seen: list[int] = []
-    with pytest.raises(KeyboardInterrupt):
-        run_finetuning(
-            _finetuner(cfg, train),
-            train,
-            validation,
-            first,
-            eval_batch_size=64,
-            on_epoch_end=interrupt,
-            on_history=lambda history: seen.append(len(history.epochs)),
-        )
-    first.close()
+    _killed_after_first_epoch(
+        cfg, train, validation, tmp_path / "ckpt", on_history=lambda h: seen.append(len(h.epochs))
+    )
     assert seen == []  # the kill came before the history callback of epoch 0
-    again = TrainingCheckpoints(tmp_path / "ckpt", keep_best=1)
     histories: list[list[dict]] = []
-    _, history = run_finetuning(
-        _finetuner(cfg, train),
+    _, history = _resumed(
+        cfg,
         train,
         validation,
-        again,
-        eval_batch_size=64,
-        on_history=lambda history: histories.append(list(history.epochs)),
+        tmp_path / "ckpt",
+        on_history=lambda h: histories.append(list(h.epochs)),
     )
-    again.close()
     # Resumed after epoch 0: the first call already holds it, then one more per epoch.
     assert [len(epochs) for epochs in histories] == [2, 3]
     assert histories[-1] == history.epochs

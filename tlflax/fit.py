@@ -112,16 +112,7 @@ def fit_classifier(
         on_history=on_history,
     )
     checkpoints.close()
-    best = history.epochs[history.best_epoch]
-    summary = {
-        "best_epoch": history.best_epoch,
-        "epochs_run": len(history.epochs),
-        "stopped_early": history.stopped_early,
-        "validation_accuracy": best["validation_accuracy"],
-        "validation_loss": best["validation_loss"],
-        **counts,
-    }
-    return FitResult(finetuner.model(state), history, summary)
+    return FitResult(finetuner.model(state), history, {**history.summary(), **counts})
 
 
 def run_fingerprint(

@@ -117,6 +117,17 @@ class History:
     best_score: float = -math.inf
     stopped_early: bool = False
 
+    def summary(self) -> dict[str, float | int | bool]:
+        """Where the run ended and its best epoch's validation scores (a metrics file)."""
+        best = self.epochs[self.best_epoch]
+        return {
+            "best_epoch": self.best_epoch,
+            "epochs_run": len(self.epochs),
+            "stopped_early": self.stopped_early,
+            "validation_accuracy": best["validation_accuracy"],
+            "validation_loss": best["validation_loss"],
+        }
+
     def improves(self, metrics: dict[str, float], monitor: str, epoch: int) -> bool:
         """Record ``metrics`` of ``epoch`` as the best if its ``monitor`` beats the best so far."""
         candidate = score(metrics, monitor)

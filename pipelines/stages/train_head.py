@@ -68,18 +68,11 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     live.update(history.epochs, final=True)
     with atomic_path(paths.head, directory=True) as temporary:
         save_tree(temporary, nnx.state(head, nnx.Param))
-    best = history.epochs[history.best_epoch]
-    summary = {
-        "best_epoch": history.best_epoch,
-        "epochs_run": len(history.epochs),
-        "stopped_early": history.stopped_early,
-        "validation_accuracy": best["validation_accuracy"],
-        "validation_loss": best["validation_loss"],
-    }
+    summary = history.summary()
     write_json(paths.metrics("train_head"), summary)
     print(
         f"train_head: best epoch {history.best_epoch} of {len(history.epochs)}, "
-        f"validation accuracy {best['validation_accuracy']:.4f}"
+        f"validation accuracy {summary['validation_accuracy']:.4f}"
     )
 
 
