@@ -113,3 +113,28 @@ def test_params_a_stage_reads_are_declared(pipeline_file):
             read |= {"prepare.dataset", "extract"}
         undeclared = {key for key in read if not _covered(key, declared)}
         assert not undeclared, f"{pipeline_file.name}: stage {name} reads {sorted(undeclared)}"
+
+
+def test_no_stage_imports_another_stage_nor_the_library_orchestration():
+    """A stage script runs one step: it may use the stage helpers (common, training), never
+    another stage's script; and the library never imports Prefect, DVC or the pipelines."""
+    stages_dir = ROOT / "pipelines/stages"
+    stage_names = {path.stem for path in stages_dir.glob("*.py") if "__main__" in path.read_text()}
+    assert {"prepare", "advise", "finetune", "evaluate"} <= stage_names
+    for name in sorted(stage_names):
+        closure = import_closure(f"pipelines.stages.{name}")
+        others = [f"pipelines/stages/{other}.py" for other in stage_names - {name}]
+        assert not set(others) & set(closure), f"stage {name} imports another stage"
+    for path in sorted((ROOT / "tlflax").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert top not in {"prefect", "dvc", "dvclive", "pipelines"}, (
+                    f"{path.relative_to(ROOT)} imports {module}"
+                )
