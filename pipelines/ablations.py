@@ -35,13 +35,12 @@ import numpy as np
 import yaml
 from dvc.exceptions import DvcException
 
-from pipelines.flows import PROJECT_ROOT, PipelineError, open_repository
+from pipelines.flows import PipelineError, open_repository
 from pipelines.seeds import (
-    DEFAULT_SEEDS,
     STANDARD_DEVIATION_DDOF,
+    add_project_and_seeds,
     find_seed_keys,
     first_free_name,
-    non_negative_seed,
     params_file_of,
     restore_bytes,
     run_dvc,
@@ -232,16 +231,9 @@ def run_ablations(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="the DVC project")
+    add_project_and_seeds(parser, "distinct seeds")
     parser.add_argument("--job", default="vision", help=f"a job of {ABLATIONS_FILE}")
     parser.add_argument("--rows", nargs="+", default=[], help="only these rows (and the reference)")
-    parser.add_argument(
-        "--seeds",
-        nargs="+",
-        type=non_negative_seed,
-        default=list(DEFAULT_SEEDS),
-        help="distinct seeds (default: 0 1 2)",
-    )
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds):
         parser.error("--seeds: give distinct seeds")

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.stage_deps import pipeline_yaml
 from pipelines.stages.common import EXIT_BAD_INPUT
-from tlflax.config import ParamsError, ValidateParams, parse_params
+from tlflax.config import DATASET_MODALITY, ParamsError, ValidateParams, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PIPELINE = Path("dvc.yaml")
@@ -42,21 +43,11 @@ SCRATCH_STAGE = "train_scratch"
 SCRATCH_OUTPUTS = re.compile(
     r"(models/\$\{experiment\}/scratch|dvclive/\$\{experiment\}/train_scratch/)"
 )
-IMAGE_SOURCES = ("image_folder", "fashion_mnist")
-
-
-def _yaml():
-    from ruamel.yaml import YAML  # DVC's own YAML library: keeps comments and layout
-
-    handler = YAML()
-    handler.indent(mapping=2, sequence=4, offset=2)
-    handler.width = 100
-    return handler
 
 
 def _dump(document) -> str:
     buffer = io.StringIO()
-    _yaml().dump(document, buffer)
+    pipeline_yaml().dump(document, buffer)
     return buffer.getvalue()
 
 
@@ -64,7 +55,7 @@ def render_pipeline(experiment_dir: Path, *, scratch: bool) -> str:
     """The project's ``dvc.yaml`` as the pipeline of ``experiment_dir`` (relative to the
     repository root): each stage runs from the root (``wdir``) on that folder's params.yaml,
     and its params entries name that file."""
-    handler = _yaml()
+    handler = pipeline_yaml()
     pipeline = handler.load((ROOT / TEMPLATE_PIPELINE).read_text(encoding="utf-8"))
     params_file = (experiment_dir / "params.yaml").as_posix()
     wdir = "/".join(".." for _ in experiment_dir.parts)
@@ -118,8 +109,11 @@ def render_params(name: str, dataset: str, raw_dir: str, settings: list[tuple[st
     """
     from ruamel.yaml.comments import CommentedMap
 
-    modality = "image" if dataset in IMAGE_SOURCES else "text"
-    document = _yaml().load((ROOT / TEMPLATE_PARAMS[modality]).read_text(encoding="utf-8"))
+    # A named source says its modality; a TFDS catalog dataset is told with prepare.modality
+    # (the schema refuses it without one, whichever template is taken).
+    modality = dict(settings).get("prepare.modality") or DATASET_MODALITY.get(dataset)
+    template = TEMPLATE_PARAMS.get(modality, TEMPLATE_PARAMS["image"])  # refused below if bad
+    document = pipeline_yaml().load((ROOT / template).read_text(encoding="utf-8"))
     # The template's header, its data's sizes and its validation thresholds are its own
     # data's: the new data starts from all of its examples and the schema's thresholds.
     document.ca.comment = None
@@ -150,9 +144,8 @@ def render_params(name: str, dataset: str, raw_dir: str, settings: list[tuple[st
         _set_key(document, key, value)
     text = _dump(document)
     parse_params(yaml.safe_load(text), f"experiments/{name}/params.yaml")
-    template = TEMPLATE_PARAMS[modality].as_posix()
     return (
-        f"# Experiment {name}: written by python -m pipelines.new_experiment from {template}\n"
+        f"# Experiment {name}: written by python -m pipelines.new_experiment from {template.as_posix()}\n"
         "# (same schema, tlflax/config.py; edit freely). Run it from the repository root:\n"
         f"#   dvc repro experiments/{name}/dvc.yaml\n{text}"
     )

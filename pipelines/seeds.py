@@ -378,20 +378,25 @@ def non_negative_seed(text: str) -> int:
     return seed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_project_and_seeds(parser: argparse.ArgumentParser, seeds_help: str) -> None:
+    """``--project-dir`` and ``--seeds``: what every command running seeds through DVC takes."""
     parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="the DVC project")
-    parser.add_argument(
-        "--pipeline-file",
-        default="dvc.yaml",
-        help="the pipeline, e.g. experiments/text/dvc.yaml (default: dvc.yaml)",
-    )
     parser.add_argument(
         "--seeds",
         nargs="+",
         type=non_negative_seed,
         default=list(DEFAULT_SEEDS),
-        help="two or more distinct seeds (default: 0 1 2)",
+        help=f"{seeds_help} (default: {' '.join(map(str, DEFAULT_SEEDS))})",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_project_and_seeds(parser, "two or more distinct seeds")
+    parser.add_argument(
+        "--pipeline-file",
+        default="dvc.yaml",
+        help="the pipeline, e.g. experiments/text/dvc.yaml (default: dvc.yaml)",
     )
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds) or len(arguments.seeds) < 2:

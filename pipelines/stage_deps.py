@@ -94,17 +94,24 @@ def _stages(pipeline: dict) -> Iterable[tuple[str, dict]]:
             yield name, stage
 
 
+def pipeline_yaml():
+    """The reader and writer of the project's YAML files that keeps their comments and
+    layout (ruamel.yaml, DVC's own YAML library), with the layout of the dvc.yaml files."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 100
+    return yaml
+
+
 def sync(pipeline_file: Path, *, write: bool) -> list[str]:
     """Code deps of every stage in ``pipeline_file`` made equal to their closure.
 
     Returns:
       One line per stage whose listed code deps differ (what is missing / extra).
     """
-    from ruamel.yaml import YAML  # DVC's own YAML library: keeps comments and layout
-
-    yaml = YAML()
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    yaml.width = 100
+    yaml = pipeline_yaml()
     pipeline = yaml.load(pipeline_file.read_text(encoding="utf-8"))
     differences = []
     for name, stage in _stages(pipeline):

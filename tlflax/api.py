@@ -42,7 +42,7 @@ from tlflax.plan import RunPlan, resolve_plan, resolve_taps
 from tlflax.probes import features_by_depth
 from tlflax.taps import joined_numpy, probe_taps
 from tlflax.tasks import Task, class_probabilities, task_for
-from tlflax.train import Forward, History, create_head, train_head
+from tlflax.train import Forward, History, create_head, head_forward, train_head
 
 
 def prepare_dataset(params: Params, dataset_dir: str | Path) -> Task:
@@ -180,11 +180,14 @@ def train_new_head(
     return head, train_head(head, train, validation, cfg)
 
 
-def initial_classifier(task: Task, plan: RunPlan, head: Head | None = None) -> nnx.Module:
-    """The network the plan's fine-tuning starts from: the pretrained backbone cut at the
-    plan's taps with ``head``'s weights on top (random weights for ``scratch``)."""
-    cfg, num_classes = plan.finetune, len(task.class_names())
-    if cfg.strategy == "scratch":
+def initial_classifier(
+    task: Task, plan: RunPlan, head: Head | None = None, *, scratch: bool = False
+) -> nnx.Module:
+    """The network a run of the plan starts from: the pretrained backbone cut at the plan's
+    taps with ``head``'s weights on top, or - for the ``scratch`` strategy, or the plan's
+    from-scratch reference with ``scratch`` - the same network from random weights."""
+    cfg, num_classes = (plan.scratch if scratch else plan.finetune), len(task.class_names())
+    if scratch or cfg.strategy == "scratch":
         return build_scratch_classifier(task, num_classes, cfg.seed, plan.head_taps)
     model = task.build_classifier(
         num_classes, pretrained=task.params.extract.pretrained, seed=cfg.seed, taps=plan.head_taps
@@ -208,10 +211,7 @@ def fine_tune(
     there when its ``fingerprint`` (by default: params, plan, data, starting weights and
     tlflax's code) is the same."""
     cfg = plan.scratch if scratch else plan.finetune
-    if scratch:
-        model = build_scratch_classifier(task, len(task.class_names()), cfg.seed, plan.head_taps)
-    else:
-        model = initial_classifier(task, plan, head)
+    model = initial_classifier(task, plan, head, scratch=scratch)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
     if fingerprint is None:
         # What a checkpoint must match to be resumed: settings, data and starting weights.
@@ -275,10 +275,6 @@ def run_transfer(params: Params, work_dir: str | Path) -> dict:
     backbone = backbone_for(params)
     head, _ = train_new_head(task, plan.head_taps, backbone)
     test = _head_inputs(task, backbone, plan.head_taps, "test")
-
-    def head_forward(model, batch, train, key):
-        return model(batch["features"])
-
     head_only = class_probabilities(head, head_forward, test, params.evaluate.batch_size)
     checkpoints = work_dir / "checkpoints"
     result = fine_tune(task, plan, head, checkpoint_dir=checkpoints)

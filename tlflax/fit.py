@@ -209,8 +209,8 @@ def cache_frozen_prefix(
     started = time.perf_counter()
     cut = task.prefix_cut(groups)
     train, validation = (
-        cache_prefix(model, cut, split, batch_size=batch_size, description=f"cache {name}")
-        for name, split in (("train", train), ("validation", validation))
+        cache_prefix(model, cut, split, batch_size=batch_size, description=f"cache {split_name}")
+        for split_name, split in (("train", train), ("validation", validation))
     )
     print(
         f"{name}: cached the outputs of the {groups} frozen bottom layer groups "

@@ -2,8 +2,9 @@
 
 Everything above it - the Python API, the stage scripts - is the same for both; it asks
 :func:`task_for` how to read a split's model inputs, build and run the classifier, extract
-features and cut the forward pass for a prefix cache. The modality comes from ``prepare.dataset``; the backbone named by
-``extract.backbone`` must take that kind of input (the registry says which it takes).
+features and cut the forward pass for a prefix cache. The modality comes from
+``prepare.dataset``; the backbone named by ``extract.backbone`` must take that kind of input
+(the registry says which it takes).
 """
 
 from __future__ import annotations

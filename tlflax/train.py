@@ -174,6 +174,12 @@ def create_head(in_features: int, num_classes: int, cfg: TrainHeadParams) -> Hea
     )
 
 
+def head_forward(head: Head, batch: Batch, train: bool, key: jax.Array | None) -> jax.Array:
+    """A :data:`Forward` of a head on cached features (``batch["features"]``), for
+    prediction: dropout off."""
+    return head(batch["features"])
+
+
 def train_head(
     head: Head,
     train: dict[str, np.ndarray],

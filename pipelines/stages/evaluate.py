@@ -23,7 +23,7 @@ from tlflax.io import atomic_path, read_arrays, write_json
 from tlflax.metrics import classification_report
 from tlflax.plots import plot_learning_curves
 from tlflax.tasks import Task, class_probabilities, task_for
-from tlflax.train import create_head
+from tlflax.train import create_head, head_forward
 
 HEADLINE = ("accuracy", "macro_f1", "ece")
 # The seeds' "higher start, higher slope, higher asymptote", one curve per way of training.
@@ -38,11 +38,7 @@ def _head_only_probabilities(params: Params, paths: ExperimentPaths, num_classes
     test = read_arrays(paths.features / "test.npz")
     head = create_head(test["features"].shape[1], num_classes, params.train_head)
     nnx.update(head, restore_tree(paths.head, nnx.state(head, nnx.Param)))
-
-    def forward(model, batch, train, key):
-        return model(batch["features"])
-
-    return class_probabilities(head, forward, test, params.evaluate.batch_size)
+    return class_probabilities(head, head_forward, test, params.evaluate.batch_size)
 
 
 def _saved_model_probabilities(

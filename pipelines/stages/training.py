@@ -41,7 +41,7 @@ def fit_and_save(
     """The training run of ``stage`` (finetune, train_scratch) with the stage's outputs:
     :func:`tlflax.fit.fit_classifier`, checkpointing under :func:`resume_dir` (outside the
     outputs DVC deletes before a run, so a killed run resumes), then the model folder, the
-    dvclive log (after every epoch) and the metrics JSON. Returns the summary."""
+    dvclive log (as epochs end, :class:`LiveLog`) and the metrics JSON. Returns the summary."""
     output_dir = paths.model_dir(stage)
     resume = resume_dir(output_dir)
     live = LiveLog(paths.live(stage))
