@@ -18,6 +18,11 @@ Writes ``metrics/<experiment>/ablations.json`` when every run has finished::
                         "runs": {"0": {"validation_accuracy": .., "test": {"<model>": ..}}}}},
      "kept": ["<row>", ...]}
 
+Rows of an earlier ``ablations.json`` that this run does not repeat are kept only when its
+reference row is the same, seed for seed, as the one just run (same seeds, same code: the
+numbers are comparable); otherwise they are dropped and named. So rows can be added one at a
+time (``--rows weight_ema_0.99``) without re-running the others.
+
 and prints the table the README shows. The workspace ends as it began: params file bytes
 restored, then ``dvc repro`` (from the run cache where the reference row ran the file's seed).
 """
@@ -125,6 +130,28 @@ def kept_levers(rows: Mapping[str, dict]) -> list[str]:
     ]
 
 
+def merge_earlier_rows(
+    earlier: Mapping[str, Any] | None, report: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """``report`` with the rows of ``earlier`` it did not run, where both references agree.
+
+    Returns the merged report and the names of earlier rows dropped because the reference
+    moved (other code, data or seeds: their numbers would not be comparable).
+    """
+    if not earlier:
+        return report, []
+    missing = [name for name in earlier.get("rows", {}) if name not in report["rows"]]
+    same_reference = (
+        earlier.get("seeds") == report["seeds"]
+        and earlier.get("rows", {}).get(REFERENCE_ROW, {}).get("runs")
+        == report["rows"][REFERENCE_ROW]["runs"]
+    )
+    if not same_reference:
+        return report, missing
+    rows = {**report["rows"], **{name: earlier["rows"][name] for name in missing}}
+    return {**report, "rows": rows, "kept": kept_levers(rows)}, []
+
+
 def format_table(report: Mapping[str, Any], model: str = "finetune") -> str:
     """The rows as the README's markdown table: what each sets, validation, test."""
     seeds = len(report["seeds"])
@@ -219,7 +246,15 @@ def run_ablations(
             "rows": results,
             "kept": kept_levers(results),
         }
-        write_json(project / paths.metrics("ablations"), report)
+        report_path = project / paths.metrics("ablations")
+        earlier = json.loads(report_path.read_text()) if report_path.is_file() else None
+        report, dropped = merge_earlier_rows(earlier, report)
+        if dropped:
+            print(
+                f"ablations: dropped earlier rows {dropped} of {paths.metrics('ablations')}: "
+                "their reference differs from this run's (other code, data or seeds)"
+            )
+        write_json(report_path, report)
         print(f"ablations: wrote {paths.metrics('ablations')}")
     finally:
         restore_bytes(params_path, original_params)

@@ -16,6 +16,7 @@ from pipelines.ablations import (
     format_table,
     kept_levers,
     load_rows,
+    merge_earlier_rows,
     override,
     summarize_row,
 )
@@ -95,6 +96,35 @@ def test_a_lever_is_kept_on_validation_never_on_test() -> None:
     )
     assert "| better | (params file) | 0.9150 ± 0.0071 | 0.8500 ± 0.0000 | yes |" in table
     assert "| lucky_on_test |" in table and table.count("| no |") == 1
+
+
+def test_earlier_rows_are_kept_only_beside_the_same_reference() -> None:
+    def row(validation):
+        runs = {
+            seed: {"validation_accuracy": v, "test": {"finetune": v - 0.02}}
+            for seed, v in enumerate(validation)
+        }
+        return summarize_row({}, runs)
+
+    earlier = json.loads(
+        json.dumps(
+            {
+                "seeds": [0, 1],
+                "rows": {"reference": row([0.90, 0.92]), "old_lever": row([0.95, 0.95])},
+            }
+        )
+    )
+    new = {"seeds": [0, 1], "rows": {"reference": row([0.90, 0.92]), "new": row([0.80, 0.80])}}
+    merged, dropped = merge_earlier_rows(earlier, dict(new))
+    assert dropped == [] and list(merged["rows"]) == ["reference", "new", "old_lever"]
+    assert merged["kept"] == ["old_lever"]
+    # The reference moved (other code): the earlier row is not comparable and is named.
+    moved = {"seeds": [0, 1], "rows": {"reference": row([0.91, 0.92])}}
+    merged, dropped = merge_earlier_rows(earlier, dict(moved))
+    assert dropped == ["old_lever"] and list(merged["rows"]) == ["reference"]
+    # Other seeds: dropped too.
+    merged, dropped = merge_earlier_rows(earlier, {**new, "seeds": [0, 2]})
+    assert dropped == ["old_lever"]
 
 
 @pytest.mark.slow
