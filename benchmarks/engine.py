@@ -25,8 +25,9 @@ from flax import nnx
 from benchmarks.common import print_table, time_interleaved, write_results
 from tlflax.config import AugmentParams, FinetuneParams, TrainHeadParams, TransferRule
 from tlflax.data.pipeline import iterate_batches, prepare_images
+from tlflax.finetuner import Finetuner
 from tlflax.models.heads import Head
-from tlflax.train import Finetuner, masked_cross_entropy
+from tlflax.train import masked_cross_entropy
 from tlflax.vision import build_image_classifier, extract_features, image_forward
 
 IMAGE_SIZE = 64

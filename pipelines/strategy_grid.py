@@ -38,11 +38,12 @@ from tlflax.data.fine_foods import FINE_FOODS_CLASSES, read_fine_foods
 from tlflax.data.manifest import duplicate_records, text_content_hash
 from tlflax.data.pipeline import num_batches
 from tlflax.data.subsets import stratified_subset
+from tlflax.finetuner import Finetuner, run_finetuning
 from tlflax.fit import build_scratch_classifier, cache_frozen_prefix
 from tlflax.io import atomic_path, write_json
 from tlflax.plan import resolve_plan
 from tlflax.tasks import Task, class_probabilities, task_for
-from tlflax.train import Finetuner, create_head, run_finetuning, train_head
+from tlflax.train import create_head, train_head
 
 STRATEGIES = ("feature_extraction", "top_k", "full", "scratch")
 SEED = 0

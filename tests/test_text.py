@@ -28,6 +28,7 @@ from tlflax.data.manifest import (
 )
 from tlflax.data.tfds_store import read_class_names
 from tlflax.data.tfds_text import read_text_split, write_text_dataset
+from tlflax.finetuner import Finetuner, run_finetuning
 from tlflax.models.heads import Head, ImageClassifier, TextClassifier
 from tlflax.models.minilm import MiniLM
 from tlflax.models.small_cnn import SmallCNN
@@ -39,7 +40,6 @@ from tlflax.prefix_cache import (
     text_prefix_cut,
 )
 from tlflax.text import _features_step, count_tokens, extract_features, text_forward, tokenize_texts
-from tlflax.train import Finetuner, run_finetuning
 from tlflax.validation import ValidationThresholds, validate_manifest
 from tlflax.vision import image_forward
 

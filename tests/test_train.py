@@ -9,17 +9,12 @@ from sklearn.datasets import load_digits
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import AugmentParams, FinetuneParams, TrainHeadParams, TransferRule
 from tlflax.data.pipeline import iterate_batches
+from tlflax.finetuner import Finetuner, run_finetuning
+from tlflax.loop import NonFiniteLossError
 from tlflax.models.heads import Head, ImageClassifier
 from tlflax.models.layers import set_batchnorm_training
 from tlflax.models.small_cnn import SmallCNN
-from tlflax.train import (
-    Finetuner,
-    NonFiniteLossError,
-    create_head,
-    masked_cross_entropy,
-    run_finetuning,
-    train_head,
-)
+from tlflax.train import create_head, masked_cross_entropy, train_head
 from tlflax.transfer import parameter_names
 from tlflax.vision import extract_features, image_forward
 
@@ -205,7 +200,7 @@ sys.path.insert(0, {root!r})
 from tests.test_train import _classifier, _finetune_cfg, load_digits_split
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.data.pipeline import iterate_batches, num_batches
-from tlflax.train import Finetuner, run_finetuning
+from tlflax.finetuner import Finetuner, run_finetuning
 from tlflax.vision import image_forward
 train, validation = load_digits_split()
 cfg = _finetune_cfg(epochs=2)

@@ -35,6 +35,7 @@ from tlflax.fit import (
     run_fingerprint,
     save_classifier,
 )
+from tlflax.loop import History
 from tlflax.metrics import classification_report
 from tlflax.models.heads import Head
 from tlflax.models.registry import create_backbone
@@ -42,7 +43,7 @@ from tlflax.plan import RunPlan, resolve_plan, resolve_taps
 from tlflax.probes import features_by_depth
 from tlflax.taps import joined_numpy, probe_taps
 from tlflax.tasks import Task, class_probabilities, task_for
-from tlflax.train import Forward, History, create_head, head_forward, train_head
+from tlflax.train import Forward, create_head, head_forward, train_head
 
 
 def prepare_dataset(params: Params, dataset_dir: str | Path) -> Task:

@@ -1,6 +1,6 @@
 """A training run of a whole classifier - fine-tuning or from scratch: fit, save, load.
 
-:func:`fit_classifier` runs :func:`tlflax.train.run_finetuning` with its checkpoints (resume
+:func:`fit_classifier` runs :func:`tlflax.finetuner.run_finetuning` with its checkpoints (resume
 after a kill) and returns the best epoch's model; :func:`save_classifier` writes the folder
 that :meth:`tlflax.tasks.Task.load_classifier` reads back. Both serve the Python API and the
 pipeline's finetune and train_scratch stages alike.
@@ -21,10 +21,12 @@ from pydantic import BaseModel
 
 from tlflax.checkpoint import TrainingCheckpoints, save_tree, tree_digest
 from tlflax.config import FinetuneParams
+from tlflax.finetuner import Finetuner, run_finetuning
 from tlflax.io import atomic_path, write_json
+from tlflax.loop import EpochCallback, History
 from tlflax.prefix_cache import cache_prefix, frozen_prefix_groups
 from tlflax.tasks import ARCHITECTURE_FILE, Task
-from tlflax.train import EpochCallback, Finetuner, Forward, History, run_finetuning
+from tlflax.train import Forward
 from tlflax.transfer import summarize
 
 
@@ -97,19 +99,15 @@ def fit_classifier(
     elif checkpoints.latest_step() is not None:
         print(f"{name}: resuming after epoch {checkpoints.latest_step()} from {checkpoint_dir}")
 
-    def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        print(f"{name}: epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if on_epoch_end:
-            on_epoch_end(epoch, metrics)
-
     state, history = run_finetuning(
         finetuner,
         train,
         validation,
         checkpoints,
         eval_batch_size=eval_batch_size,
-        on_epoch_end=report_epoch,
+        on_epoch_end=on_epoch_end,
         on_history=on_history,
+        name=name,
     )
     checkpoints.close()
     return FitResult(finetuner.model(state), history, {**history.summary(), **counts})

@@ -8,7 +8,7 @@ third of a full step. "The same output at every step" is what :class:`PrefixCut`
 a modality: the prefix runs in inference mode (no dropout in frozen layers; BatchNorm on
 its running statistics) and its input is not randomly augmented.
 
-How the ``finetune`` stage uses it, with no change to :class:`tlflax.train.Finetuner`::
+How the ``finetune`` stage uses it, with no change to :class:`tlflax.finetuner.Finetuner`::
 
     groups = frozen_prefix_groups(model, cfg.rules)
     cut = text_prefix_cut(groups)              # or image_prefix_cut(image_size, groups)

@@ -29,7 +29,7 @@ from tlflax.io import atomic_path
 # Python's exit status 1 - as does a failed data validation (the validate stage's verdict).
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (InputError,)
 EXIT_BAD_INPUT = 2
-# Training diverged (a NaN/Inf loss, tlflax.train.NonFiniteLossError, a FloatingPointError):
+# Training diverged (a NaN/Inf loss, tlflax.loop.NonFiniteLossError, a FloatingPointError):
 # the message names the epoch and step; the checkpoints written before it are kept.
 EXIT_DIVERGED = 3
 
