@@ -194,6 +194,78 @@ def taken_names(project: Path) -> Callable[[str], bool]:
     return is_taken
 
 
+def _selected_rows(
+    rows: dict[str, dict[str, Any]], only: Sequence[str], job: str
+) -> dict[str, dict[str, Any]]:
+    """The rows named in ``only`` (all when empty), the reference always among them."""
+    unknown = [name for name in only if name not in rows]
+    if unknown:
+        raise PipelineError(f"{ABLATIONS_FILE}: {job} has no row {unknown}; rows: {list(rows)}")
+    if only:
+        rows = {name: rows[name] for name in rows if name in only or name == REFERENCE_ROW}
+    return rows
+
+
+def _run_row(
+    project: Path,
+    pipeline_file: str,
+    seed_keys: Sequence[str],
+    paths: ExperimentPaths,
+    name: str,
+    settings: Mapping[str, Any],
+    seeds: Sequence[int],
+    is_taken: Callable[[str], bool],
+) -> dict[int, dict[str, Any]]:
+    """Run the row ``name`` (its ``settings``) under every seed; per seed, the fine-tuned
+    model's validation accuracy and every model's test accuracy."""
+    runs = {}
+    for seed in seeds:
+        run_name = first_free_name(
+            f"{paths.experiment}-{name}-seed{seed}".replace(".", "_"), is_taken
+        )
+        overrides = [override(key, value) for key, value in settings.items()]
+        print(f"ablations: {name}, seed {seed}", flush=True)
+        scores = run_seed(
+            project,
+            pipeline_file,
+            seed_keys,
+            seed,
+            run_name,
+            paths.metrics("evaluate"),
+            overrides,
+        )
+        finetune = json.loads((project / paths.metrics("finetune")).read_text())
+        runs[seed] = {
+            "validation_accuracy": float(finetune["validation_accuracy"]),
+            "test": {model: score["accuracy"] for model, score in scores.items()},
+        }
+    return runs
+
+
+def _write_report(
+    project: Path, paths: ExperimentPaths, seeds: Sequence[int], results: dict[str, dict]
+) -> dict[str, Any]:
+    """Write ``ablations.json`` for ``results``, with the comparable rows of an earlier one."""
+    report = {
+        "seeds": list(seeds),
+        "reference": REFERENCE_ROW,
+        "std_ddof": STANDARD_DEVIATION_DDOF,
+        "rows": results,
+        "kept": kept_levers(results),
+    }
+    report_path = project / paths.metrics("ablations")
+    earlier = json.loads(report_path.read_text()) if report_path.is_file() else None
+    report, dropped = merge_earlier_rows(earlier, report)
+    if dropped:
+        print(
+            f"ablations: dropped earlier rows {dropped} of {paths.metrics('ablations')}: "
+            "their reference differs from this run's (other code, data or seeds)"
+        )
+    write_json(report_path, report)
+    print(f"ablations: wrote {paths.metrics('ablations')}")
+    return report
+
+
 def run_ablations(
     project_dir: str, job: str, seeds: Sequence[int], only: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -201,11 +273,7 @@ def run_ablations(
     write and return ``ablations.json``."""
     project = Path(project_dir).resolve()
     pipeline_file, rows = load_rows(project / ABLATIONS_FILE, job)
-    unknown = [name for name in only if name not in rows]
-    if unknown:
-        raise PipelineError(f"{ABLATIONS_FILE}: {job} has no row {unknown}; rows: {list(rows)}")
-    if only:
-        rows = {name: rows[name] for name in rows if name in only or name == REFERENCE_ROW}
+    rows = _selected_rows(rows, only, job)
     params_path = project / params_file_of(pipeline_file)
     original_params = params_path.read_bytes()
     params = yaml.safe_load(original_params) or {}
@@ -217,45 +285,11 @@ def run_ablations(
     is_taken = taken_names(project)
     try:
         for name, settings in rows.items():
-            runs = {}
-            for seed in seeds:
-                run_name = first_free_name(
-                    f"{experiment}-{name}-seed{seed}".replace(".", "_"), is_taken
-                )
-                overrides = [override(key, value) for key, value in settings.items()]
-                print(f"ablations: {name}, seed {seed}", flush=True)
-                scores = run_seed(
-                    project,
-                    pipeline_file,
-                    seed_keys,
-                    seed,
-                    run_name,
-                    paths.metrics("evaluate"),
-                    overrides,
-                )
-                finetune = json.loads((project / paths.metrics("finetune")).read_text())
-                runs[seed] = {
-                    "validation_accuracy": float(finetune["validation_accuracy"]),
-                    "test": {model: score["accuracy"] for model, score in scores.items()},
-                }
-            results[name] = summarize_row(settings, runs)
-        report = {
-            "seeds": list(seeds),
-            "reference": REFERENCE_ROW,
-            "std_ddof": STANDARD_DEVIATION_DDOF,
-            "rows": results,
-            "kept": kept_levers(results),
-        }
-        report_path = project / paths.metrics("ablations")
-        earlier = json.loads(report_path.read_text()) if report_path.is_file() else None
-        report, dropped = merge_earlier_rows(earlier, report)
-        if dropped:
-            print(
-                f"ablations: dropped earlier rows {dropped} of {paths.metrics('ablations')}: "
-                "their reference differs from this run's (other code, data or seeds)"
+            runs = _run_row(
+                project, pipeline_file, seed_keys, paths, name, settings, seeds, is_taken
             )
-        write_json(report_path, report)
-        print(f"ablations: wrote {paths.metrics('ablations')}")
+            results[name] = summarize_row(settings, runs)
+        report = _write_report(project, paths, seeds, results)
     finally:
         restore_bytes(params_path, original_params)
     status, output = run_dvc(["repro", pipeline_file], project)

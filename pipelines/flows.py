@@ -17,14 +17,8 @@ workspace holds now, so after params A -> B -> A it would skip a stage whose out
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
-import signal
-import subprocess
 import sys
-from collections import deque
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,38 +30,30 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 import networkx  # noqa: E402
 from dvc.exceptions import DvcException  # noqa: E402
 from dvc.lock import LockError  # noqa: E402
-from dvc.repo import Repo  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipelines import reports  # noqa: E402
 
+# The DVC helpers' names stay importable from here, the module that sets the environment first.
+from pipelines.dvc_commands import (  # noqa: E402, F401
+    ENVIRONMENT_REMOTE_NAME,
+    LOCK_CONTENTION_MESSAGE,
+    OUTPUT_TAIL_LINES,
+    REMOTE_ENVIRONMENT_VARIABLE,
+    RETRIES,
+    RETRY_DELAYS_SECONDS,
+    SHELL_SIGNAL_OFFSET,
+    STAGE_EXIT_STATUS,
+    TRANSIENT_SIGNALS,
+    is_transient_failure,
+    open_repository,
+    remote_options,
+    stream_dvc,
+)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-# A DVC remote (a directory, or s3://, gs://, ... with the matching dvc extra) that overrides
-# the project's default remote, so a worker can use the team's storage without editing config.
-REMOTE_ENVIRONMENT_VARIABLE = "TLFLAX_DVC_REMOTE"
-ENVIRONMENT_REMOTE_NAME = "tlflax-environment"
-
-# What "transient" means here, concretely; only these failures are retried:
-# - DVC's repository lock still held after DVC's own 3-second wait ("Unable to acquire lock"):
-#   another DVC process in the same checkout (a teammate's `dvc status`, an IDE extension,
-#   another flow) will let go of it.
-# - The stage, or DVC itself, killed by SIGKILL or SIGTERM: the OOM killer, a preempted node,
-#   a container stopped under it; the next attempt may get the memory or the machine back.
-# A stage that exits with its own status is never retried: 2 is bad params or input, 3 a
-# diverged training, 1 a failed data validation or a bug (its traceback is in the log); the
-# same inputs would fail the same way.
-LOCK_CONTENTION_MESSAGE = "Unable to acquire lock"
-TRANSIENT_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
-STAGE_EXIT_STATUS = re.compile(r"exited with (-?\d+)")
-SHELL_SIGNAL_OFFSET = 128  # a shell reports a child killed by signal N as status 128 + N
-RETRIES = 3
-# The first retry comes soon (lock holders are mostly short `dvc status` calls); the later
-# ones outwait a long `dvc repro` in the same checkout or a node being replaced.
-RETRY_DELAYS_SECONDS = [5, 30, 120]
-OUTPUT_TAIL_LINES = 200
 
 
 class PipelineError(RuntimeError):
@@ -79,7 +65,7 @@ class StageFailed(PipelineError):
 
 
 class TransientStageFailure(StageFailed):
-    """A DVC command failed in a way a later attempt can fix (see the comment above)."""
+    """A DVC command failed in a way a later attempt can fix (see ``TRANSIENT_SIGNALS``)."""
 
 
 class StagePlan(NamedTuple):
@@ -89,77 +75,13 @@ class StagePlan(NamedTuple):
     stale: list[str]
 
 
-# --- DVC, in this process and as a command --------------------------------------------------
-
-
-@contextlib.contextmanager
-def open_repository(project_dir: str, **repo_options: Any) -> Iterator[Repo]:
-    """A DVC ``Repo`` for ``project_dir``, with the working directory set to it.
-
-    DVC's Python API resolves stage targets against the current directory, not the repo root.
-    """
-    with contextlib.chdir(project_dir), Repo(project_dir, **repo_options) as repository:
-        yield repository
-
-
-def is_transient_failure(return_code: int, error_lines: list[str]) -> bool:
-    """Whether a failed DVC command is worth another attempt (see ``TRANSIENT_SIGNALS``).
-
-    Args:
-        return_code: the DVC process's status as ``subprocess`` reports it (negative: signal).
-        error_lines: DVC's ``ERROR:`` lines; a stage's status is in "exited with N".
-    """
-    if return_code < 0:
-        return -return_code in TRANSIENT_SIGNALS
-    for line in error_lines:
-        if LOCK_CONTENTION_MESSAGE in line:
-            return True
-        match = STAGE_EXIT_STATUS.search(line)
-        if match:
-            status = int(match.group(1))
-            killed_by = -status if status < 0 else status - SHELL_SIGNAL_OFFSET
-            return killed_by in TRANSIENT_SIGNALS
-    return False
+# --- DVC as a command, in Prefect's log ------------------------------------------------------
 
 
 def _retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's retry condition: retry ``TransientStageFailure`` and DVC lock errors only."""
     error = state.result(raise_on_failure=False)
     return isinstance(error, TransientStageFailure | LockError)
-
-
-def _stage_environment() -> dict[str, str]:
-    # Stage commands call `python`; make it this interpreter (the project's virtualenv).
-    environment = dict(os.environ)
-    environment["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environment["PATH"]
-    return environment
-
-
-def stream_dvc(
-    arguments: list[str], project_dir: str, echo: Callable[[str], None]
-) -> tuple[int, list[str]]:
-    """Run ``dvc <arguments>`` in ``project_dir``, passing each output line to ``echo``.
-
-    Returns:
-        DVC's exit status (negative: killed by that signal) and its last output lines.
-    """
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", *arguments],
-        cwd=project_dir,
-        env=_stage_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    # DVC prints its errors last; keeping a tail bounds memory on long, chatty stages.
-    tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-    for line in process.stdout:
-        line = line.rstrip()
-        if line:
-            echo(line)
-            tail.append(line)
-    return process.wait(), list(tail)
 
 
 def run_dvc(arguments: list[str], project_dir: str, description: str) -> None:
@@ -257,27 +179,13 @@ def run_experiment(
     run_dvc(arguments, project_dir, f"`dvc {' '.join(arguments)}`")
 
 
-def _remote_options(remote: str | None) -> dict[str, Any]:
-    """``Repo`` options choosing the DVC remote: ``remote`` by name, else $TLFLAX_DVC_REMOTE,
-    else the project's default remote (``dvc remote default``)."""
-    if remote:
-        return {"remote": remote}
-    url = os.environ.get(REMOTE_ENVIRONMENT_VARIABLE)
-    if not url:
-        return {}
-    if "://" not in url:
-        # DVC reads a relative remote path against the config file; this one has none.
-        url = str(Path(url).expanduser().resolve())
-    return {"remote": ENVIRONMENT_REMOTE_NAME, "remote_config": {"url": url}}
-
-
 @task(name="dvc-pull", **_DVC_TASK_OPTIONS)
 def pull_data(project_dir: str, remote: str | None) -> int:
     """``dvc pull``: fetch and check out the outputs ``dvc.lock`` names; returns the fetched count.
 
     Outputs the remote lacks are skipped, not an error: the stages reproduce them.
     """
-    with open_repository(project_dir, **_remote_options(remote)) as repository:
+    with open_repository(project_dir, **remote_options(remote)) as repository:
         stats = repository.pull(allow_missing=True)["stats"]
     changed = sum(count for kind, count in stats.items() if kind != "fetched")
     get_run_logger().info(
@@ -289,7 +197,7 @@ def pull_data(project_dir: str, remote: str | None) -> int:
 @task(name="dvc-push", **_DVC_TASK_OPTIONS)
 def push_data(project_dir: str, remote: str | None) -> int:
     """``dvc push``: upload the cached outputs to the remote; returns how many were sent."""
-    with open_repository(project_dir, **_remote_options(remote)) as repository:
+    with open_repository(project_dir, **remote_options(remote)) as repository:
         count = repository.push()
     get_run_logger().info(f"dvc push: {count} file(s) uploaded")
     return count
@@ -369,6 +277,20 @@ def reproduce_stale_stages(
     return ran
 
 
+def _announce_test_metrics(project: str, experiment: str | None) -> dict[str, Any]:
+    """The experiment's test metrics, printed as one line; empty before an evaluation."""
+    metrics = None
+    if experiment is not None:
+        metrics = reports.read_json(
+            Path(project) / "metrics" / experiment / "evaluate.json", get_run_logger().warning
+        )
+    if isinstance(metrics, dict):
+        print(reports.summary_line(metrics))
+    else:
+        print(f"no evaluation metrics yet (experiment {experiment})")
+    return metrics if isinstance(metrics, dict) else {}
+
+
 @flow(name="tlflax-pipeline", log_prints=True)
 def pipeline(
     stages: list[str] | None = None,
@@ -417,20 +339,11 @@ def pipeline(
         if experiment is not None:
             publish_reports(project, experiment, refresh_plots=stages_run != [])
 
-    metrics = None
-    if experiment is not None:
-        metrics = reports.read_json(
-            Path(project) / "metrics" / experiment / "evaluate.json", get_run_logger().warning
-        )
-    if isinstance(metrics, dict):
-        print(reports.summary_line(metrics))
-    else:
-        print(f"no evaluation metrics yet (experiment {experiment})")
     return {
         "experiment": experiment,
         "stages_run": stages_run,
         "dvc_experiment": experiment_name,
-        "metrics": metrics if isinstance(metrics, dict) else {},
+        "metrics": _announce_test_metrics(project, experiment),
     }
 
 

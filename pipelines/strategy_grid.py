@@ -21,7 +21,6 @@ import argparse
 import math
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,30 @@ import numpy as np
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, enable_compilation_cache
+
+# LABELS stays importable from here, as before the outputs had a module of their own.
+from pipelines.strategy_grid_report import LABELS, markdown_table, plot_grid  # noqa: F401
+from pipelines.strategy_grid_setup import (
+    DATASETS,
+    SEED,
+    STRATEGIES,
+    CellData,
+    GridDataset,
+    cell_data,
+    raw_splits,
+)
 from tlflax.advisor import Advice, measure, recommend
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import Params, parse_params
-from tlflax.data.fashion_mnist import read_fashion_mnist
-from tlflax.data.fine_foods import FINE_FOODS_CLASSES, read_fine_foods
-from tlflax.data.manifest import duplicate_records, text_content_hash
 from tlflax.data.pipeline import num_batches
-from tlflax.data.subsets import stratified_subset
-from tlflax.finetuner import Finetuner, run_finetuning
+from tlflax.finetuner import Finetuner, FinetuneState, run_finetuning
 from tlflax.fit import build_scratch_classifier, cache_frozen_prefix
 from tlflax.io import atomic_path, write_json
-from tlflax.plan import resolve_plan
+from tlflax.loop import History
+from tlflax.plan import TrainingPlan, resolve_plan
 from tlflax.tasks import Task, class_probabilities, task_for
 from tlflax.train import create_head, train_head
 
-STRATEGIES = ("feature_extraction", "top_k", "full", "scratch")
-SEED = 0
 # Tiny training sets are repeated so an epoch holds at least this many examples: early
 # stopping, validation and checkpoints then happen every ~50 steps, not every 4.
 MIN_EPOCH_EXAMPLES = 1600
@@ -55,114 +61,6 @@ TARGET_GAP = 0.01
 # Steps per strategy: BiT-HyperRule's 500 for < 20k examples where the CPU allows it; a
 # text step costs ~10x an image step here (MiniLM at 64 tokens, EfficientNet at 32 px).
 DEFAULT_STEPS = {"vision": 500, "text": 150}
-
-
-@dataclass(frozen=True)
-class GridDataset:
-    """One dataset of the grid: its pipeline params and its fixed evaluation subsets."""
-
-    name: str
-    params: dict[str, Any]
-    validation_per_class: int
-    test_examples: int
-
-
-DATASETS = {
-    "vision": GridDataset(
-        "vision",
-        {
-            "experiment": "grid-vision",
-            "prepare": {"dataset": "fashion_mnist", "raw_dir": "data/raw/fashion-mnist"},
-            "extract": {"backbone": "efficientnet_lite0", "image_size": 32, "batch_size": 256},
-            # No augmentation (fair to every strategy, and it lets frozen prefixes be cached).
-            "finetune": {
-                "learning_rate": 1e-3,
-                "augment": {"random_crop": False, "flip": False},
-                "cache_frozen_prefix": True,
-                "keep_best_checkpoints": 1,
-            },
-            "train_scratch": {"learning_rate": 3e-3},
-        },
-        validation_per_class=50,
-        test_examples=2000,
-    ),
-    "text": GridDataset(
-        "text",
-        {
-            "experiment": "grid-text",
-            "prepare": {"dataset": "fine_foods", "raw_dir": "data/raw/modeldata"},
-            "extract": {"backbone": "minilm_l6", "max_length": 64, "batch_size": 64},
-            "train_head": {"dropout": 0.1},
-            # Batches of 16: a MiniLM step costs ~1 s here, the budget below is 150 of them.
-            "finetune": {
-                "learning_rate": 3e-4,
-                "batch_size": 16,
-                "weight_decay": 0.01,
-                "cache_frozen_prefix": True,
-                "keep_best_checkpoints": 1,
-            },
-            "train_scratch": {"learning_rate": 5e-4, "batch_size": 16, "weight_decay": 0.01},
-        },
-        validation_per_class=100,
-        test_examples=1000,
-    ),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Data: the raw training pool, validation and a fixed test subset
-# --------------------------------------------------------------------------------------------
-
-
-def _raw_splits(dataset: GridDataset) -> tuple[Any, np.ndarray, Any, np.ndarray]:
-    """(pool records, pool labels, test records, test labels) straight from the raw files."""
-    raw_dir = Path(dataset.params["prepare"]["raw_dir"])
-    if dataset.name == "vision":
-        raw = read_fashion_mnist(raw_dir)
-        return (*raw["train"], *raw["test"])
-    frames = read_fine_foods(raw_dir)
-
-    def split(frame):
-        labels = frame["label"].map(FINE_FOODS_CLASSES.index).to_numpy(np.int64)
-        return frame["review"].to_numpy(dtype=object), labels
-
-    pool, pool_labels = split(frames["train"])
-    test, test_labels = split(frames["test"])
-    # As prepare's `deduplicate`: no repeated review in the pool, none that test also holds.
-    drop = duplicate_records(
-        [text_content_hash(t) for t in pool], [text_content_hash(t) for t in test]
-    )
-    return pool[~drop], pool_labels[~drop], test, test_labels
-
-
-@dataclass
-class CellData:
-    train: dict[str, np.ndarray]
-    validation: dict[str, np.ndarray]
-    test: dict[str, np.ndarray]
-
-
-def cell_data(task: Task, dataset: GridDataset, per_class: int, raw) -> CellData:
-    pool, pool_labels, test, test_labels = raw
-    validation_index = stratified_subset(
-        pool_labels, per_class=dataset.validation_per_class, seed=SEED
-    )
-    train_index = stratified_subset(
-        pool_labels, per_class=per_class, seed=SEED, exclude=validation_index
-    )
-    test_index = np.arange(len(test_labels))
-    if dataset.test_examples < len(test_labels):
-        fraction = dataset.test_examples / len(test_labels)
-        test_index = stratified_subset(test_labels, fraction=fraction, seed=SEED)
-
-    def inputs(records, labels, index):
-        return {**task.model_inputs(records[index]), "label": labels[index]}
-
-    return CellData(
-        inputs(pool, pool_labels, train_index),
-        inputs(pool, pool_labels, validation_index),
-        inputs(test, test_labels, test_index),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +88,95 @@ def _repeat(arrays: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
     return {key: np.concatenate([value] * times) for key, value in arrays.items()}
 
 
+def _strategy_plan(
+    task: Task,
+    params: Params,
+    advice: Advice,
+    strategy: str,
+    train_examples: int,
+    *,
+    steps: int,
+    num_classes: int,
+) -> tuple[TrainingPlan, int, list[str]]:
+    """The finetune settings of ``strategy`` under the cell's step budget, how many times an
+    epoch repeats the training set, and the backbone's layer-group patterns."""
+    repeats = max(1, math.ceil(MIN_EPOCH_EXAMPLES / train_examples))
+    epoch_examples = repeats * train_examples
+    # The cell's step budget replaces the advised schedule's length (written settings win).
+    epochs = max(1, math.ceil(steps / num_batches(epoch_examples, params.finetune.batch_size)))
+    requested = params.finetune.model_copy(update={"strategy": strategy, "epochs": epochs})
+    abstract = task.abstract_classifier(num_classes)
+    group_patterns = abstract.backbone.group_patterns()
+    plan = resolve_plan(
+        requested,
+        params.train_scratch,
+        advice,
+        model=abstract,
+        num_train_examples=epoch_examples,
+    )
+    return plan.finetune, repeats, group_patterns
+
+
+def _starting_model(
+    task: Task, cfg: TrainingPlan, head_state: nnx.State, num_classes: int
+) -> nnx.Module:
+    """The model ``cfg``'s strategy starts from: untrained for scratch, else pretrained with
+    the cell's trained head."""
+    if cfg.strategy == "scratch":
+        return build_scratch_classifier(task, num_classes, cfg.seed)
+    model = task.build_classifier(num_classes, pretrained=True, seed=cfg.seed)
+    nnx.update(model.head, head_state)
+    return model
+
+
+def _training_inputs(
+    task: Task, model: nnx.Module, cfg: TrainingPlan, data: CellData, repeats: int, batch_size: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Any]:
+    """Train (repeated ``repeats`` times) and validation inputs, past the frozen prefix when
+    ``cfg`` caches it, and the forward pass that reads them."""
+    inputs = cache_frozen_prefix(
+        task,
+        model,
+        cfg,
+        data.train,
+        data.validation,
+        batch_size=batch_size,
+        name="strategy grid",
+    )
+    train, validation, forward = inputs.train, inputs.validation, inputs.forward
+    train = _repeat(train, repeats)
+    return train, validation, forward
+
+
+def _finetune(
+    finetuner: Finetuner,
+    train: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+    monitor: str,
+    eval_batch_size: int,
+) -> tuple[FinetuneState, History]:
+    """``run_finetuning`` with checkpoints in a temporary directory, gone once it returns."""
+    with tempfile.TemporaryDirectory(prefix="strategy-grid-") as directory:
+        checkpoints = TrainingCheckpoints(directory, keep_best=1, monitor=monitor)
+        state, history = run_finetuning(
+            finetuner, train, validation, checkpoints, eval_batch_size=eval_batch_size
+        )
+        checkpoints.close()
+    return state, history
+
+
+def _test_accuracy(
+    task: Task, cfg: TrainingPlan, model: nnx.Module, test: dict[str, np.ndarray], batch_size: int
+) -> float:
+    probabilities = class_probabilities(
+        model,
+        task.forward(test_time_flip=cfg.augment.test_time_flip),
+        test,
+        batch_size,
+    )
+    return float(np.mean(probabilities.argmax(axis=1) == test["label"]))
+
+
 def train_strategy(
     task: Task,
     params: Params,
@@ -203,37 +190,19 @@ def train_strategy(
 ) -> dict[str, Any]:
     """Train one strategy as the finetune stage would (explicit strategy, the cell's budget)."""
     started = time.perf_counter()
-    repeats = max(1, math.ceil(MIN_EPOCH_EXAMPLES / len(data.train["label"])))
-    epoch_examples = repeats * len(data.train["label"])
-    # The cell's step budget replaces the advised schedule's length (written settings win).
-    epochs = max(1, math.ceil(steps / num_batches(epoch_examples, params.finetune.batch_size)))
-    requested = params.finetune.model_copy(update={"strategy": strategy, "epochs": epochs})
-    abstract = task.abstract_classifier(num_classes)
-    group_patterns = abstract.backbone.group_patterns()
-    plan = resolve_plan(
-        requested,
-        params.train_scratch,
-        advice,
-        model=abstract,
-        num_train_examples=epoch_examples,
-    )
-    cfg = plan.finetune
-    if cfg.strategy == "scratch":
-        model = build_scratch_classifier(task, num_classes, cfg.seed)
-    else:
-        model = task.build_classifier(num_classes, pretrained=True, seed=cfg.seed)
-        nnx.update(model.head, head_state)
-    inputs = cache_frozen_prefix(
+    cfg, repeats, group_patterns = _strategy_plan(
         task,
-        model,
-        cfg,
-        data.train,
-        data.validation,
-        batch_size=params.extract.batch_size,
-        stage="strategy grid",
+        params,
+        advice,
+        strategy,
+        len(data.train["label"]),
+        steps=steps,
+        num_classes=num_classes,
     )
-    train, validation, forward = inputs.train, inputs.validation, inputs.forward
-    train = _repeat(train, repeats)
+    model = _starting_model(task, cfg, head_state, num_classes)
+    train, validation, forward = _training_inputs(
+        task, model, cfg, data, repeats, params.extract.batch_size
+    )
     finetuner = Finetuner(
         model,
         forward,
@@ -241,20 +210,11 @@ def train_strategy(
         num_train_examples=len(train["label"]),
         group_patterns=group_patterns,
     )
-    with tempfile.TemporaryDirectory(prefix="strategy-grid-") as directory:
-        checkpoints = TrainingCheckpoints(directory, keep_best=1, monitor=cfg.monitor)
-        state, history = run_finetuning(
-            finetuner, train, validation, checkpoints, eval_batch_size=params.evaluate.batch_size
-        )
-        checkpoints.close()
-    trained = finetuner.model(state)
-    probabilities = class_probabilities(
-        trained,
-        task.forward(test_time_flip=cfg.augment.test_time_flip),
-        data.test,
-        params.evaluate.batch_size,
+    state, history = _finetune(
+        finetuner, train, validation, cfg.monitor, params.evaluate.batch_size
     )
-    test_accuracy = float(np.mean(probabilities.argmax(axis=1) == data.test["label"]))
+    trained = finetuner.model(state)
+    test_accuracy = _test_accuracy(task, cfg, trained, data.test, params.evaluate.batch_size)
     best = history.epochs[history.best_epoch]
     result = {
         "test_accuracy": test_accuracy,
@@ -271,6 +231,35 @@ def train_strategy(
         flush=True,
     )
     return result
+
+
+def _train_shared_head(
+    params: Params, top_features: dict[str, Any], data: CellData, num_classes: int
+) -> nnx.State:
+    """A head trained on the cell's top frozen features; its parameters, as host arrays."""
+    head = create_head(top_features["train"].shape[1], num_classes, params.train_head)
+    train_head(
+        head,
+        {"features": top_features["train"], "label": data.train["label"]},
+        {"features": top_features["validation"], "label": data.validation["label"]},
+        params.train_head,
+    )
+    # Host copies: fine-tuning donates its device buffers, and every strategy starts here.
+    return jax.tree.map(np.array, nnx.state(head, nnx.Param))
+
+
+def _advice_record(advice: Advice, seconds: float) -> dict[str, Any]:
+    """The advisor's pick and the evidence behind it, as a cell of the grid records them."""
+    return {
+        "strategy": advice.strategy,
+        "unfreeze_groups": advice.unfreeze_groups,
+        "num_groups": advice.evidence.num_groups,
+        "size_regime": advice.size_regime,
+        "similarity": advice.similarity,
+        "reasons": list(advice.reasons),
+        "probe_accuracy_by_depth": [p.validation_accuracy for p in advice.evidence.pretrained],
+        "seconds": round(seconds, 1),
+    }
 
 
 def run_cell(dataset: GridDataset, per_class: int, raw, *, steps: int) -> dict[str, Any]:
@@ -293,15 +282,7 @@ def run_cell(dataset: GridDataset, per_class: int, raw, *, steps: int) -> dict[s
     )
     # Every pretrained strategy starts from the same head, trained on the frozen features
     # (the pipeline's train_head).
-    head = create_head(top_features["train"].shape[1], num_classes, params.train_head)
-    train_head(
-        head,
-        {"features": top_features["train"], "label": data.train["label"]},
-        {"features": top_features["validation"], "label": data.validation["label"]},
-        params.train_head,
-    )
-    # Host copies: fine-tuning donates its device buffers, and every strategy starts here.
-    head_state = jax.tree.map(np.array, nnx.state(head, nnx.Param))
+    head_state = _train_shared_head(params, top_features, data, num_classes)
     results = {
         strategy: train_strategy(
             task,
@@ -325,97 +306,13 @@ def run_cell(dataset: GridDataset, per_class: int, raw, *, steps: int) -> dict[s
         "train_examples": len(data.train["label"]),
         "validation_examples": len(data.validation["label"]),
         "test_examples": len(data.test["label"]),
-        "advice": {
-            "strategy": advice.strategy,
-            "unfreeze_groups": advice.unfreeze_groups,
-            "num_groups": advice.evidence.num_groups,
-            "size_regime": advice.size_regime,
-            "similarity": advice.similarity,
-            "reasons": list(advice.reasons),
-            "probe_accuracy_by_depth": [p.validation_accuracy for p in advice.evidence.pretrained],
-            "seconds": round(advised_seconds, 1),
-        },
+        "advice": _advice_record(advice, advised_seconds),
         "results": results,
         "best_by_test": best_test,
         "best_by_validation": best_validation,
         "advisor_gap": gap,
         "within_target": gap <= TARGET_GAP,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs: JSON, plot, markdown table
-# --------------------------------------------------------------------------------------------
-
-LABELS = {
-    "feature_extraction": "feature extraction",
-    "top_k": "top-k fine-tune",
-    "full": "full fine-tune",
-    "scratch": "from scratch",
-}
-
-
-def markdown_table(cells: list[dict[str, Any]]) -> str:
-    header = (
-        "| dataset | train / class | "
-        + " | ".join(LABELS[s] for s in STRATEGIES)
-        + " | advisor's pick | best | gap | within 1 pt |"
-    )
-    lines = [header, "|" + "---|" * (len(STRATEGIES) + 6)]
-    for cell in cells:
-        results = cell["results"]
-        pick = cell["advice"]["strategy"]
-        figures = []
-        for strategy in STRATEGIES:
-            figure = f"{results[strategy]['test_accuracy']:.3f}"
-            if strategy == "top_k":
-                figure += f" (k={results[strategy]['unfreeze_groups']})"
-            if strategy == cell["best_by_test"]:
-                figure = f"**{figure}**"
-            figures.append(figure)
-        lines.append(
-            f"| {cell['dataset']} | {cell['train_per_class']} | "
-            + " | ".join(figures)
-            + f" | {LABELS[pick]} | {LABELS[cell['best_by_test']]} | "
-            f"{cell['advisor_gap']:.3f} | {'yes' if cell['within_target'] else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_grid(cells: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: test accuracy of each strategy per cell; the advisor's pick hatched."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7.5, 4.0), dpi=120)
-    width = 0.8 / len(STRATEGIES)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for position, cell in enumerate(cells):
-        for index, strategy in enumerate(STRATEGIES):
-            picked = strategy == cell["advice"]["strategy"]
-            axes.bar(
-                position + (index - (len(STRATEGIES) - 1) / 2) * width,
-                cell["results"][strategy]["test_accuracy"],
-                width,
-                color=colours[index],
-                hatch="//" if picked else None,
-                edgecolor="black" if picked else colours[index],
-                label=LABELS[strategy] if position == 0 else None,
-            )
-    axes.set_xticks(
-        range(len(cells)), [f"{c['dataset']}\n{c['train_per_class']}/class" for c in cells]
-    )
-    axes.set_ylabel("test accuracy")
-    axes.set_ylim(0.3, 1.0)
-    axes.set_title("Strategy grid (hatched: the advisor's pick)")
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8, ncols=2)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
-    plt.close(figure)
 
 
 def main() -> None:
@@ -438,7 +335,7 @@ def main() -> None:
     cells = []
     for name in arguments.datasets:
         dataset = DATASETS[name]
-        raw = _raw_splits(dataset)
+        raw = raw_splits(dataset)
         steps = arguments.steps or DEFAULT_STEPS[name]
         for per_class in arguments.sizes:
             cells.append(run_cell(dataset, per_class, raw, steps=steps))

@@ -15,11 +15,12 @@ from sklearn.model_selection import train_test_split
 
 from pipelines.reports import metrics_section, per_class_rows, summary_line
 from pipelines.stages.common import ExperimentPaths
-from pipelines.stages.evaluate import headline_metrics, read_baseline_predictions
 from tests.conftest import TINY_PARAMS, make_project_copy, run
 from tlflax.baseline import CANDIDATES, Candidate, fit_baseline
+from tlflax.baseline_predictions import read_baseline_predictions
 from tlflax.data.errors import DataError
 from tlflax.errors import MissingInputError
+from tlflax.evaluation import headline_metrics
 from tlflax.io import read_arrays, write_arrays, write_json
 from tlflax.plots import plot_learning_curves
 
@@ -219,7 +220,7 @@ def test_the_stage_writes_predictions_choice_and_metrics(
     # What evaluate reads back: the model's name and both splits' probabilities.
     monkeypatch.chdir(prepared_project)
     model, probabilities = read_baseline_predictions(
-        ExperimentPaths("vision"), 10, {"validation": 30, "test": 10000}
+        ExperimentPaths("vision").baseline, 10, {"validation": 30, "test": 10000}
     )
     assert model == choice["model"]
     np.testing.assert_array_equal(probabilities["test"], predictions["test"])
@@ -269,7 +270,7 @@ def test_evaluate_without_baseline_predictions_says_which_stage_to_run(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingInputError) as error:
-        read_baseline_predictions(ExperimentPaths("vision"), 10, {"test": 4})
+        read_baseline_predictions(ExperimentPaths("vision").baseline, 10, {"test": 4})
     assert isinstance(error.value, FileNotFoundError)
     assert str(error.value).startswith("models/vision/baseline/predictions.npz: not found; ")
     assert "run the baseline stage first" in str(error.value)
@@ -283,7 +284,7 @@ def test_evaluate_refuses_baseline_predictions_for_other_splits(
     write_arrays(folder / "predictions.npz", validation=np.full((3, 2), 0.5), test=np.ones((4, 2)))
     write_json(folder / "model.json", {"model": "pixels_rbf_svm(C=3)"})
     model, probabilities = read_baseline_predictions(
-        ExperimentPaths("vision"), 2, {"validation": 3, "test": 4}
+        ExperimentPaths("vision").baseline, 2, {"validation": 3, "test": 4}
     )
     assert model == "pixels_rbf_svm(C=3)"
     assert probabilities["test"].shape == (4, 2)
@@ -292,7 +293,7 @@ def test_evaluate_refuses_baseline_predictions_for_other_splits(
         match="'test' probabilities have shape \\(4, 2\\), but the test "
         "split holds 5 examples of 2 classes \\(run the baseline stage again\\)",
     ):
-        read_baseline_predictions(ExperimentPaths("vision"), 2, {"test": 5})
+        read_baseline_predictions(ExperimentPaths("vision").baseline, 2, {"test": 5})
 
 
 def test_every_model_is_scored_against_the_baseline() -> None:

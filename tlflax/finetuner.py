@@ -81,27 +81,8 @@ class Finetuner:
         backbone_prefix: str = "backbone/",
     ):
         self.cfg = cfg
-        resolved = model_settings(
-            model,
-            cfg.rules,
-            group_patterns=group_patterns,
-            layer_lr_decay=cfg.layer_lr_decay,
-            gradual_unfreezing=cfg.gradual_unfreezing,
-            backbone_prefix=backbone_prefix,
-        )
-        self.sizes = resolved.sizes
-        self.settings: dict[str, ParamSetting] = resolved.settings
-        self.is_trainable = trainable_filter(self.settings)
-        # Two programs over the same state: training normalises with batch statistics in the
-        # BatchNorm layers that train (`batchnorm: train`), evaluation always with the running
-        # statistics the saved model is evaluated with - so validation, early stopping and the
-        # saved-epoch choice judge the model that is saved.
-        self.trained_batchnorms = set_batchnorm_modes(model, self.settings, cfg.batchnorm)
-        self.graphdef, trainable, frozen, rest = nnx.split(model, self.is_trainable, nnx.Param, ...)
-        set_batchnorm_training(model, False)
-        self.eval_graphdef = nnx.split(model, self.is_trainable, nnx.Param, ...)[0]
-        if not jax.tree_util.tree_leaves(trainable):
-            raise ParamsError("'finetune.rules' freeze every parameter: nothing would be trained")
+        self.forward = forward
+        trainable, frozen, rest = self._split(model, group_patterns, backbone_prefix)
         # Batch statistics of a padded batch would count its padding rows: while BatchNorm
         # trains, the last partial batch of an epoch is dropped instead (a different one each
         # epoch, as the order is shuffled), as timm's and PyTorch's drop_last do.
@@ -124,6 +105,41 @@ class Finetuner:
             gradient_clip_norm=cfg.gradient_clip_norm,
             steps_per_epoch=steps_per_epoch,
         )
+        self.initial = self._initial_state(trainable, frozen, rest)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1, 3))
+        self.eval_step = jax.jit(self._eval_step)
+        self.ema_step = jax.jit(self._ema_step, donate_argnums=(0,))
+
+    def _split(self, model: nnx.Module, group_patterns: list[str], backbone_prefix: str):
+        """Resolve each parameter's setting from the rules and split the model once into
+        (trainable params, frozen params, other state)."""
+        cfg = self.cfg
+        resolved = model_settings(
+            model,
+            cfg.rules,
+            group_patterns=group_patterns,
+            layer_lr_decay=cfg.layer_lr_decay,
+            gradual_unfreezing=cfg.gradual_unfreezing,
+            backbone_prefix=backbone_prefix,
+        )
+        self.sizes = resolved.sizes
+        self.settings: dict[str, ParamSetting] = resolved.settings
+        self.is_trainable = trainable_filter(self.settings)
+        # Two programs over the same state: training normalises with batch statistics in the
+        # BatchNorm layers that train (`batchnorm: train`), evaluation always with the running
+        # statistics the saved model is evaluated with - so validation, early stopping and the
+        # saved-epoch choice judge the model that is saved.
+        self.trained_batchnorms = set_batchnorm_modes(model, self.settings, cfg.batchnorm)
+        self.graphdef, trainable, frozen, rest = nnx.split(model, self.is_trainable, nnx.Param, ...)
+        set_batchnorm_training(model, False)
+        self.eval_graphdef = nnx.split(model, self.is_trainable, nnx.Param, ...)[0]
+        if not jax.tree_util.tree_leaves(trainable):
+            raise ParamsError("'finetune.rules' freeze every parameter: nothing would be trained")
+        return trainable, frozen, rest
+
+    def _initial_state(self, trainable, frozen, rest) -> FinetuneState:
+        """The run's start, placed on every local device."""
+        cfg = self.cfg
         # Data parallelism over every local device: weights replicated, batches split on their
         # first axis; jit partitions the step (GSPMD). On one device this changes nothing.
         self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -141,13 +157,7 @@ class Finetuner:
         ema = None
         if cfg.ema_decay:
             ema = jax.tree_util.tree_map(jnp.copy, trainable)
-        self.initial = FinetuneState(
-            trainable, frozen, rest, opt_state, 0, jax.random.key(cfg.seed), ema
-        )
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1, 3))
-        self.eval_step = jax.jit(self._eval_step)
-        self.ema_step = jax.jit(self._ema_step, donate_argnums=(0,))
-        self.forward = forward
+        return FinetuneState(trainable, frozen, rest, opt_state, 0, jax.random.key(cfg.seed), ema)
 
     # The step functions close over graphdef, optimizer and forward: all static per run.
     def _merge(self, trainable, frozen, rest) -> nnx.Module:

@@ -50,6 +50,28 @@ class FitResult:
     summary: dict
 
 
+def open_checkpoints(
+    checkpoint_dir: Path, cfg: FinetuneParams, fingerprint: str | None, name: str
+) -> TrainingCheckpoints:
+    """The run's checkpoints: resumed when they are this run's (same ``fingerprint``),
+    discarded otherwise; says which."""
+    checkpoints = TrainingCheckpoints(
+        checkpoint_dir,
+        keep_best=cfg.keep_best_checkpoints,
+        fingerprint=fingerprint,
+        monitor=cfg.monitor,
+    )
+    if checkpoints.discarded:
+        print(
+            f"{name}: {checkpoint_dir} held checkpoints of another run (other params, data or "
+            "code); starting afresh"
+        )
+    elif checkpoints.latest_step() is not None:
+        print(f"{name}: resuming after epoch {checkpoints.latest_step()} from {checkpoint_dir}")
+
+    return checkpoints
+
+
 def fit_classifier(
     model: nnx.Module,
     forward: Forward,
@@ -85,20 +107,7 @@ def fit_classifier(
         f"{name}: {counts['trainable_parameters']:,} trainable / "
         f"{counts['frozen_parameters']:,} frozen parameters"
     )
-    checkpoints = TrainingCheckpoints(
-        checkpoint_dir,
-        keep_best=cfg.keep_best_checkpoints,
-        fingerprint=fingerprint,
-        monitor=cfg.monitor,
-    )
-    if checkpoints.discarded:
-        print(
-            f"{name}: {checkpoint_dir} held checkpoints of another run (other params, data or "
-            "code); starting afresh"
-        )
-    elif checkpoints.latest_step() is not None:
-        print(f"{name}: resuming after epoch {checkpoints.latest_step()} from {checkpoint_dir}")
-
+    checkpoints = open_checkpoints(checkpoint_dir, cfg, fingerprint, name)
     state, history = run_finetuning(
         finetuner,
         train,

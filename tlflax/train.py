@@ -114,6 +114,62 @@ def head_forward(head: Head, batch: Batch, train: bool, key: jax.Array | None) -
     return head(batch["features"])
 
 
+class HeadTrainer:
+    """The steps of head training on cached features: one jitted train and eval step over
+    the head's parameters, and an epoch / a validation pass built from them."""
+
+    def __init__(self, head: Head, cfg: TrainHeadParams, num_train_examples: int):
+        self.cfg = cfg
+        self.graphdef, params = nnx.split(head, nnx.Param)
+        names = parameter_names(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        ndims = {name: leaf.ndim for name, leaf in zip(names, leaves, strict=True)}
+        settings = resolve_settings(names, [TransferRule(pattern=".*")], ndims=ndims)
+        self.steps_per_epoch = num_batches(num_train_examples, cfg.batch_size, drop_remainder=False)
+        schedule = warmup_cosine(cfg.learning_rate, self.steps_per_epoch * cfg.max_epochs, 0.0)
+        self.tx = make_optimizer(
+            params, settings, schedule, weight_decay=cfg.weight_decay, gradient_clip_norm=None
+        )
+        # The run's state: (parameters, optimizer state, random key for dropout).
+        self.initial = (params, self.tx.init(params), jax.random.key(cfg.seed))
+        self.train_step = jax.jit(self._train_step)
+        self.eval_step = jax.jit(self._eval_step)
+
+    def _train_step(self, params, opt_state, batch, key):
+        def loss_fn(params):
+            logits = nnx.merge(self.graphdef, params)(batch["features"], dropout_key=key)
+            return masked_cross_entropy(logits, batch["label"], batch["mask"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def _eval_step(self, params, batch):
+        logits = nnx.merge(self.graphdef, params)(batch["features"])
+        return batch_counts(logits, batch["label"], batch["mask"])
+
+    def run_epoch(self, state, train: dict[str, np.ndarray], epoch: int):
+        """One shuffled pass over ``train``; returns the new state and the mean training loss."""
+        params, opt_state, key = state
+        loss_sum, count = 0.0, 0.0
+        batches = iterate_batches(
+            train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch
+        )
+        for step, batch in enumerate(batches):
+            key, step_key = jax.random.split(key)
+            params, opt_state, loss = self.train_step(params, opt_state, batch, step_key)
+            check_finite_loss(float(loss), "train_head", epoch, step)
+            loss_sum += float(loss * batch["mask"].sum())
+            count += float(batch["mask"].sum())
+        return (params, opt_state, key), loss_sum / count
+
+    def evaluate(self, state, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for batch in iterate_batches(arrays, self.cfg.batch_size, shuffle=False, seed=0):
+            add_counts(totals, self.eval_step(state[0], batch))
+        return finish_counts(totals)
+
+
 def train_head(
     head: Head,
     train: dict[str, np.ndarray],
@@ -133,59 +189,16 @@ def train_head(
     Returns:
       The per-epoch history; early stopping watches the validation loss.
     """
-    graphdef, params = nnx.split(head, nnx.Param)
-    names = parameter_names(params)
-    ndims = {n: leaf.ndim for n, leaf in zip(names, jax.tree_util.tree_leaves(params), strict=True)}
-    settings = resolve_settings(names, [TransferRule(pattern=".*")], ndims=ndims)
-    steps_per_epoch = num_batches(len(train["label"]), cfg.batch_size, drop_remainder=False)
-    schedule = warmup_cosine(cfg.learning_rate, steps_per_epoch * cfg.max_epochs, 0.0)
-    tx = make_optimizer(
-        params, settings, schedule, weight_decay=cfg.weight_decay, gradient_clip_norm=None
-    )
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def train_step(params, opt_state, batch, key):
-        def loss_fn(params):
-            logits = nnx.merge(graphdef, params)(batch["features"], dropout_key=key)
-            return masked_cross_entropy(logits, batch["label"], batch["mask"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    @jax.jit
-    def eval_step(params, batch):
-        logits = nnx.merge(graphdef, params)(batch["features"])
-        return batch_counts(logits, batch["label"], batch["mask"])
-
-    def train_epoch(state, epoch):
-        params, opt_state, key = state
-        loss_sum, count = 0.0, 0.0
-        for step, batch in enumerate(
-            iterate_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
-        ):
-            key, step_key = jax.random.split(key)
-            params, opt_state, loss = train_step(params, opt_state, batch, step_key)
-            check_finite_loss(float(loss), "train_head", epoch, step)
-            loss_sum += float(loss * batch["mask"].sum())
-            count += float(batch["mask"].sum())
-        return (params, opt_state, key), loss_sum / count
-
-    def validate(state):
-        totals: dict[str, float] = {}
-        for batch in iterate_batches(validation, cfg.batch_size, shuffle=False, seed=0):
-            add_counts(totals, eval_step(state[0], batch))
-        return finish_counts(totals)
-
+    trainer = HeadTrainer(head, cfg, len(train["label"]))
     (best_params, _, _), history = fit_epochs(
-        (params, opt_state, jax.random.key(cfg.seed)),
-        train_epoch=train_epoch,
-        validate=validate,
+        trainer.initial,
+        train_epoch=lambda state, epoch: trainer.run_epoch(state, train, epoch),
+        validate=lambda state: trainer.evaluate(state, validation),
         epochs=cfg.max_epochs,
         monitor="validation_loss",
         phase="train_head",
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=trainer.steps_per_epoch,
+        # A head is small: the best epoch's parameters are held in memory, not checkpointed.
         callbacks=[
             EarlyStopping(cfg.patience),
             KeepBestInMemory(),

@@ -157,51 +157,65 @@ def _computed_checks(
     ]
     if {"label_name", "split"} <= set(manifest.columns):
         for split in splits:
-            counts = class_counts(manifest, split, thresholds.expected_classes)
-            ratio = math.inf if counts.min() == 0 else counts.max() / counts.min()
-            too_few = counts[counts < thresholds.min_examples_per_class]
-            checks.append(
-                CheckResult(
-                    f"balance.{split}.class_ratio",
-                    "critical",
-                    passed=ratio <= thresholds.max_class_ratio,
-                    observed=json_ready(
-                        {"ratio": ratio, "largest": counts.idxmax(), "smallest": counts.idxmin()}
-                    ),
-                    threshold=thresholds.max_class_ratio,
-                )
-            )
-            checks.append(
-                CheckResult(
-                    f"balance.{split}.min_per_class",
-                    "critical",
-                    passed=too_few.empty,
-                    observed=json_ready(
-                        {"classes_below": too_few.to_dict(), "min_count": counts.min()}
-                    ),
-                    threshold=thresholds.min_examples_per_class,
-                )
-            )
+            checks += _class_count_checks(manifest, thresholds, split)
     if {"content_hash", "split", "index"} <= set(manifest.columns):
         for position, split in enumerate(splits):
             for earlier in splits[:position]:
-                matches = cross_split_matches(manifest, split, earlier)
-                fraction = len(matches) / records_per_split[split]
-                records = [
-                    {"split": split, "index": int(index), "same_as": f"{earlier}[{int(other)}]"}
-                    for index, other in matches.head(MAX_EXAMPLE_RECORDS).itertuples(index=False)
-                ]
                 checks.append(
-                    CheckResult(
-                        f"leakage.{split}_vs_{earlier}",
-                        "critical",
-                        passed=fraction <= thresholds.max_leakage_fraction,
-                        observed={"leaked_records": len(matches), "fraction": fraction},
-                        threshold=thresholds.max_leakage_fraction,
-                        failing_records=records,
-                    )
+                    _leakage_check(manifest, thresholds, split, earlier, records_per_split[split])
                 )
     return checks
+
+
+def _class_count_checks(
+    manifest: pd.DataFrame, thresholds: ValidationThresholds, split: str
+) -> list[CheckResult]:
+    """``split``'s largest/smallest class ratio and its classes below the minimum count."""
+    counts = class_counts(manifest, split, thresholds.expected_classes)
+    ratio = math.inf if counts.min() == 0 else counts.max() / counts.min()
+    too_few = counts[counts < thresholds.min_examples_per_class]
+    return [
+        CheckResult(
+            f"balance.{split}.class_ratio",
+            "critical",
+            passed=ratio <= thresholds.max_class_ratio,
+            observed=json_ready(
+                {"ratio": ratio, "largest": counts.idxmax(), "smallest": counts.idxmin()}
+            ),
+            threshold=thresholds.max_class_ratio,
+        ),
+        CheckResult(
+            f"balance.{split}.min_per_class",
+            "critical",
+            passed=too_few.empty,
+            observed=json_ready({"classes_below": too_few.to_dict(), "min_count": counts.min()}),
+            threshold=thresholds.min_examples_per_class,
+        ),
+    ]
+
+
+def _leakage_check(
+    manifest: pd.DataFrame,
+    thresholds: ValidationThresholds,
+    split: str,
+    earlier: str,
+    split_records: int,
+) -> CheckResult:
+    """The records of ``split`` whose content also occurs in the ``earlier`` split."""
+    matches = cross_split_matches(manifest, split, earlier)
+    fraction = len(matches) / split_records
+    records = [
+        {"split": split, "index": int(index), "same_as": f"{earlier}[{int(other)}]"}
+        for index, other in matches.head(MAX_EXAMPLE_RECORDS).itertuples(index=False)
+    ]
+    return CheckResult(
+        f"leakage.{split}_vs_{earlier}",
+        "critical",
+        passed=fraction <= thresholds.max_leakage_fraction,
+        observed={"leaked_records": len(matches), "fraction": fraction},
+        threshold=thresholds.max_leakage_fraction,
+        failing_records=records,
+    )
 
 
 def _short(value: Any) -> str:

@@ -1,7 +1,8 @@
 """The Great Expectations half of data validation: thresholds, the planned suite, its run.
 
-:func:`plan_expectations` turns :class:`ValidationThresholds` and a manifest's columns
-(its :class:`~tlflax.data.manifest.ManifestSchema`) into plain expectation records;
+:func:`plan_expectations` (from :mod:`tlflax.validation_plan`, re-exported here) turns
+:class:`ValidationThresholds` and a manifest's columns (its
+:class:`~tlflax.data.manifest.ManifestSchema`) into plain expectation records;
 :func:`run_expectations` builds them into a GX suite, runs it over the manifest with
 Data Docs, and returns one :class:`CheckResult` per expectation. Planning is plain data so
 that GX (about 5 s to import) is imported only when a suite actually runs.
@@ -13,19 +14,17 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from tlflax.data.manifest import IMAGE_MANIFEST_SCHEMA, ManifestSchema
+from tlflax.validation_plan import _PlannedExpectation
+from tlflax.validation_plan import plan_expectations as plan_expectations  # re-exported
 
 Severity = Literal["critical", "warning"]
 MAX_EXAMPLE_RECORDS = 10
-_FEATURE_BINS = 10
-# Weight given to values outside the reference range, so one outlier in a split makes the
-# feature KL large but finite.
-_TAIL_WEIGHT_HOLDOUT = 0.001
 
 
 @dataclass(frozen=True)
@@ -105,196 +104,32 @@ class CheckResult:
     source: str = "computed"
 
 
-class _PlannedExpectation(NamedTuple):
-    """A GX expectation as plain data, built into GX objects only once GX is imported."""
-
-    name: str
-    expectation_type: str  # class name in `great_expectations.expectations`
-    kwargs: dict[str, Any]
-    severity: Severity
-    split: str | None  # restrict to the records of this split
-
-
-def plan_expectations(
-    manifest: pd.DataFrame, thresholds: ValidationThresholds, splits: list[str]
-) -> list[_PlannedExpectation]:
-    planned: list[_PlannedExpectation] = []
-
-    def expect(
-        name: str,
-        expectation_type: str,
-        severity: Severity = "critical",
-        split: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        planned.append(_PlannedExpectation(name, expectation_type, kwargs, severity, split))
-
-    # Expectations on a missing column would only raise; `schema.columns` names it instead.
-    columns = set(manifest.columns)
-    schema = thresholds.schema
-    classes = list(thresholds.expected_classes)
-    expect(
-        "schema.columns",
-        "ExpectTableColumnsToMatchSet",
-        column_set=list(schema.columns),
-        exact_match=False,
-    )
-    for column in _present(schema.columns, columns):
-        expect(f"records.not_null.{column}", "ExpectColumnValuesToNotBeNull", column=column)
-    if "split" in columns:
-        known_splits = [*thresholds.required_splits, *thresholds.optional_splits]
-        expect(
-            "records.split_known",
-            "ExpectColumnValuesToBeInSet",
-            column="split",
-            value_set=known_splits,
-        )
-    if "label_name" in columns:
-        expect(
-            "records.label_known",
-            "ExpectColumnValuesToBeInSet",
-            column="label_name",
-            value_set=classes,
-        )
-    if "label" in columns:
-        expect(
-            "records.label_in_range",
-            "ExpectColumnValuesToBeBetween",
-            column="label",
-            min_value=0,
-            max_value=len(classes) - 1,
-        )
-    if {"label", "label_name"} <= columns:
-        pairs = list(enumerate(classes))
-        expect(
-            "records.label_matches_name",
-            "ExpectColumnPairValuesToBeInSet",
-            column_A="label",
-            column_B="label_name",
-            value_pairs_set=pairs,
-        )
-    if {"split", "index"} <= columns:
-        expect(
-            "records.unique_split_index",
-            "ExpectCompoundColumnsToBeUnique",
-            column_list=["split", "index"],
-        )
-    for column in _present(schema.size_columns, columns):
-        expect(
-            f"records.nonempty.{column}",
-            "ExpectColumnValuesToBeBetween",
-            column=column,
-            min_value=1,
-        )
-    for column, required in schema.required_flags:
-        if column in columns:
-            expect(
-                f"records.{column}",
-                "ExpectColumnValuesToBeInSet",
-                column=column,
-                value_set=[required],
-            )
-    if schema.variation_column in columns:
-        expect(
-            "records.not_constant",
-            "ExpectColumnValuesToBeBetween",
-            "warning",
-            column=schema.variation_column,
-            min_value=0,
-            strict_min=True,
-        )
-
-    weights = np.asarray(thresholds.expected_class_weights or [1.0] * len(classes), dtype=float)
-    expected_labels = {"values": classes, "weights": (weights / weights.sum()).tolist()}
-    for split in splits:
-        if "label_name" in columns:
-            expect(
-                f"balance.{split}.label_kl",
-                "ExpectColumnKLDivergenceToBeLessThan",
-                split=split,
-                column="label_name",
-                partition_object=expected_labels,
-                threshold=thresholds.max_label_kl_divergence,
-            )
-        if "content_hash" in columns:
-            expect(
-                f"duplicates.{split}",
-                "ExpectColumnValuesToBeUnique",
-                split=split,
-                column="content_hash",
-                mostly=1.0 - thresholds.max_duplicate_fraction,
-            )
-
-    reference = thresholds.required_splits[0]
-    if reference not in splits:
-        return planned
-    reference_rows = manifest[manifest["split"] == reference]
-    severity = thresholds.feature_shift_severity
-    for split in splits[1:]:
-        if "label_name" in columns:
-            shares = reference_rows["label_name"].dropna().value_counts(normalize=True)
-            reference_labels = {"values": shares.index.tolist(), "weights": shares.tolist()}
-            expect(
-                f"representativeness.{split}.label_kl",
-                "ExpectColumnKLDivergenceToBeLessThan",
-                split=split,
-                column="label_name",
-                partition_object=reference_labels,
-                threshold=thresholds.max_split_kl_divergence,
-            )
-        for feature in _present(schema.distribution_columns, columns):
-            values = reference_rows[feature].dropna().to_numpy(dtype=float)
-            # Quantile bins hold equal reference mass; ties (e.g. a constant feature) merge bins.
-            edges = np.unique(np.quantile(values, np.linspace(0, 1, _FEATURE_BINS + 1)))
-            if len(edges) >= 2:
-                binned = {
-                    "bins": edges.tolist(),
-                    "weights": (np.histogram(values, edges)[0] / len(values)).tolist(),
-                }
-                expect(
-                    f"representativeness.{split}.{feature}_kl",
-                    "ExpectColumnKLDivergenceToBeLessThan",
-                    severity,
-                    split,
-                    column=feature,
-                    partition_object=binned,
-                    threshold=thresholds.max_split_kl_divergence,
-                    tail_weight_holdout=_TAIL_WEIGHT_HOLDOUT,
-                )
-            if thresholds.max_mean_intensity_shift is not None:
-                mean = float(values.mean())
-                margin = thresholds.max_mean_intensity_shift * abs(mean)
-                expect(
-                    f"representativeness.{split}.{feature}_mean_shift",
-                    "ExpectColumnMeanToBeBetween",
-                    severity,
-                    split,
-                    column=feature,
-                    min_value=mean - margin,
-                    max_value=mean + margin,
-                )
-    return planned
-
-
-def _present(wanted: tuple[str, ...], columns: set[str]) -> list[str]:
-    # In schema order, not set order: string hashing is salted per process, and the suite
-    # (and its Data Docs) should come out the same on every run.
-    return [column for column in wanted if column in columns]
-
-
 def run_expectations(
     manifest: pd.DataFrame, planned: list[_PlannedExpectation], docs_dir: Path
 ) -> list[CheckResult]:
+    """Build ``planned`` into a GX suite, run it over ``manifest`` with Data Docs in ``docs_dir``."""
     # Set before the import: GX reads it when it loads. We make no network calls.
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
     import great_expectations as gx
-    import great_expectations.expectations as gxe
+
+    context = _ephemeral_context(docs_dir)
+    suite = context.suites.add(
+        gx.ExpectationSuite(name="manifest", expectations=_gx_expectations(planned))
+    )
+    checkpoint = _manifest_checkpoint(context, suite, manifest)
+    run = checkpoint.run(batch_parameters={"dataframe": manifest})
+    (validation_result,) = run.run_results.values()
+    return [_check_from_gx(result) for result in validation_result.results]
+
+
+def _ephemeral_context(docs_dir: Path) -> Any:
+    """A GX context with in-memory stores and one Data Docs site (GX already imported)."""
+    import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
-    from great_expectations.expectations.row_conditions import Column
 
     # In-memory stores (nothing left behind) and a single Data Docs site, in docs_dir
     # rather than the default temporary folder.
@@ -312,14 +147,27 @@ def run_expectations(
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False),
     )
-    context = gx.get_context(project_config=config, mode="ephemeral")
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
+def _gx_expectations(planned: list[_PlannedExpectation]) -> list[Any]:
+    """The GX expectation objects of ``planned``, each tagged with its check name."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
     expectations = []
     for plan in planned:
         kwargs = dict(plan.kwargs, meta={"check": plan.name}, severity=plan.severity)
         if plan.split is not None:  # table-level expectations take no row condition
             kwargs["row_condition"] = Column("split") == plan.split
         expectations.append(getattr(gxe, plan.expectation_type)(**kwargs))
-    suite = context.suites.add(gx.ExpectationSuite(name="manifest", expectations=expectations))
+    return expectations
+
+
+def _manifest_checkpoint(context: Any, suite: Any, manifest: pd.DataFrame) -> Any:
+    """A checkpoint running ``suite`` over a whole-dataframe batch and updating Data Docs."""
+    import great_expectations as gx
+
     batch = (
         context.data_sources.add_pandas("manifest")
         .add_dataframe_asset("manifest")
@@ -328,7 +176,7 @@ def run_expectations(
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="manifest", data=batch, suite=suite)
     )
-    checkpoint = context.checkpoints.add(
+    return context.checkpoints.add(
         gx.Checkpoint(
             name="manifest",
             validation_definitions=[definition],
@@ -341,9 +189,6 @@ def run_expectations(
             },
         )
     )
-    run = checkpoint.run(batch_parameters={"dataframe": manifest})
-    (validation_result,) = run.run_results.values()
-    return [_check_from_gx(result) for result in validation_result.results]
 
 
 def _check_from_gx(result: Any) -> CheckResult:

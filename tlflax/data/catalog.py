@@ -114,6 +114,41 @@ def read_tfds_catalog(
     source = f"{CATALOG_PREFIX}{name}"
     builder = _catalog_builder(name, data_dir)
     input_key, label_key, modality = _supervised_keys(builder, source)
+    builder = _readable_builder(
+        builder, name, data_dir, download=download, connect_timeout_s=connect_timeout_s
+    )
+    class_names = list(builder.info.features[label_key].names)
+    decode_input = _input_decoder(
+        modality, image_size=image_size, channels=channels, max_pixels=max_pixels
+    )
+    read = {}
+    for split, tfds_split in splits.items():
+        location = f"{source} {tfds_split}"
+        inputs, labels = _read_split(
+            builder, tfds_split, location, input_key, label_key, decode_input
+        )
+        # Catalog splits without labels (imdb_reviews' "unsupervised") store -1: refused.
+        check_labels(location, labels, len(inputs), len(class_names))
+        read[split] = (_stack_if_images(modality, inputs, location), labels)
+    return CatalogDataset(modality, class_names, read)
+
+
+def _readable_builder(
+    builder: tfds.core.DatasetBuilder,
+    name: str,
+    data_dir: Path,
+    *,
+    download: bool,
+    connect_timeout_s: float,
+) -> tfds.core.DatasetBuilder:
+    """A builder of ``name`` whose dataset is prepared as array_record, preparing it if allowed.
+
+    Raises:
+        CatalogNotPreparedError: when it is not prepared and ``download`` is False.
+        DataError: when it is prepared in a format that needs TensorFlow to read, or
+            preparing it fails (see :func:`_download_and_prepare`).
+    """
+    source = f"{CATALOG_PREFIX}{name}"
     with _absl_warnings_silenced():
         prepared = builder.is_prepared()
     if not prepared:
@@ -134,27 +169,25 @@ def read_tfds_catalog(
             "TensorFlow to read",
             "delete it and let it be prepared here again (as array_record)",
         )
-    class_names = list(builder.info.features[label_key].names)
-    decode_input = (
-        functools.partial(
+    return builder
+
+
+def _input_decoder(
+    modality: Literal["image", "text"], *, image_size: int | None, channels: int, max_pixels: int
+) -> Callable[[bytes, str], Any]:
+    """What turns one stored input and its location into an image array or a text."""
+    if modality == "image":
+        return functools.partial(
             decode_image, image_size=image_size, channels=channels, max_pixels=max_pixels
         )
-        if modality == "image"
-        else _utf8
-    )
-    read = {}
-    for split, tfds_split in splits.items():
-        location = f"{source} {tfds_split}"
-        inputs, labels = _read_split(
-            builder, tfds_split, location, input_key, label_key, decode_input
-        )
-        # Catalog splits without labels (imdb_reviews' "unsupervised") store -1: refused.
-        check_labels(location, labels, len(inputs), len(class_names))
-        read[split] = (
-            stack_images(inputs, _places(location, inputs)) if modality == "image" else inputs,
-            labels,
-        )
-    return CatalogDataset(modality, class_names, read)
+    return _utf8
+
+
+def _stack_if_images(
+    modality: Literal["image", "text"], inputs: list[Any], location: str
+) -> np.ndarray | list[str]:
+    """Images stacked into one uint8 (N, H, W, C) array (one shape required); texts as they are."""
+    return stack_images(inputs, _places(location, inputs)) if modality == "image" else inputs
 
 
 def catalog_modality(name: str, data_dir: Path) -> Literal["image", "text"]:

@@ -86,16 +86,27 @@ def decode_image(
     if (source.stat().st_size if isinstance(source, Path) else len(source)) == 0:
         raise DataError(location, "image file is empty (0 bytes)")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    pixels = _read_pixels(
+        stream, location, image_size=image_size, channels=channels, max_pixels=max_pixels
+    )
+    return pixels.reshape(*pixels.shape[:2], channels)
+
+
+def _read_pixels(
+    stream: Path | io.BytesIO,
+    location: str | Path,
+    *,
+    image_size: int | None,
+    channels: int,
+    max_pixels: int,
+) -> np.ndarray:
+    """One image's pixels, opened, checked and converted as :func:`decode_image` documents.
+
+    Pillow's errors become a :class:`DataError` naming ``location``.
+    """
     try:
         with Image.open(stream, formats=_PILLOW_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DataError(
-                    location,
-                    f"image is {width} x {height} = {width * height} pixels, over the limit "
-                    f"of {max_pixels} (a decompression-bomb guard)",
-                    "shrink the image, or raise max_pixels if it is genuine",
-                )
+            _check_pixel_count(image, location, max_pixels)
             if image_size is not None:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: a large photo is not
                 # decoded at full size only to be shrunk to a few hundred pixels.
@@ -103,7 +114,7 @@ def decode_image(
             image = _to_mode(ImageOps.exif_transpose(image), location, channels)
             if image_size is not None and image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
+            return np.asarray(image, dtype=np.uint8)
     except DataError:
         raise
     except Image.DecompressionBombError as error:
@@ -118,7 +129,18 @@ def decode_image(
         # Pillow reports truncated and corrupt data as OSError, some bad headers as
         # SyntaxError or ValueError.
         raise DataError(location, f"corrupt image: {error}") from None
-    return pixels.reshape(*pixels.shape[:2], channels)
+
+
+def _check_pixel_count(image: Image.Image, location: str | Path, max_pixels: int) -> None:
+    """Refuse an image over ``max_pixels``, from its header, before anything is decoded."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DataError(
+            location,
+            f"image is {width} x {height} = {width * height} pixels, over the limit "
+            f"of {max_pixels} (a decompression-bomb guard)",
+            "shrink the image, or raise max_pixels if it is genuine",
+        )
 
 
 def _to_mode(image: Image.Image, location: str | Path, channels: int) -> Image.Image:

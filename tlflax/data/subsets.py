@@ -42,22 +42,11 @@ def stratified_subset(
         >>> stratified_subset(np.array([0, 0, 1, 1, 1]), per_class=1, seed=0)
         array([1, 3])
     """
-    if (per_class is None) == (fraction is None):
-        raise DataError("per_class/fraction", "give exactly one of per_class and fraction")
-    if per_class is not None and per_class < 0:
-        raise DataError("per_class", f"must be >= 0, got {per_class}")
-    if fraction is not None and not 0.0 <= fraction <= 1.0:
-        raise DataError("fraction", f"must be in [0, 1], got {fraction}")
+    _check_subset_size(per_class, fraction)
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise DataError("labels", f"must be one-dimensional, got shape {labels.shape}")
-
-    available = np.ones(len(labels), dtype=bool)
-    if exclude is not None:
-        exclude = np.asarray(exclude, dtype=np.int64)
-        if exclude.size and (exclude.min() < 0 or exclude.max() >= len(labels)):
-            raise DataError("exclude", f"indices must lie in [0, {len(labels)})")
-        available[exclude] = False
+    available = _available_mask(len(labels), exclude)
 
     generator = np.random.Generator(np.random.PCG64(seed))
     chosen: list[np.ndarray] = []
@@ -74,6 +63,27 @@ def stratified_subset(
     if not chosen:
         return np.empty(0, dtype=np.int64)
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _check_subset_size(per_class: int | None, fraction: float | None) -> None:
+    """Refuse all but exactly one of ``per_class`` (>= 0) and ``fraction`` (in [0, 1])."""
+    if (per_class is None) == (fraction is None):
+        raise DataError("per_class/fraction", "give exactly one of per_class and fraction")
+    if per_class is not None and per_class < 0:
+        raise DataError("per_class", f"must be >= 0, got {per_class}")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise DataError("fraction", f"must be in [0, 1], got {fraction}")
+
+
+def _available_mask(count: int, exclude: np.ndarray | None) -> np.ndarray:
+    """True for each of ``count`` examples that ``exclude`` (indices, checked) leaves free."""
+    available = np.ones(count, dtype=bool)
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.size and (exclude.min() < 0 or exclude.max() >= count):
+            raise DataError("exclude", f"indices must lie in [0, {count})")
+        available[exclude] = False
+    return available
 
 
 def split_train_validation(

@@ -130,19 +130,7 @@ def read_text_file(
             (listing the columns present), an empty or blank text, a missing or unknown
             label, a malformed row, no records, fewer than two classes.
     """
-    if path.suffix.lower() not in TEXT_FILE_SUFFIXES:
-        raise DataError(path, f"unsupported file type (expected {', '.join(TEXT_FILE_SUFFIXES)})")
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    content = _decode_utf8(path)
-    if path.suffix.lower() == ".csv":
-        header = next(csv.reader(io.StringIO(content, newline="")), [])
-        for column in (text_column, label_column):
-            if column not in header:
-                raise DataError(path, f"has no column {column!r}; columns present: {header}")
-        records = _csv_records(path, content)
-    else:
-        records = _jsonl_records(path, content)
+    records = _file_records(path, text_column, label_column)
     texts, label_names = [], []
     for line, record in records:
         location = f"{path}, line {line}"
@@ -158,6 +146,32 @@ def read_text_file(
         label_names.append(label)
     if not texts:
         raise DataError(path, "holds no records")
+    labels, class_names = _label_ids(path, label_names, classes)
+    return texts, labels, class_names
+
+
+def _file_records(
+    path: Path, text_column: str, label_column: str
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The records of a CSV or JSONL file, once its type, presence and (CSV) header check out."""
+    if path.suffix.lower() not in TEXT_FILE_SUFFIXES:
+        raise DataError(path, f"unsupported file type (expected {', '.join(TEXT_FILE_SUFFIXES)})")
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    content = _decode_utf8(path)
+    if path.suffix.lower() == ".csv":
+        header = next(csv.reader(io.StringIO(content, newline="")), [])
+        for column in (text_column, label_column):
+            if column not in header:
+                raise DataError(path, f"has no column {column!r}; columns present: {header}")
+        return _csv_records(path, content)
+    return _jsonl_records(path, content)
+
+
+def _label_ids(
+    path: Path, label_names: list[str], classes: Sequence[str] | None
+) -> tuple[np.ndarray, list[str]]:
+    """(label id of each label name, class names): ``classes``, or the labels seen, sorted."""
     class_names = list(classes) if classes is not None else sorted(set(label_names))
     if len(class_names) < 2:
         raise DataError(
@@ -166,8 +180,7 @@ def read_text_file(
             "list the classes in params if this file holds only some of them",
         )
     index = {name: position for position, name in enumerate(class_names)}
-    labels = np.array([index[name] for name in label_names], dtype=np.int64)
-    return texts, labels, class_names
+    return np.array([index[name] for name in label_names], dtype=np.int64), class_names
 
 
 def read_text_file_splits(

@@ -156,10 +156,7 @@ def write_dataset(
             raise DataError(f"dataset {name!r}, split {split!r}", "split is empty")
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / name
-    # A process killed outright (no `finally`) leaves its build folder behind; it must not
-    # linger in data_dir, which a DVC stage may track as an output.
-    for stale_build in data_dir.glob(f".{name}.building-*"):
-        shutil.rmtree(stale_build, ignore_errors=True)
+    _remove_stale_builds(data_dir, name)
     # Same parent folder => same filesystem => the final renames are atomic.
     build_root = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=data_dir))
     try:
@@ -173,20 +170,32 @@ def write_dataset(
         )
         with _deterministic_serialization():
             builder.download_and_prepare(download_dir=build_root / "downloads")
-        # A directory cannot be renamed over a non-empty one: move the old dataset into
-        # the build folder (deleted below), then the new one into place.
-        previous = build_root / "previous"
-        if target.exists():
-            target.rename(previous)
-        try:
-            (build_root / name).rename(target)
-        except OSError:
-            if previous.exists():  # put the old dataset back before the cleanup deletes it
-                previous.rename(target)
-            raise
+        _swap_into_place(build_root / name, target, build_root / "previous")
     finally:
         shutil.rmtree(build_root, ignore_errors=True)
     return target
+
+
+def _remove_stale_builds(data_dir: Path, name: str) -> None:
+    """Delete build folders of ``name`` that earlier, killed writes left in ``data_dir``."""
+    # A process killed outright (no `finally`) leaves its build folder behind; it must not
+    # linger in data_dir, which a DVC stage may track as an output.
+    for stale_build in data_dir.glob(f".{name}.building-*"):
+        shutil.rmtree(stale_build, ignore_errors=True)
+
+
+def _swap_into_place(built: Path, target: Path, previous: Path) -> None:
+    """Rename ``built`` to ``target``, first moving an existing ``target`` to ``previous``."""
+    # A directory cannot be renamed over a non-empty one: move the old dataset into
+    # the build folder (deleted by the caller), then the new one into place.
+    if target.exists():
+        target.rename(previous)
+    try:
+        built.rename(target)
+    except OSError:
+        if previous.exists():  # put the old dataset back before the cleanup deletes it
+            previous.rename(target)
+        raise
 
 
 @contextlib.contextmanager

@@ -245,20 +245,7 @@ def create_backbone(
         if weights_path is not None:
             raise ValueError(f"weights_path={weights_path!s} was given with pretrained=False")
         return build(rngs), None
-    load: Callable[[nnx.Module], LoadReport]
-    if weights_path is not None:
-        # Read once: the model may be loaded twice (abstractly, then for real; see below).
-        arrays = read_weights(weights_path)
-        load = functools.partial(
-            load_backbone_weights, name=name, weights=arrays, dont_load=dont_load
-        )
-    elif spec.load_pretrained is not None:
-        load = functools.partial(spec.load_pretrained, dont_load=dont_load)
-    else:
-        raise ValueError(
-            f"backbone {name!r} ships no pretrained weights: pass weights_path= (a "
-            ".pth/.npz/.safetensors file or an Orbax checkpoint folder) or pretrained=False"
-        )
+    load = _weights_loader(name, spec, weights_path, dont_load)
     # Random initialisation compiles a PRNG program per parameter shape — 35 s for
     # EfficientNet-Lite0 on a 2-core CPU — for values the checkpoint then overwrites. So
     # build abstractly and load; only if something is left unset (missing from the file,
@@ -269,6 +256,28 @@ def create_backbone(
         return model, report
     model = build(rngs)
     return model, load(model)
+
+
+def _weights_loader(
+    name: str, spec: BackboneSpec, weights_path: str | Path | None, dont_load: Sequence[str]
+) -> Callable[[nnx.Module], LoadReport]:
+    """How `create_backbone` fills a built `name`: from `weights_path`, else the packaged weights.
+
+    Raises:
+      ValueError: no `weights_path`, and the backbone ships no pretrained weights.
+    """
+    if weights_path is not None:
+        # Read once: `create_backbone` may load the model twice (abstractly, then for real).
+        arrays = read_weights(weights_path)
+        return functools.partial(
+            load_backbone_weights, name=name, weights=arrays, dont_load=dont_load
+        )
+    if spec.load_pretrained is not None:
+        return functools.partial(spec.load_pretrained, dont_load=dont_load)
+    raise ValueError(
+        f"backbone {name!r} ships no pretrained weights: pass weights_path= (a "
+        ".pth/.npz/.safetensors file or an Orbax checkpoint folder) or pretrained=False"
+    )
 
 
 def _fully_loaded(model: nnx.Module) -> bool:
