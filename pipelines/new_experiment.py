@@ -6,13 +6,13 @@
     dvc repro experiments/flowers/dvc.yaml
 
 writes ``experiments/<name>/params.yaml`` - the job of the data's modality as the template
-(``params.yaml`` for images, ``experiments/text/params.yaml`` for text: every key, with its
-comment), with the experiment's name, the source and each ``--set key=value`` - and
+(``params.yaml`` for images, ``experiments/text/params.yaml`` for text,
+``experiments/audio/params.yaml`` for audio: every key, with its comment), with the experiment's name, the source and each ``--set key=value`` - and
 ``experiments/<name>/dvc.yaml``, rendered from the project's ``dvc.yaml``: the same stages,
 run from the repository root, reading the new params file (``--no-scratch`` leaves out the
-from-scratch reference, as the text job does). ``experiments/text/dvc.yaml`` is rendered
-from the same template (``python -m pipelines.new_experiment --render-text`` writes it; a
-test checks that it is up to date), so every experiment has one pipeline.
+from-scratch reference, as the text job does). The text and audio jobs' ``dvc.yaml`` are
+rendered from the same template (``python -m pipelines.new_experiment --render-jobs`` writes
+them; a test checks that they are up to date), so every experiment has one pipeline.
 
 The params are validated (tlflax/config.py) before anything is written: a wrong key, value
 or an existing experiment stops with one line naming it, exit status 2, nothing written.
@@ -35,8 +35,15 @@ from tlflax.config import DATASET_MODALITY, ParamsError, ValidateParams, parse_p
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PIPELINE = Path("dvc.yaml")
-TEMPLATE_PARAMS = {"image": Path("params.yaml"), "text": Path("experiments/text/params.yaml")}
-TEXT_EXPERIMENT = Path("experiments/text")
+TEMPLATE_PARAMS = {
+    "image": Path("params.yaml"),
+    "text": Path("experiments/text/params.yaml"),
+    "audio": Path("experiments/audio/params.yaml"),
+}
+# The project's own jobs beside the default one: folder -> whether it trains the
+# from-scratch reference (the text job does not: MiniLM from random weights on 4000 reviews
+# costs more CPU than it tells).
+RENDERED_JOBS = {Path("experiments/text"): False, Path("experiments/audio"): True}
 EXPERIMENTS = Path("experiments")
 # The from-scratch reference: its stage and what evaluate reads of it.
 SCRATCH_STAGE = "train_scratch"
@@ -166,10 +173,11 @@ def create_experiment(
     Raises:
       ParamsError: a bad name, setting or value, or the experiment exists (nothing written).
     """
-    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name) or name == "text":
+    reserved = [job.name for job in RENDERED_JOBS]
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name) or name in reserved:
         raise ParamsError(
             f"experiment name {name!r}: use lowercase letters, digits, '-' and '_', starting "
-            "with a letter ('text' is the text job's)"
+            f"with a letter (not {' or '.join(map(repr, reserved))}: the project's own jobs)"
         )
     folder = EXPERIMENTS / name
     if (ROOT / folder).exists():
@@ -198,13 +206,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-scratch", action="store_true", help="no from-scratch reference stage")
     parser.add_argument(
-        "--render-text", action="store_true", help=f"rewrite {TEXT_EXPERIMENT}/dvc.yaml"
+        "--render-jobs",
+        action="store_true",
+        help="rewrite the dvc.yaml of " + ", ".join(job.as_posix() for job in RENDERED_JOBS),
     )
     arguments = parser.parse_args(argv)
-    if arguments.render_text:
-        path = ROOT / TEXT_EXPERIMENT / "dvc.yaml"
-        path.write_text(render_pipeline(TEXT_EXPERIMENT, scratch=False), encoding="utf-8")
-        print(f"new_experiment: wrote {TEXT_EXPERIMENT}/dvc.yaml")
+    if arguments.render_jobs:
+        for job, scratch in RENDERED_JOBS.items():
+            (ROOT / job / "dvc.yaml").write_text(
+                render_pipeline(job, scratch=scratch), encoding="utf-8"
+            )
+            print(f"new_experiment: wrote {job.as_posix()}/dvc.yaml")
         return
     if not (arguments.name and arguments.dataset and arguments.raw_dir):
         parser.error("give NAME, --dataset and --raw-dir")

@@ -3,10 +3,12 @@
     python -m pipelines.predict --params experiments/text/params.yaml "Stale and overpriced."
     python -m pipelines.predict --params experiments/text/params.yaml --file reviews.txt
     python -m pipelines.predict --params params.yaml sneaker.png shirt.jpg
+    python -m pipelines.predict --params experiments/audio/params.yaml prompt.wav
 
 A text experiment takes sentences, and with ``--file`` UTF-8 files of one text per line;
 an image experiment takes image files (PNG, JPEG, anything Pillow reads), converted to the
-stored dataset's channels and size. Each input gets one line: label, its probability,
+stored dataset's channels and size; an audio experiment takes WAV, FLAC or AIFF files,
+brought to its sample rate and clip length as ``prepare`` did. Each input gets one line: label, its probability,
 and the input. The model is ``models/<experiment>/finetune/model``; the class names are
 those stored with the prepared dataset.
 """
@@ -22,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipelines.stages.common import ExperimentPaths, params_parser, run_command
 from tlflax.config import Params
+from tlflax.data.audio_folder import ClipSettings, load_clip
 from tlflax.data.errors import DataError
 from tlflax.data.tfds_store import read_image_shape
 from tlflax.errors import MissingInputError
@@ -101,6 +104,39 @@ def read_images(paths: Sequence[Path], shape: tuple[int, int, int]) -> np.ndarra
     return np.stack(images)
 
 
+def read_clips(paths: Sequence[Path], params: Params) -> np.ndarray:
+    """Decode audio files to float32 (N, samples) at ``prepare``'s rate and clip length.
+
+    Raises:
+      DataError: naming the file that is missing or not audio soundfile can read.
+    """
+    cfg = params.prepare
+    settings = ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align)
+    clips = []
+    for path in paths:
+        if not path.is_file():
+            raise DataError(path, "no such file")
+        clips.append(load_clip(path, path, settings)[0])
+    return np.stack(clips)
+
+
+def read_records(
+    params: Params, paths: ExperimentPaths, inputs: Sequence[str], files: Sequence[Path]
+) -> tuple[object, list[str]]:
+    """The model's records of the inputs (texts, images or clips) and where each came from."""
+    modality = params.prepare.modality
+    if modality == "text":
+        return read_texts(inputs, files)
+    if files:
+        raise DataError("--file", f"text files are for text experiments; pass {modality} files")
+    if not inputs:
+        return [], []
+    if modality == "audio":
+        return read_clips([Path(name) for name in inputs], params), list(inputs)
+    shape = read_image_shape(paths.dataset_dir, params.prepare.stored_name)
+    return read_images([Path(name) for name in inputs], shape), list(inputs)
+
+
 def predict(
     params: Params, paths: ExperimentPaths, inputs: Sequence[str], files: Sequence[Path] = ()
 ) -> list[Prediction]:
@@ -114,16 +150,9 @@ def predict(
     model_path = paths.finetune / "model"
     if not model_path.exists():
         raise MissingInputError(f"{model_path}: no fine-tuned model; run the experiment first")
-    if params.prepare.modality == "text":
-        records, sources = read_texts(inputs, files)
-    elif files:
-        raise DataError("--file", "text files are for text experiments; pass images directly")
-    else:
-        image_paths = [Path(name) for name in inputs]
-        shape = read_image_shape(paths.dataset_dir, params.prepare.stored_name)
-        records, sources = read_images(image_paths, shape), list(inputs)
+    records, sources = read_records(params, paths, inputs, files)
     if not sources:
-        raise DataError("inputs", "nothing to classify; give sentences, --file or images")
+        raise DataError("inputs", "nothing to classify; give sentences, --file, images or clips")
     class_names = task.class_names()
     model, forward = task.load_classifier(len(class_names), model_path)
     probabilities = class_probabilities(
@@ -138,7 +167,9 @@ def predict(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = params_parser("python -m pipelines.predict", __doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="*", help="sentences (text) or image files (images)")
+    parser.add_argument(
+        "inputs", nargs="*", help="sentences (text), image files (images) or audio files (audio)"
+    )
     parser.add_argument(
         "--file", type=Path, action="append", default=[], help="a text file, one input per line"
     )

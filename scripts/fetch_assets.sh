@@ -34,3 +34,12 @@ fetch_deb() {  # fetch_deb PACKAGE SOURCE_DIR_IN_PACKAGE TARGET_DIR
 
 fetch_deb dataset-fashion-mnist usr/share/datasets/fashion-mnist "$raw/fashion-mnist"
 fetch_deb r-cran-modeldata usr/lib/R/site-library/modeldata/data "$raw/modeldata"
+# Voice prompts (spoken_language: one folder per language, 8 kHz WAV, CC-BY-SA-3.0) and
+# drum one-shots (Hydrogen's drum kits: WAV, FLAC, AIFF) for the audio experiments.
+sounds=usr/share/asterisk/sounds
+fetch_deb asterisk-core-sounds-en-wav "$sounds/en_US_f_Allison" "$raw/asterisk/en"
+fetch_deb asterisk-core-sounds-es-wav "$sounds/es_MX_f_Allison" "$raw/asterisk/es"
+fetch_deb asterisk-core-sounds-fr-wav "$sounds/fr_CA_f_June" "$raw/asterisk/fr"
+fetch_deb asterisk-core-sounds-it-wav "$sounds/it_IT_m_Carlo" "$raw/asterisk/it"
+fetch_deb asterisk-core-sounds-ru-wav "$sounds/ru_RU_f_IvrvoiceRU" "$raw/asterisk/ru"
+fetch_deb hydrogen-drumkits usr/share/hydrogen/data/drumkits "$raw/hydrogen-drumkits"

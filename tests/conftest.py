@@ -19,6 +19,7 @@ import pipelines.flows  # noqa: F401, I001
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW_FASHION_MNIST = ROOT / "data" / "raw" / "fashion-mnist"
+RAW_ASTERISK = ROOT / "data" / "raw" / "asterisk"
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines.new_experiment import TEXT_EXPERIMENT, render_pipeline
+from pipelines.new_experiment import RENDERED_JOBS, render_pipeline
 from tests.conftest import RAW_FASHION_MNIST, ROOT, make_project_copy, run
 from tests.test_seeds import dvc, dvc_site_cache  # noqa: F401
 from tlflax.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
@@ -33,11 +33,12 @@ SMALL_RUN = [
 ]  # fmt: skip
 
 
-def test_the_text_experiment_is_rendered_from_the_shared_template() -> None:
-    committed = (ROOT / TEXT_EXPERIMENT / "dvc.yaml").read_text(encoding="utf-8")
-    assert committed == render_pipeline(TEXT_EXPERIMENT, scratch=False), (
-        "experiments/text/dvc.yaml differs from dvc.yaml rendered: run "
-        "python -m pipelines.new_experiment --render-text"
+@pytest.mark.parametrize("job", sorted(RENDERED_JOBS))
+def test_the_projects_jobs_are_rendered_from_the_shared_template(job: Path) -> None:
+    committed = (ROOT / job / "dvc.yaml").read_text(encoding="utf-8")
+    assert committed == render_pipeline(job, scratch=RENDERED_JOBS[job]), (
+        f"{job}/dvc.yaml differs from dvc.yaml rendered: run "
+        "python -m pipelines.new_experiment --render-jobs"
     )
 
 

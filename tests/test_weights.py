@@ -15,6 +15,7 @@ from tlflax.models import registry
 from tlflax.models.efficientnet import EfficientNetLite0, imagenet_weights_path
 from tlflax.models.heads import Head, ImageClassifier
 from tlflax.models.minilm import MiniLM
+from tlflax.models.musicnn import musicnn_checkpoint_path
 from tlflax.models.small_cnn import SmallCNN
 from tlflax.models.torch_weights import WeightsFileError
 from tlflax.models.weights import (
@@ -135,12 +136,15 @@ def test_every_family_is_registered() -> None:
     assert registry.backbone_names() == [
         "efficientnet_lite0",
         "minilm_l6",
+        "musicnn_vgg",
+        "musicnn_vgg_msd",
         "resnet18",
         "resnet50",
         "small_cnn",
     ]
     assert registry.get_backbone_spec("minilm_l6").input_kind == "text"
     assert registry.get_backbone_spec("minilm_l6").feature_dim == 384
+    assert registry.get_backbone_spec("musicnn_vgg_msd").input_kind == "audio"
     with pytest.raises(ValueError, match="did you mean 'resnet50'"):
         registry.get_backbone_spec("resnet5")
 
@@ -163,3 +167,23 @@ def test_foreign_names_for_a_backbone_without_an_importer_are_refused() -> None:
     model = _small_cnn(seed=0)
     with pytest.raises(ValueError, match="'small_cnn' loads only weights saved by tlflax"):
         registry.load_backbone_weights(model, "small_cnn", {"conv1.weight": np.zeros(1)})
+
+
+def test_tensorflow_names_go_to_the_importer_and_ours_load_directly(tmp_path: Path) -> None:
+    # TensorFlow's names hold a '/' like ours ("1CNN/kernel"): the registry must still
+    # route them to musicnn's importer, from the checkpoint folder, its .index or an .npz.
+    folder = musicnn_checkpoint_path("MSD_vgg")
+    expected, _ = registry.create_backbone("musicnn_vgg_msd", rngs=nnx.Rngs(0))
+    arrays = read_weights(folder)
+    assert "1CNN/kernel" in arrays and is_flax_layout(arrays)
+    np.savez(tmp_path / "tensorflow_names.npz", **arrays)
+    write_npz(tmp_path / "ours.npz", flax_weights(expected))
+    for path in (
+        folder,
+        folder / ".index",
+        tmp_path / "tensorflow_names.npz",
+        tmp_path / "ours.npz",
+    ):
+        model, report = registry.create_backbone("musicnn_vgg", weights_path=path, rngs=nnx.Rngs(1))
+        assert report.missing == [], path
+        _assert_same_weights(model, expected)

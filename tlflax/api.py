@@ -35,7 +35,7 @@ from tlflax.fit import (
     run_fingerprint,
     save_classifier,
 )
-from tlflax.loop import History
+from tlflax.loop import EpochCallback, History
 from tlflax.metrics import classification_report
 from tlflax.models.heads import Head
 from tlflax.models.registry import create_backbone
@@ -170,15 +170,20 @@ def _head_inputs(
 
 
 def train_new_head(
-    task: Task, taps: Sequence[int] | None, backbone: nnx.Module | None = None
+    task: Task,
+    taps: Sequence[int] | None,
+    backbone: nnx.Module | None = None,
+    *,
+    on_epoch_end: EpochCallback | None = None,
 ) -> tuple[Head, History]:
     """Feature extraction: a new head (``train_head``) trained on the frozen backbone's
-    features of train, early-stopped on validation."""
+    features of train, early-stopped on validation; ``on_epoch_end(epoch, metrics)`` sees
+    each epoch as it ends."""
     backbone = backbone if backbone is not None else backbone_for(task.params)
     train, validation = (_head_inputs(task, backbone, taps, s) for s in ("train", "validation"))
     cfg = task.params.train_head
     head = create_head(train["features"].shape[1], len(task.class_names()), cfg)
-    return head, train_head(head, train, validation, cfg)
+    return head, train_head(head, train, validation, cfg, on_epoch_end=on_epoch_end)
 
 
 def initial_classifier(
@@ -206,11 +211,13 @@ def fine_tune(
     checkpoint_dir: str | Path,
     scratch: bool = False,
     fingerprint: str | None = None,
+    on_epoch_end: EpochCallback | None = None,
 ) -> FitResult:
     """Train by the plan - its fine-tuning, or with ``scratch`` its from-scratch reference -
     checkpointing every epoch in ``checkpoint_dir``: a killed run started again resumes
     there when its ``fingerprint`` (by default: params, plan, data, starting weights and
-    tlflax's code) is the same."""
+    tlflax's code) is the same. ``on_epoch_end(epoch, metrics)`` sees each epoch as it ends
+    (a progress bar, a logger)."""
     cfg = plan.scratch if scratch else plan.finetune
     model = initial_classifier(task, plan, head, scratch=scratch)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
@@ -229,6 +236,7 @@ def fine_tune(
         checkpoint_dir=Path(checkpoint_dir),
         eval_batch_size=task.params.evaluate.batch_size,
         fingerprint=fingerprint,
+        on_epoch_end=on_epoch_end,
         name="train_scratch" if scratch else "finetune",
     )
 

@@ -19,15 +19,17 @@ import numpy as np
 from tlflax.baseline import Baseline, Modality, fit_baseline
 from tlflax.config import BaselineParams
 from tlflax.data.errors import DataError
-from tlflax.data.tfds_store import read_class_names, read_image_split
+from tlflax.data.tfds_audio import read_audio_split
+from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import MissingInputError
 from tlflax.io import atomic_path, read_arrays, write_arrays, write_json
 from tlflax.metrics import classification_report
 
 PREDICTED_SPLITS = ("validation", "test")
-# The prepared dataset's split readers, by modality. Not tlflax.tasks: a task
-# resolves the backbone (and imports JAX), which a scikit-learn baseline never uses.
+# The prepared dataset's split readers, by modality (audio's, which also gives the clips'
+# sample rate: read_audio_split). Not tlflax.tasks: a task resolves the backbone (and
+# imports JAX), which a scikit-learn baseline never uses.
 SPLIT_READERS = {"image": read_image_split, "text": read_text_split}
 # The files of a stored baseline, in its folder.
 PREDICTIONS_FILE = "predictions.npz"
@@ -90,9 +92,8 @@ def fit_and_predict(
     Raises:
       DataError: a split is unreadable, or train cannot be cross-validated.
     """
-    read_split = SPLIT_READERS[modality]
     class_names = read_class_names(dataset_dir, name)
-    train_records, train_labels = read_split(dataset_dir, name, "train")
+    train_records, train_labels, sample_rate = _read_split(dataset_dir, name, modality, "train")
     baseline = fit_baseline(
         train_records,
         train_labels,
@@ -100,15 +101,31 @@ def fit_and_predict(
         seed=cfg.seed,
         cv_folds=cfg.cv_folds,
         num_classes=len(class_names),
+        sample_rate=sample_rate,
     )
     probabilities, labels = {}, {}
     for split in PREDICTED_SPLITS:
-        records, labels[split] = read_split(dataset_dir, name, split)
+        records, labels[split], rate = _read_split(dataset_dir, name, modality, split)
+        if len(records) and rate != sample_rate:  # an empty split has no rate
+            raise DataError(
+                dataset_version_dir(dataset_dir, name),
+                f"split {split!r} holds clips at {rate} Hz, train at {sample_rate} Hz",
+                "run the `prepare` stage again",
+            )
         probabilities[split] = baseline.predict_proba(records, location=split)
     validation = classification_report(
         probabilities["validation"], labels["validation"], class_names
     )
     return BaselinePredictions(baseline, cfg.seed, probabilities, validation["accuracy"])
+
+
+def _read_split(
+    dataset_dir: Path, name: str, modality: Modality, split: str
+) -> tuple[Any, np.ndarray, int | None]:
+    """``(inputs, labels, sample rate)`` of one split; the rate is audio's, else None."""
+    if modality == "audio":
+        return read_audio_split(dataset_dir, name, split)
+    return (*SPLIT_READERS[modality](dataset_dir, name, split), None)
 
 
 def write_baseline(folder: Path, predictions: BaselinePredictions) -> None:

@@ -114,15 +114,7 @@ class Params(StrictSection):
         # extract.backbone takes this modality is checked where the backbone registry is
         # loaded: importing the models here would make every params load import JAX.)
         modality = self.prepare.modality
-        other_modality_keys = {
-            "image": [("extract", self.extract, "max_length")],
-            "text": [
-                ("extract", self.extract, "image_size"),
-                ("finetune", self.finetune, "augment"),
-                ("finetune", self.finetune, "batchnorm"),
-            ],
-        }[modality]
-        for section_name, section, key in other_modality_keys:
+        for section_name, section, key in _keys_of_other_modalities(self, modality):
             if key in section.model_fields_set:
                 raise ValueError(
                     f"'{section_name}.{key}' does not apply to prepare.dataset "
@@ -141,7 +133,43 @@ class Params(StrictSection):
                 "flip and test_time_flip false) and finetune.batchnorm 'frozen': both change "
                 "the frozen layers' outputs from step to step"
             )
+        if modality == "audio" and finetune.cache_frozen_prefix and augment.spec_augment:
+            raise ValueError(
+                "'finetune.cache_frozen_prefix' needs finetune.augment.spec_augment false: "
+                "masking changes the frozen layers' outputs from step to step"
+            )
         return self
+
+
+def _keys_of_other_modalities(
+    params: Params, modality: str
+) -> list[tuple[str, StrictSection, str]]:
+    """(section name, section, key) of the keys that only another modality reads."""
+    extract, augment, validate = params.extract, params.finetune.augment, params.validate_
+    image_augment = [
+        ("finetune.augment", augment, key) for key in ("random_crop", "flip", "test_time_flip")
+    ]
+    audio_validation = [
+        ("validate", validate, key) for key in ("max_silent_fraction", "max_clipped_fraction")
+    ]
+    return {
+        "image": [
+            ("extract", extract, "max_length"),
+            ("finetune.augment", augment, "spec_augment"),
+            *audio_validation,
+        ],
+        "text": [
+            ("extract", extract, "image_size"),
+            ("finetune", params.finetune, "augment"),
+            ("finetune", params.finetune, "batchnorm"),
+            *audio_validation,
+        ],
+        "audio": [
+            ("extract", extract, "image_size"),
+            ("extract", extract, "max_length"),
+            *image_augment,
+        ],
+    }[modality]
 
 
 def _model_for(location: tuple[str | int, ...]) -> type[BaseModel] | None:

@@ -22,5 +22,5 @@ class StrictSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Modality = Literal["image", "text"]
+Modality = Literal["image", "text", "audio"]
 NonEmptyString = Annotated[str, Field(min_length=1)]

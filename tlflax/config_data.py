@@ -25,8 +25,10 @@ from tlflax.config_base import (
 DATASET_MODALITY: dict[str, Modality] = {
     "fashion_mnist": "image",
     "fine_foods": "text",
+    "spoken_language": "audio",
     "image_folder": "image",
     "text_file": "text",
+    "audio_folder": "audio",
 }
 TFDS_PREFIX = "tfds:"
 # tfds:<name>[/<config>][:<version>] as the TFDS catalog spells them (tfds:beans,
@@ -37,8 +39,18 @@ TFDS_DATASET_PATTERN = re.compile(
 _IMAGE_SOURCE_KEYS = frozenset({"image_size", "channels", "max_pixels"})
 _TEXT_FILE_KEYS = frozenset({"text_column", "label_column", "classes"})
 _TFDS_KEYS = frozenset({"modality", "train_split", "test_split", "download"})
+_AUDIO_SOURCE_KEYS = frozenset({"sample_rate", "clip_seconds", "clip_align"})
+# audio_folder's lists name each clip's file in path_column, beside text_file's label keys.
+_AUDIO_LIST_KEYS = frozenset({"path_column", "label_column", "classes"})
 # Keys of `prepare` that only some sources read; any other source refuses them.
-_SOURCE_SPECIFIC_KEYS = _IMAGE_SOURCE_KEYS | _TEXT_FILE_KEYS | _TFDS_KEYS | {"test_fraction"}
+_SOURCE_SPECIFIC_KEYS = (
+    _IMAGE_SOURCE_KEYS
+    | _TEXT_FILE_KEYS
+    | _TFDS_KEYS
+    | _AUDIO_SOURCE_KEYS
+    | _AUDIO_LIST_KEYS
+    | {"test_fraction"}
+)
 
 
 class PrepareParams(StrictSection):
@@ -52,21 +64,29 @@ class PrepareParams(StrictSection):
     ``dataset`` names the source, ``raw_dir`` where it is:
 
     - ``fashion_mnist``, ``fine_foods``: the packaged datasets (``make assets``).
+    - ``spoken_language``: the packaged Asterisk voice prompts, ``raw_dir/<language>/``
+      (``data/raw/asterisk``: en, es, fr, it, ru); no test split of its own, so it needs
+      ``test_fraction``. Read with ``sample_rate``, ``clip_seconds`` and ``clip_align``.
     - ``image_folder``: ``raw_dir/<class>/<image>`` (PNG, JPEG, BMP, GIF), or
       ``raw_dir/{train,test}/<class>/<image>``; read with ``image_size``, ``channels``
       and ``max_pixels``.
     - ``text_file``: one CSV (with a header row) or JSONL file, or a folder holding
       ``{train,test}.{csv,jsonl}``; read with ``text_column``, ``label_column`` and,
       optionally, ``classes``.
+    - ``audio_folder``: ``raw_dir/<class>/[<sub-folders>/]<clip>`` (WAV, FLAC, AIFF), a
+      CSV or JSONL list of clips (``path_column``: the file, relative to the list's folder;
+      ``label_column``; optionally ``classes``), or ``raw_dir/{train,test}`` holding either;
+      every clip brought to ``sample_rate`` and ``clip_seconds`` (``clip_align``).
     - ``tfds:<name>[/<config>][:<version>]``: a TFDS catalog dataset, prepared as
       ``array_record`` in the TFDS data dir ``raw_dir``. ``modality`` says whether it
       holds images or texts, ``train_split`` / ``test_split`` which TFDS splits (or
       slices) to read, and ``download: true`` allows downloading it (needs a network).
 
-    A source without a test split of its own (one image folder, one text file, a TFDS
-    dataset with ``test_split: null``) gets one with ``test_fraction``: that share of
-    each class, drawn with ``seed`` before validation and train, so runs with other
-    subset sizes are tested on the same examples. Class names come from the source.
+    A source without a test split of its own (one image or audio folder, one text file or
+    audio list, ``spoken_language``, a TFDS dataset with ``test_split: null``) gets one
+    with ``test_fraction``: that share of each class, drawn with ``seed`` before
+    validation and train, so runs with other subset sizes are tested on the same examples.
+    Class names come from the source.
     Keys a source does not read are refused.
     """
 
@@ -93,6 +113,15 @@ class PrepareParams(StrictSection):
     text_column: NonEmptyString = "text"
     label_column: NonEmptyString = "label"
     classes: Annotated[list[NonEmptyString], Field(min_length=2)] | None = None
+    # Audio sources: every clip is mixed to mono, resampled to sample_rate (Hz) and cropped
+    # or zero-padded to clip_seconds; clip_align start keeps a long clip's beginning and
+    # pads at the end (speech prompts and drum hits start at their onset), centre crops and
+    # pads both ends. The defaults are the musicnn backbone's input: 3 s at 16 kHz.
+    sample_rate: Annotated[int, Field(ge=8000, le=192000)] = 16000
+    clip_seconds: Annotated[float, Field(ge=0.1, le=600)] = 3.0
+    clip_align: Literal["start", "centre"] = "start"
+    # audio_folder lists: the column (CSV) or key (JSONL) naming each clip's file.
+    path_column: NonEmptyString = "path"
     # tfds: sources. The other sources imply their modality (filled in from the dataset).
     modality: Modality | None = Field(
         default_factory=lambda fields: DATASET_MODALITY.get(fields.get("dataset"))
@@ -143,8 +172,18 @@ class PrepareParams(StrictSection):
                 f"dataset '{self.dataset}' needs 'modality': image or text, the kind of "
                 "input it holds"
             )
+        if self.catalog_name is not None and self.modality == "audio":
+            raise ValueError(
+                f"'modality' audio does not apply to dataset '{self.dataset}': TFDS catalog "
+                "audio is not read; export the clips and use dataset audio_folder"
+            )
         if not packaged and "raw_dir" not in self.model_fields_set:
-            raise ValueError(f"dataset '{self.dataset}' needs 'raw_dir': where to read it")
+            # spoken_language is packaged too, but the default raw_dir is Fashion-MNIST's.
+            where = " (make assets unpacks it to data/raw/asterisk)"
+            raise ValueError(
+                f"dataset '{self.dataset}' needs 'raw_dir': where to read it"
+                + (where if self.dataset == "spoken_language" else "")
+            )
         unread = (self.model_fields_set & _SOURCE_SPECIFIC_KEYS) - self._keys_read_by_source()
         if unread:
             kind = f" ({self.modality} data)" if self.catalog_name is not None else ""
@@ -158,9 +197,16 @@ class PrepareParams(StrictSection):
                 "give exactly one of test_split and test_fraction (test_split: null holds "
                 "out test_fraction of train_split as test)"
             )
-        if self.text_column == self.label_column:
+        if self.dataset == "spoken_language" and self.test_fraction is None:
             raise ValueError(
-                f"text_column and label_column are both {self.text_column!r}; they must differ"
+                "dataset 'spoken_language' needs 'test_fraction': it ships no test split, "
+                "so that share of each language is held out as test"
+            )
+        # The column read beside the labels: each clip's file for audio, each text otherwise.
+        content_key = "path_column" if self.dataset == "audio_folder" else "text_column"
+        if getattr(self, content_key) == self.label_column:
+            raise ValueError(
+                f"{content_key} and label_column are both {self.label_column!r}; they must differ"
             )
         if self.classes is not None and len(set(self.classes)) < len(self.classes):
             repeated = next(name for name in self.classes if self.classes.count(name) > 1)
@@ -173,6 +219,10 @@ class PrepareParams(StrictSection):
             return _IMAGE_SOURCE_KEYS | {"test_fraction"}
         if self.dataset == "text_file":
             return _TEXT_FILE_KEYS | {"test_fraction"}
+        if self.dataset == "audio_folder":
+            return _AUDIO_SOURCE_KEYS | _AUDIO_LIST_KEYS | {"test_fraction"}
+        if self.dataset == "spoken_language":
+            return _AUDIO_SOURCE_KEYS | {"test_fraction"}
         if self.catalog_name is not None:
             image_keys = _IMAGE_SOURCE_KEYS if self.modality == "image" else frozenset()
             return _TFDS_KEYS | image_keys | {"test_fraction"}
@@ -210,3 +260,7 @@ class ValidateParams(StrictSection):
     max_feature_mean_shift: NonNegativeFloat = 0.15
     # Expected label distribution, one weight per class in label order; null means uniform.
     expected_class_weights: list[PositiveFloat] | None = None
+    # Audio: share of all clips that may be silent (below -60 dBFS), and the largest
+    # share of one clip's samples at full scale (clipped by the recording chain).
+    max_silent_fraction: Probability = 0.0
+    max_clipped_fraction: Probability = 0.01

@@ -93,6 +93,11 @@ class AugmentParams(StrictSection):
     # Test-time augmentation: validation and test predictions average the class
     # probabilities of each image and its mirror image (images only).
     test_time_flip: bool = False
+    # Audio only (random_crop and flip are for images): SpecAugment-style masking (Park et
+    # al., 2019) of each training clip's log-mel spectrogram: one random run of up to 20
+    # frames (0.32 s) and one of up to 12 of the 96 mel bands are set to silence
+    # (tlflax/sound.py).
+    spec_augment: bool = False
 
 
 Strategy = Literal["auto", "feature_extraction", "top_k", "full", "scratch"]

@@ -1,6 +1,6 @@
-"""The one place images and text part ways: a :class:`Task` per input modality.
+"""The one place images, text and audio part ways: a :class:`Task` per input modality.
 
-Everything above it - the Python API, the stage scripts - is the same for both; it asks
+Everything above it - the Python API, the stage scripts - is the same for all; it asks
 :func:`task_for` how to read a split's model inputs, build and run the classifier, extract
 features and cut the forward pass for a prefix cache. The modality comes from
 ``prepare.dataset``; the backbone named by ``extract.backbone`` must take that kind of input
@@ -20,16 +20,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tlflax import text, vision
+from tlflax import sound, text, vision
 from tlflax.checkpoint import restore_tree
 from tlflax.config import AugmentParams, FinetuneParams, Params, ParamsError
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import map_batches, prepare_images
+from tlflax.data.tfds_audio import read_audio_split
 from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import InputError
 from tlflax.models.registry import backbone_names, get_backbone_spec
-from tlflax.prefix_cache import PrefixCut, image_prefix_cut, text_prefix_cut
+from tlflax.prefix_cache import PrefixCut, audio_prefix_cut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
 
 # Beside a saved model's weights: what its weights alone do not say (the depths its head reads).
@@ -46,7 +47,7 @@ def read_architecture(model_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-# Records of a split: uint8 images (N, H, W, C), or N texts.
+# Records of a split: uint8 images (N, H, W, C), N texts, or float32 clips (N, samples).
 Records = np.ndarray | Sequence[str]
 
 
@@ -222,7 +223,57 @@ class TextTask(Task):
         return text.pooled_after_each_group(backbone, batch["input_ids"], batch["attention_mask"])
 
 
-_TASKS: dict[str, type[Task]] = {"image": ImageTask, "text": TextTask}
+class AudioTask(Task):
+    classifier_builders = (sound.build_audio_classifier, sound.abstract_audio_classifier)
+
+    def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        name = self.params.prepare.stored_name
+        clips, labels, sample_rate = read_audio_split(self.dataset_dir, name, split)
+        if len(clips) and sample_rate != sound.SAMPLE_RATE:
+            # Checked here, where the folder is known: at another rate the log-mel front end
+            # would silently compute the wrong frequencies.
+            raise DataError(
+                dataset_version_dir(self.dataset_dir, name),
+                f"split {split!r} holds clips at {sample_rate} Hz; the audio backbones take "
+                f"{sound.SAMPLE_RATE} Hz",
+                f"prepare the dataset again with prepare.sample_rate: {sound.SAMPLE_RATE}",
+            )
+        return clips, labels
+
+    def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
+        return {"audio": np.asarray(records, np.float32)}
+
+    def forward(
+        self, training: FinetuneParams | None = None, *, test_time_flip: bool = False
+    ) -> Forward:
+        # A clip has no mirror image: test_time_flip is for images.
+        if training is None:
+            return sound.audio_forward()
+        return sound.audio_forward(training.augment.spec_augment, training.compute_dtype)
+
+    def extract_features(
+        self, backbone: nnx.Module, inputs: dict[str, np.ndarray], description: str
+    ) -> np.ndarray:
+        return sound.extract_features(
+            backbone,
+            inputs["audio"],
+            batch_size=self.params.extract.batch_size,
+            description=description,
+        )
+
+    def prefix_cut(self, groups: int) -> PrefixCut:
+        if self.params.finetune.augment.spec_augment:
+            raise ParamsError(
+                "'finetune.cache_frozen_prefix' needs finetune.augment.spec_augment off: "
+                "masking changes the frozen layers' outputs from step to step"
+            )
+        return audio_prefix_cut(groups)
+
+    def pooled_after_each_group(self, backbone: nnx.Module, batch: Batch) -> list[jax.Array]:
+        return sound.pooled_after_each_group(backbone, batch["audio"])
+
+
+_TASKS: dict[str, type[Task]] = {"image": ImageTask, "text": TextTask, "audio": AudioTask}
 
 
 def task_for(params: Params, dataset_dir: Path) -> Task:

@@ -5,7 +5,10 @@ manifest (:mod:`tlflax.data.manifest`): one row per example. Checks, by name pre
 
 - ``schema`` / ``records``: required columns, no nulls, known splits and labels, label id
   matching label name, unique (split, index), non-empty records, the modality's flags
-  (text: not blank, valid UTF-8); constant records warn.
+  (text: not blank, valid UTF-8); constant records warn. Audio clips: the source lasts
+  more than 0 s and at most ``max_source_seconds``, its sample rate is at least
+  ``min_source_sample_rate``, at most ``max_silent_fraction`` of the clips are silent, and
+  none has more than ``max_clipped_fraction`` of its frames clipped.
 - ``splits``: every required split has records.
 - ``balance.<split>``: KL divergence of the label distribution from the expected one, the
   largest/smallest class count ratio, and a minimum count per class.

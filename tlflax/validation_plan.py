@@ -46,6 +46,7 @@ def plan_expectations(
         *_schema_expectations(thresholds, columns),
         *_value_expectations(thresholds, columns),
         *_content_expectations(thresholds, columns),
+        *_audio_expectations(thresholds, columns),
         *_per_split_expectations(thresholds, columns, splits),
         *_representativeness_expectations(manifest, thresholds, columns, splits),
     ]
@@ -181,6 +182,60 @@ def _content_expectations(
             )
         )
     return planned
+
+
+def _audio_expectations(
+    thresholds: ValidationThresholds, columns: set[str]
+) -> list[_PlannedExpectation]:
+    """Audio clips: a sane source duration and sample rate, no silence, little clipping.
+
+    Planned for the columns that the schema and the manifest both have, so image and text
+    manifests get none of them.
+    """
+    present = columns & set(thresholds.schema.columns)
+    candidates = [
+        (
+            "source_seconds",
+            _expect(
+                "records.source_seconds",
+                "ExpectColumnValuesToBeBetween",
+                column="source_seconds",
+                min_value=0,
+                strict_min=True,
+                max_value=thresholds.max_source_seconds,
+            ),
+        ),
+        (
+            "source_sample_rate",
+            _expect(
+                "records.source_sample_rate",
+                "ExpectColumnValuesToBeBetween",
+                column="source_sample_rate",
+                min_value=thresholds.min_source_sample_rate,
+            ),
+        ),
+        (
+            "is_silent",
+            _expect(
+                "records.not_silent",
+                "ExpectColumnValuesToBeInSet",
+                column="is_silent",
+                value_set=[False],
+                mostly=1.0 - thresholds.max_silent_fraction,
+            ),
+        ),
+        (
+            "clipped_fraction",
+            _expect(
+                "records.clipped_fraction",
+                "ExpectColumnValuesToBeBetween",
+                column="clipped_fraction",
+                min_value=0,
+                max_value=thresholds.max_clipped_fraction,
+            ),
+        ),
+    ]
+    return [expectation for column, expectation in candidates if column in present]
 
 
 def _per_split_expectations(

@@ -52,7 +52,13 @@ class ValidationThresholds:
         feature_shift_severity: severity of the feature distribution and mean checks;
             image statistics are a proxy, so by default they warn rather than block.
         schema: the manifest's column contract (image by default; see
-            :data:`~tlflax.data.manifest.TEXT_MANIFEST_SCHEMA`).
+            :data:`~tlflax.data.manifest.TEXT_MANIFEST_SCHEMA` and
+            :data:`~tlflax.data.manifest.AUDIO_MANIFEST_SCHEMA`).
+        min_source_sample_rate, max_source_seconds: audio only: the lowest sample rate
+            (Hz; 8 kHz is telephone speech) and the longest duration (seconds) a clip's
+            source file may have; a source must also last more than 0 s.
+        max_silent_fraction: audio only: share of the clips (all splits) that may be silent.
+        max_clipped_fraction: audio only: largest share of one clip's frames at full scale.
     """
 
     expected_classes: list[str]
@@ -68,6 +74,10 @@ class ValidationThresholds:
     optional_splits: tuple[str, ...] = ("validation",)
     feature_shift_severity: Severity = "warning"
     schema: ManifestSchema = IMAGE_MANIFEST_SCHEMA
+    min_source_sample_rate: int = 8000
+    max_source_seconds: float = 600.0
+    max_silent_fraction: float = 0.0
+    max_clipped_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.expected_classes or not self.required_splits:
@@ -79,6 +89,8 @@ class ValidationThresholds:
             raise ValueError("expected_class_weights needs one positive-sum weight per class")
         if not 0.0 <= self.max_duplicate_fraction < 1.0:
             raise ValueError("max_duplicate_fraction must be in [0, 1)")
+        if not 0.0 <= self.max_silent_fraction < 1.0:
+            raise ValueError("max_silent_fraction must be in [0, 1)")
 
 
 @dataclass(frozen=True)

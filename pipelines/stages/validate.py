@@ -43,6 +43,8 @@ def validate(params: Params, paths: ExperimentPaths) -> None:
         max_mean_intensity_shift=cfg.max_feature_mean_shift,
         expected_class_weights=cfg.expected_class_weights,
         max_leakage_fraction=cfg.max_leakage_fraction,
+        max_silent_fraction=cfg.max_silent_fraction,
+        max_clipped_fraction=cfg.max_clipped_fraction,
         schema=MANIFEST_SCHEMAS[params.prepare.modality],
     )
     # Relative to the project root: the summary is a DVC metric, which later stages depend

@@ -5,8 +5,8 @@ Column contract. Every manifest has the :data:`COMMON_COLUMNS`
 columns and describes them with a :class:`ManifestSchema`, which tells validation
 which columns must exist, which give an example's size (0 = empty record), which one
 is 0 for a constant record, which flags a valid record must have, and whose
-distributions must agree between splits: :data:`IMAGE_MANIFEST_SCHEMA` and
-:data:`TEXT_MANIFEST_SCHEMA`.
+distributions must agree between splits: :data:`IMAGE_MANIFEST_SCHEMA`,
+:data:`TEXT_MANIFEST_SCHEMA` and :data:`AUDIO_MANIFEST_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tlflax.data.errors import DataError
+from tlflax.data.tfds_audio import to_pcm16
 
 COMMON_COLUMNS: tuple[str, ...] = ("split", "index", "label", "label_name", "content_hash")
 
@@ -71,10 +72,35 @@ TEXT_MANIFEST_SCHEMA = ManifestSchema(
     required_flags=(("is_empty", False), ("valid_utf8", True)),
 )
 
-# The schema of each modality's manifest (see `image_manifest`, `text_manifest`).
+# What the audio reader measured of each clip's source file (tlflax.data.audio_folder's
+# FACT_COLUMNS; listed here so that validation need not import the reader).
+AUDIO_FACT_COLUMNS: tuple[str, ...] = (
+    "path",
+    "source_sample_rate",
+    "source_channels",
+    "source_seconds",
+    "peak_amplitude",
+    "rms_amplitude",
+    "is_silent",
+    "clipped_fraction",
+    "cropped_fraction",
+    "padding_fraction",
+)
+
+# Silence and clipping have their own checks (validation_plan), with thresholds of their own.
+AUDIO_MANIFEST_SCHEMA = ManifestSchema(
+    columns=(*COMMON_COLUMNS, *AUDIO_FACT_COLUMNS),
+    size_columns=("source_channels",),
+    variation_column=None,
+    distribution_columns=("source_seconds", "rms_amplitude"),
+)
+
+# The schema of each modality's manifest (see `image_manifest`, `text_manifest`,
+# `audio_manifest`).
 MANIFEST_SCHEMAS: dict[str, ManifestSchema] = {
     "image": IMAGE_MANIFEST_SCHEMA,
     "text": TEXT_MANIFEST_SCHEMA,
+    "audio": AUDIO_MANIFEST_SCHEMA,
 }
 
 # Rows per chunk for the pixel statistics: bounds the float64 temporaries to ~25 MB
@@ -91,6 +117,11 @@ def text_content_hash(text: str | bytes) -> str:
     """SHA-1 of a text's UTF-8 bytes (of the bytes themselves when given bytes)."""
     raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
     return hashlib.sha1(raw).hexdigest()
+
+
+def audio_content_hash(clip: np.ndarray) -> str:
+    """SHA-1 of a clip's 16-bit PCM, as stored: clips that store the same, hash the same."""
+    return content_hash(to_pcm16(clip))
 
 
 def duplicate_records(hashes: Sequence[str], reference_hashes: Sequence[str] = ()) -> np.ndarray:
@@ -238,6 +269,56 @@ def text_manifest(
         )
     if not frames:
         return pd.DataFrame(columns=list(TEXT_MANIFEST_SCHEMA.columns))
+    return pd.concat(frames, ignore_index=True)
+
+
+def audio_manifest(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    facts: dict[str, pd.DataFrame],
+    class_names: Sequence[str],
+) -> pd.DataFrame:
+    """Describe every clip of every split, one row each.
+
+    Args:
+        splits: split name -> (float32 clips (N, samples), integer labels (N,)).
+        facts: split name -> the reader's facts of its clips (:data:`AUDIO_FACT_COLUMNS`,
+            row i describing clip i): measured on the source file, before resampling.
+        class_names: label ``i`` is ``class_names[i]``.
+
+    Returns:
+        A DataFrame with the columns of :data:`AUDIO_MANIFEST_SCHEMA`, in that order:
+        split, index, label, label_name (None when the label is out of range),
+        content_hash (SHA-1 of the stored 16-bit PCM), then the facts: path, the source's
+        sample rate, channels and duration in seconds, the peak and RMS amplitude of its
+        mono mix (1.0 = full scale), is_silent, and the fractions clipped, cropped off and
+        padded.
+
+    Raises:
+        DataError: naming the split whose clips, labels and facts differ in number.
+    """
+    frames = []
+    for split, (clips, labels) in splits.items():
+        split_facts = facts[split]
+        if not len(clips) == len(labels) == len(split_facts):
+            raise DataError(
+                f"split {split!r}",
+                f"{len(clips)} clips but {len(labels)} labels and {len(split_facts)} facts",
+            )
+        labels = np.asarray(labels, dtype=np.int64)
+        common = pd.DataFrame(
+            {
+                "split": split,
+                "index": np.arange(len(clips), dtype=np.int64),
+                "label": labels,
+                "label_name": _label_names(labels, class_names),
+                "content_hash": [audio_content_hash(clip) for clip in clips],
+            },
+            columns=list(COMMON_COLUMNS),
+        )
+        described = split_facts.loc[:, list(AUDIO_FACT_COLUMNS)].reset_index(drop=True)
+        frames.append(pd.concat([common, described], axis=1))
+    if not frames:
+        return pd.DataFrame(columns=list(AUDIO_MANIFEST_SCHEMA.columns))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -8,11 +8,13 @@ test are dropped first, so neither train nor validation holds a copy of another 
 of a test record (test itself is left whole, comparable with published results).
 
 Every source (``prepare.dataset``: the packaged datasets, ``image_folder``, ``text_file``,
-``tfds:<name>``) is read into one shape, a :class:`RawDataset`: class names, a training
-pool and a test split. A source that has no test split of its own gets one from
-``prepare.test_fraction``: that share of each class, drawn with ``prepare.seed`` alone, so
-it stays put when the train or validation sizes change. A validation split shipped with a
-user's folder is refused rather than guessed at: validation is always drawn from the pool.
+``audio_folder``, ``tfds:<name>``) is read into one shape, a :class:`RawDataset`: class
+names, a training pool and a test split. A source that has no test split of its own
+(``spoken_language`` included) gets one from ``prepare.test_fraction``: that share of each
+class, drawn with ``prepare.seed`` alone, so it stays put when the train or validation
+sizes change. A validation split shipped with a user's folder is refused rather than
+guessed at: validation is always drawn from the pool. Audio records are
+:class:`~tlflax.data.audio_folder.AudioClips`: the clips with their facts, for the manifest.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ import numpy as np
 import pandas as pd
 
 from tlflax.config import PrepareParams
+from tlflax.data.audio_folder import (
+    AudioClips,
+    AudioDataset,
+    ClipSettings,
+    read_audio_folder,
+    read_audio_list,
+    read_audio_splits,
+)
 from tlflax.data.catalog import CatalogNotPreparedError, catalog_modality, read_tfds_catalog
 from tlflax.data.errors import DataError
 from tlflax.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
@@ -32,20 +42,25 @@ from tlflax.data.fine_foods import FINE_FOODS_CLASSES, read_fine_foods
 from tlflax.data.image_folder import read_image_folder, read_image_folder_splits
 from tlflax.data.local_files import find_splits
 from tlflax.data.manifest import (
+    audio_content_hash,
+    audio_manifest,
     content_hash,
     duplicate_records,
     image_manifest,
     text_content_hash,
     text_manifest,
 )
+from tlflax.data.spoken_language import read_spoken_language
 from tlflax.data.subsets import stratified_subset
 from tlflax.data.text_file import TEXT_FILE_SUFFIXES, read_text_file, read_text_file_splits
+from tlflax.data.tfds_audio import write_audio_dataset
 from tlflax.data.tfds_store import write_image_dataset
 from tlflax.data.tfds_text import write_text_dataset
 from tlflax.text import count_tokens
 
-# (records, integer labels): uint8 images (N, H, W, C), or texts as an object array (N,).
-Split = tuple[np.ndarray, np.ndarray]
+# (records, integer labels): uint8 images (N, H, W, C), texts as an object array (N,), or
+# audio clips (N, samples) with their facts.
+Split = tuple[np.ndarray | AudioClips, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -201,11 +216,43 @@ def _read_tfds_catalog(cfg: PrepareParams) -> RawDataset:
     return RawDataset(dataset.class_names, records("train"), records("test"))
 
 
+def _clips(dataset: AudioDataset, settings: ClipSettings) -> Split:
+    return AudioClips(dataset.waveforms, dataset.facts, settings.sample_rate), dataset.labels
+
+
+def _clip_settings(cfg: PrepareParams) -> ClipSettings:
+    return ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align)
+
+
+def _read_spoken_language(cfg: PrepareParams) -> RawDataset:
+    settings = _clip_settings(cfg)
+    dataset = read_spoken_language(Path(cfg.raw_dir), settings)
+    return _hold_out_test(dataset.class_names, *_clips(dataset, settings), cfg)
+
+
+def _read_audio_folder(cfg: PrepareParams) -> RawDataset:
+    """Class folders or a CSV/JSONL list (one, or one per split) of clips."""
+    path, settings = Path(cfg.raw_dir), _clip_settings(cfg)
+    columns = {"path_column": cfg.path_column, "label_column": cfg.label_column}
+    if cfg.test_fraction is not None:
+        if path.suffix.lower() in TEXT_FILE_SUFFIXES:
+            dataset = read_audio_list(path, settings, **columns, classes=cfg.classes)
+        else:
+            dataset = read_audio_folder(path, settings, classes=cfg.classes)
+        return _hold_out_test(dataset.class_names, *_clips(dataset, settings), cfg)
+    _check_split_layout(path, ("", *TEXT_FILE_SUFFIXES), "folder of class folders or list")
+    splits = read_audio_splits(path, settings, **columns, classes=cfg.classes)
+    train, test = splits["train"], splits["test"]
+    return RawDataset(train.class_names, _clips(train, settings), _clips(test, settings))
+
+
 READERS: dict[str, Callable[[PrepareParams], RawDataset]] = {
     "fashion_mnist": _read_fashion_mnist,
     "fine_foods": _read_fine_foods,
+    "spoken_language": _read_spoken_language,
     "image_folder": _read_image_folder,
     "text_file": _read_text_file,
+    "audio_folder": _read_audio_folder,
 }
 
 
@@ -225,6 +272,20 @@ class Storage:
     manifest: Callable[[dict[str, Split], Sequence[str]], pd.DataFrame]
 
 
+def _write_audio(
+    data_dir: Path, name: str, splits: dict[str, Split], class_names: Sequence[str], **kwargs
+) -> Path:
+    waveforms = {split: (clips.waveforms, labels) for split, (clips, labels) in splits.items()}
+    sample_rate = splits["train"][0].sample_rate
+    return write_audio_dataset(data_dir, name, waveforms, class_names, sample_rate, **kwargs)
+
+
+def _audio_manifest(splits: dict[str, Split], class_names: Sequence[str]) -> pd.DataFrame:
+    waveforms = {split: (clips.waveforms, labels) for split, (clips, labels) in splits.items()}
+    facts = {split: clips.facts for split, (clips, _) in splits.items()}
+    return audio_manifest(waveforms, facts, class_names)
+
+
 STORAGE: dict[str, Storage] = {
     "image": Storage(content_hash, write_image_dataset, image_manifest),
     "text": Storage(
@@ -232,6 +293,7 @@ STORAGE: dict[str, Storage] = {
         write_text_dataset,
         lambda splits, class_names: text_manifest(splits, class_names, count_tokens=count_tokens),
     ),
+    "audio": Storage(audio_content_hash, _write_audio, _audio_manifest),
 }
 
 
@@ -254,7 +316,12 @@ def _describe(cfg: PrepareParams) -> str:
         if cfg.test_fraction is not None
         else ""
     )
-    return f"{cfg.dataset}: {subset} train subset (seed {cfg.seed}){deduplicated}{held_out}"
+    clips = (
+        f", {cfg.clip_seconds:g} s clips at {cfg.sample_rate} Hz ({cfg.clip_align})"
+        if cfg.modality == "audio"
+        else ""
+    )
+    return f"{cfg.dataset}: {subset} train subset (seed {cfg.seed}){deduplicated}{held_out}{clips}"
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,13 @@ def _jsonl_records(path: Path, content: str) -> Iterator[tuple[int, dict[str, An
         yield line_number, record
 
 
-def _field(record: dict[str, Any], column: str, location: str) -> str | None:
-    """The record's value of ``column`` as text; None when the value is absent."""
+def record_field(record: dict[str, Any], column: str, location: str) -> str | None:
+    """The record's value of ``column`` as text; None when the value is absent.
+
+    Raises:
+        DataError: naming ``location`` when the record has no ``column``, or its value is
+            neither text nor a number.
+    """
     if column not in record:
         raise DataError(
             location, f"has no column {column!r}; columns present: {sorted(map(str, record))}"
@@ -130,12 +135,12 @@ def read_text_file(
             (listing the columns present), an empty or blank text, a missing or unknown
             label, a malformed row, no records, fewer than two classes.
     """
-    records = _file_records(path, text_column, label_column)
+    records = file_records(path, text_column, label_column)
     texts, label_names = [], []
     for line, record in records:
         location = f"{path}, line {line}"
-        text = _field(record, text_column, location)
-        label = _field(record, label_column, location)
+        text = record_field(record, text_column, location)
+        label = record_field(record, label_column, location)
         if text is None or not text.strip():
             raise DataError(location, f"empty text in column {text_column!r}")
         if label is None or not label.strip():
@@ -146,14 +151,20 @@ def read_text_file(
         label_names.append(label)
     if not texts:
         raise DataError(path, "holds no records")
-    labels, class_names = _label_ids(path, label_names, classes)
+    labels, class_names = label_ids(path, label_names, classes)
     return texts, labels, class_names
 
 
-def _file_records(
-    path: Path, text_column: str, label_column: str
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The records of a CSV or JSONL file, once its type, presence and (CSV) header check out."""
+def file_records(path: Path, *columns: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, column -> value) for each record of a CSV or JSONL file (by its extension).
+
+    Shared with the audio lists (:mod:`tlflax.data.audio_folder`).
+
+    Raises:
+        DataError: naming ``path`` when its type is not CSV or JSONL, it is missing, not
+            UTF-8, or (CSV) its header lacks one of ``columns``; records that cannot be
+            parsed are named by file and line as they are read.
+    """
     if path.suffix.lower() not in TEXT_FILE_SUFFIXES:
         raise DataError(path, f"unsupported file type (expected {', '.join(TEXT_FILE_SUFFIXES)})")
     if not path.is_file():
@@ -161,17 +172,21 @@ def _file_records(
     content = _decode_utf8(path)
     if path.suffix.lower() == ".csv":
         header = next(csv.reader(io.StringIO(content, newline="")), [])
-        for column in (text_column, label_column):
+        for column in columns:
             if column not in header:
                 raise DataError(path, f"has no column {column!r}; columns present: {header}")
         return _csv_records(path, content)
     return _jsonl_records(path, content)
 
 
-def _label_ids(
+def label_ids(
     path: Path, label_names: list[str], classes: Sequence[str] | None
 ) -> tuple[np.ndarray, list[str]]:
-    """(label id of each label name, class names): ``classes``, or the labels seen, sorted."""
+    """(label id of each label name, class names): ``classes``, or the labels seen, sorted.
+
+    Raises:
+        DataError: naming ``path`` when there are fewer than two class names.
+    """
     class_names = list(classes) if classes is not None else sorted(set(label_names))
     if len(class_names) < 2:
         raise DataError(

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from tlflax.errors import InputError
-from tlflax.models import efficientnet, minilm, resnet, small_cnn
+from tlflax.models import efficientnet, minilm, musicnn, resnet, small_cnn
 from tlflax.models.torch_weights import LoadReport
 from tlflax.models.weights import is_flax_layout, load_flax_weights, read_weights
 
@@ -71,7 +71,8 @@ class BackboneSpec:
       name: the registry key, as written in `params.yaml`.
       constructor: builds the randomly initialised module.
       feature_dim: width of `features(...)`.
-      input_kind: "image" (NHWC floats in [0, 1]) or "text" (token ids and a mask).
+      input_kind: "image" (NHWC floats in [0, 1]), "text" (token ids and a mask) or
+        "audio" (log-mel spectrograms (N, frames, 96, 1) of 16 kHz clips, `tlflax.sound`).
       load_pretrained: fills a built module with its packaged pretrained weights; None
         when the backbone ships none.
       load_state_dict: the family's importer of foreign state dicts (PyTorch, Hugging
@@ -81,7 +82,7 @@ class BackboneSpec:
     name: str
     constructor: BackboneConstructor
     feature_dim: int
-    input_kind: Literal["image", "text"]
+    input_kind: Literal["image", "text", "audio"]
     load_pretrained: WeightsLoader | None
     load_state_dict: StateDictLoader | None = None
 
@@ -128,6 +129,18 @@ _SPECS: dict[str, BackboneSpec] = {
             )
             for variant_name, variant in resnet.VARIANTS.items()
         ),
+        # musicnn's VGG music taggers, trained on MagnaTagATune and the Million Song Dataset.
+        *(
+            BackboneSpec(
+                name=name,
+                constructor=musicnn.MusicnnVGG,
+                feature_dim=musicnn.MusicnnVGG.feature_dim,
+                input_kind="audio",
+                load_pretrained=functools.partial(musicnn.load_pretrained, checkpoint=checkpoint),
+                load_state_dict=musicnn.load_musicnn_weights,
+            )
+            for name, checkpoint in (("musicnn_vgg", "MTT_vgg"), ("musicnn_vgg_msd", "MSD_vgg"))
+        ),
         BackboneSpec(
             name="small_cnn",
             constructor=_without_top(small_cnn.SmallCNN, "small_cnn"),
@@ -172,7 +185,8 @@ def load_backbone_weights(
     Files of our own (names are our '/'-joined parameter paths: `write_npz`, Orbax
     checkpoints) load directly; a whole classifier's checkpoint gives up its `backbone/`
     part. Anything else goes through the family's importer: EfficientNet-Lite0 and ResNet
-    `.pth`/`.npz` state dicts in PyTorch names, MiniLM safetensors in Hugging Face names.
+    `.pth`/`.npz` state dicts in PyTorch names, MiniLM safetensors in Hugging Face names,
+    musicnn TensorFlow checkpoints (or `.npz` files) in TensorFlow names.
 
     Args:
       model: a module built by `name`'s constructor.
@@ -190,7 +204,7 @@ def load_backbone_weights(
     """
     spec = get_backbone_spec(name)
     arrays = dict(weights) if isinstance(weights, Mapping) else read_weights(weights)
-    if is_flax_layout(arrays):
+    if is_flax_layout(arrays) and _names_our_paths(model, arrays):
         from_classifier = any(key.startswith(_CLASSIFIER_BACKBONE_PREFIX) for key in arrays)
         prefix = _CLASSIFIER_BACKBONE_PREFIX if from_classifier else ""
         return load_flax_weights(model, arrays, prefix=prefix, dont_load=dont_load)
@@ -200,6 +214,14 @@ def load_backbone_weights(
             f"paths, such as 'blocks/0/conv/kernel'); got names like {next(iter(arrays), None)!r}"
         )
     return spec.load_state_dict(model, arrays, dont_load=dont_load)
+
+
+def _names_our_paths(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> bool:
+    """Whether some name in ``arrays`` is one of ``model``'s parameter paths (bare, or under
+    a classifier's ``backbone/``): TensorFlow's names (``1CNN/kernel``) hold a '/' too."""
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}
+    return any(name.removeprefix(_CLASSIFIER_BACKBONE_PREFIX) in paths for name in arrays)
 
 
 def create_backbone(

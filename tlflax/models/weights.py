@@ -2,16 +2,19 @@
 
 `read_weights` picks the reader from the path: PyTorch state dicts (`.pth`, `.pt`,
 `.bin`, read without torch and without running pickle code), safetensors, NumPy `.npz`
-(never unpickled), and Orbax checkpoint folders of our own runs. Every reader returns
-a flat `{name: np.ndarray}`; what the names mean depends on who wrote the file:
+(never unpickled), TensorFlow checkpoints (`.index` + `.data-*`, read without
+TensorFlow), and Orbax checkpoint folders of our own runs. Every reader returns a flat
+`{name: np.ndarray}`; what the names mean depends on who wrote the file:
 
-* a PyTorch / Hugging Face file uses that framework's names (`layer1.0.conv1.weight`) and
-  layouts, which the backbone family's importer maps (e.g. `load_resnet_weights`);
+* a PyTorch / Hugging Face / TensorFlow file uses that framework's names
+  (`layer1.0.conv1.weight`, `1CNN/kernel`) and layouts, which the backbone family's
+  importer maps (e.g. `load_resnet_weights`, `load_musicnn_weights`);
 * a file of ours (`write_npz`, or `tlflax.checkpoint.save_tree` of an NNX state) uses our
   '/'-joined parameter paths (`blocks/0/conv1/kernel`) and layouts, which
   `load_flax_weights` copies directly.
 
-`is_flax_layout` tells the two apart: no PyTorch or Hugging Face name contains a '/'.
+`is_flax_layout` tells PyTorch and Hugging Face names apart from ours: none contains a
+'/'. TensorFlow's do, so the registry also checks that some name is a path of the model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flax import nnx
 
 from tlflax.io import write_arrays
 from tlflax.models.safetensors_weights import read_safetensors
+from tlflax.models.tf_checkpoint import read_tf_checkpoint
 from tlflax.models.torch_weights import (
     LoadReport,
     WeightsFileError,
@@ -128,14 +132,18 @@ WEIGHTS_READERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
     ".bin": read_torch_state_dict,
     ".safetensors": read_safetensors,
     ".npz": read_npz,
+    ".index": read_tf_checkpoint,  # with its `.data-*` files beside it
 }
+# A TensorFlow checkpoint saved under the prefix "folder/" is `folder/.index` + `.data-*`.
+_TF_FOLDER_INDEX = ".index"
 
 
 def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     """Reads a weights file or Orbax checkpoint folder, choosing the reader by its format.
 
     `.pth`/`.pt`/`.bin` → `read_torch_state_dict`, `.safetensors` → `read_safetensors`,
-    `.npz` → `read_npz`, a folder → `read_orbax`.
+    `.npz` → `read_npz`, a TensorFlow `.index` file, or a folder holding one (as musicnn's
+    `MTT_vgg/`) → `read_tf_checkpoint`, any other folder → `read_orbax`.
 
     Returns:
       A flat name → NumPy array mapping, in the file's own names (see the module docstring).
@@ -146,20 +154,24 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if path.is_dir():
+        if (path / _TF_FOLDER_INDEX).is_file():
+            return read_tf_checkpoint(path)
         return read_orbax(path)
     if not path.exists():
         raise WeightsFileError(f"weights file {path} does not exist")
-    reader = WEIGHTS_READERS.get(path.suffix.lower())
+    # A file named only ".index" has no suffix for pathlib: its whole name is the format.
+    reader = WEIGHTS_READERS.get(path.suffix.lower() or path.name.lower())
     if reader is None:
         raise WeightsFileError(
             f"cannot tell the format of {path} from its extension {path.suffix!r}: expected "
-            f"one of {', '.join(WEIGHTS_READERS)} or an Orbax checkpoint folder"
+            f"one of {', '.join(WEIGHTS_READERS)} or a checkpoint folder (Orbax, TensorFlow)"
         )
     return reader(path)
 
 
 def is_flax_layout(arrays: Mapping[str, np.ndarray]) -> bool:
-    """Whether names are our '/'-joined parameter paths (no PyTorch/HF name has a '/')."""
+    """Whether names may be our '/'-joined parameter paths (no PyTorch/HF name has a '/';
+    TensorFlow's do)."""
     return any("/" in name for name in arrays)
 
 

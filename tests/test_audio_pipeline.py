@@ -1,0 +1,91 @@
+"""The audio job end to end under DVC, on a few real voice prompts per language."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import RAW_ASTERISK, ROOT, _merge, make_project_copy, run
+
+AUDIO_PARAMS = "experiments/audio/params.yaml"
+LANGUAGES = ("en", "es", "fr", "it", "ru")
+CLIPS_PER_LANGUAGE = 24
+TINY_AUDIO_PARAMS = {
+    "prepare": {"train_per_class": 6, "validation_per_class": 4, "test_fraction": 0.25},
+    "validate": {"min_examples_per_class": 3, "max_split_kl_divergence": 5.0},
+    "extract": {"batch_size": 32},
+    "train_head": {"max_epochs": 20, "patience": 5},
+    "finetune": {"epochs": 2, "patience": 2},
+    "evaluate": {"batch_size": 32},
+}
+
+
+def _copy_some_prompts(destination: Path) -> None:
+    """The first clips of every language (sorted, the silences left out as the dataset
+    does): a real, small spoken_language folder."""
+    for language in LANGUAGES:
+        clips = sorted(
+            path
+            for path in (RAW_ASTERISK / language).rglob("*.wav")
+            if "silence" not in path.parts and path.stat().st_size > 4000
+        )[:CLIPS_PER_LANGUAGE]
+        for clip in clips:
+            target = destination / language / clip.relative_to(RAW_ASTERISK / language)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(clip, target)
+
+
+@pytest.fixture(scope="module")
+def tiny_audio_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not RAW_ASTERISK.exists():
+        pytest.fail(f"{RAW_ASTERISK} is missing: run `make assets` (scripts/fetch_assets.sh)")
+    project = make_project_copy(tmp_path_factory.mktemp("audio_project"), {})
+    _copy_some_prompts(project / "data/raw/asterisk")
+    params = yaml.safe_load((ROOT / AUDIO_PARAMS).read_text())
+    (project / AUDIO_PARAMS).write_text(
+        yaml.safe_dump(_merge(params, TINY_AUDIO_PARAMS), sort_keys=False)
+    )
+    return project
+
+
+@pytest.mark.slow
+def test_audio_pipeline_runs_under_dvc(tiny_audio_project: Path) -> None:
+    project = tiny_audio_project
+    repro = run(
+        [sys.executable, "-m", "dvc", "repro", "experiments/audio/dvc.yaml"], project, timeout=1200
+    )
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    validation = json.loads((project / "metrics/audio/validate.json").read_text())
+    assert validation["success"] and validation["num_critical_failures"] == 0
+    metrics = json.loads((project / "metrics/audio/evaluate.json").read_text())
+    assert metrics["n_train"] == 6 * len(LANGUAGES)
+    assert metrics["n_test"] == 6 * len(LANGUAGES)  # a quarter of 24 clips per language
+    assert set(metrics) >= {"baseline", "head_only", "finetune", "scratch"}
+    for model in ("baseline", "head_only", "finetune", "scratch"):
+        assert 0.0 <= metrics[model]["accuracy"] <= 1.0
+    # 30 prompts through the frozen music network and a new head beat guessing (0.2).
+    assert metrics["head_only"]["accuracy"] > 0.3, metrics
+    advice = json.loads((project / "metrics/audio/advice.json").read_text())
+    assert advice["strategy"] in {"feature_extraction", "top_k", "full", "scratch"}
+    # The vision pipeline at the root is untouched by the audio run.
+    assert not (project / "metrics/vision").exists()
+
+    clip = next((project / "data/raw/asterisk/fr").rglob("*.wav")).relative_to(project)
+    predict = run(
+        [sys.executable, "-m", "pipelines.predict", "--params", AUDIO_PARAMS, str(clip)],
+        project,
+        timeout=300,
+    )
+    assert predict.returncode == 0, predict.stderr
+    label, probability, echoed = predict.stdout.strip().split("\t")
+    assert label in LANGUAGES and 0.2 <= float(probability) <= 1.0 and echoed == str(clip)
+
+    again = run(
+        [sys.executable, "-m", "dvc", "repro", "experiments/audio/dvc.yaml"], project, timeout=300
+    )
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
