@@ -45,6 +45,8 @@ TEMPLATE_PARAMS = {
 # costs more CPU than it tells).
 RENDERED_JOBS = {Path("experiments/text"): False, Path("experiments/audio"): True}
 EXPERIMENTS = Path("experiments")
+# validate keys the schema accepts for audio data only (tlflax.config refuses them elsewhere).
+AUDIO_ONLY_THRESHOLDS = ("max_silent_fraction", "max_clipped_fraction")
 # The from-scratch reference: its stage and what evaluate reads of it.
 SCRATCH_STAGE = "train_scratch"
 SCRATCH_OUTPUTS = re.compile(
@@ -140,7 +142,11 @@ def render_params(name: str, dataset: str, raw_dir: str, settings: list[tuple[st
         "split. A source without a test split needs prepare.test_fraction.",
         indent=2,
     )
-    document["validate"] = CommentedMap(ValidateParams().model_dump(exclude_none=True))
+    thresholds = ValidateParams().model_dump(exclude_none=True)
+    if modality != "audio":  # the silence and clipping checks are audio's alone
+        for key in AUDIO_ONLY_THRESHOLDS:
+            thresholds.pop(key)
+    document["validate"] = CommentedMap(thresholds)
     for key in ("prepare", "validate"):  # the template's comments on its own data
         document.ca.items.pop(key, None)
     document.yaml_set_comment_before_after_key(
