@@ -174,7 +174,13 @@ def test_a_few_fine_tuning_steps_reduce_the_training_loss(voices, tmp_path: Path
 
 
 def _audio_task(tmp_path: Path, sample_rate: int, **params) -> AudioTask:
-    params = parse_params({"extract": {"backbone": "musicnn_vgg", "batch_size": 8}, **params})
+    params = parse_params(
+        {
+            "prepare": {"dataset": "audio_folder", "raw_dir": str(tmp_path / "clips")},
+            "extract": {"backbone": "musicnn_vgg", "batch_size": 8},
+            **params,
+        }
+    )
     clips = np.zeros((4, 3 * sample_rate), np.float32)
     clips[:, ::50] = 0.5  # a click train: not silent
     split = (clips, np.array([0, 1, 0, 1]))
