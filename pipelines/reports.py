@@ -172,6 +172,12 @@ def report_markdown(
     if isinstance(validation, dict):
         sections.append("\n".join(validation_section(validation)))
     links = []
+    run_report = project / "reports" / experiment / "index.html"
+    if run_report.is_file():
+        links.append(f"- Run report (self-contained page): {_link(project, run_report)}")
+    model_card = project / "reports" / experiment / "MODEL_CARD.md"
+    if model_card.is_file():
+        links.append(f"- Model card: {_link(project, model_card)}")
     data_docs = data_docs_index(project, experiment, validation)
     if data_docs:
         links.append(f"- Great Expectations Data Docs: {_link(project, data_docs)}")
