@@ -33,9 +33,20 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	@touch $@
 
 install: $(VENV)/.installed
+# Chromium renders the HTML reports in the tests (tests/browser.py); apt only when it is absent.
 install-test: $(VENV)/.installed-test
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-assets: install
+# The scripts, styles and fonts the HTML reports load, at the versions web/package-lock.json
+# pins, copied beside the pages so they render offline (tlflax/offline_pages.py). npm ci
+# writes node_modules/.package-lock.json, the stamp. Errors only: vega-lite's engines field
+# asks for a newer Node.js than Debian's, which concerns its CLI, not the browser build.
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js and npm (apt-get install -y npm)"; exit 1; }
+	@npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+assets: install web/node_modules/.package-lock.json
 	@scripts/fetch_assets.sh
 
 run: assets

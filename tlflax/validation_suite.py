@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tlflax.data.manifest import IMAGE_MANIFEST_SCHEMA, ManifestSchema
+from tlflax.offline_pages import localise_data_docs
 from tlflax.validation_plan import _PlannedExpectation
 from tlflax.validation_plan import plan_expectations as plan_expectations  # re-exported
 
@@ -130,6 +131,8 @@ def run_expectations(
     )
     checkpoint = _manifest_checkpoint(context, suite, manifest)
     run = checkpoint.run(batch_parameters={"dataframe": manifest})
+    # GX's pages load their scripts and styles from CDNs: point them at local copies.
+    localise_data_docs(docs_dir)
     (validation_result,) = run.run_results.values()
     return [_check_from_gx(result) for result in validation_result.results]
 
