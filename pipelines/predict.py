@@ -9,8 +9,9 @@ A text experiment takes sentences, and with ``--file`` UTF-8 files of one text p
 an image experiment takes image files (PNG, JPEG, anything Pillow reads), converted to the
 stored dataset's channels and size; an audio experiment takes WAV, FLAC or AIFF files,
 brought to its sample rate and clip length as ``prepare`` did. Each input gets one line: label, its probability,
-and the input. The model is ``models/<experiment>/finetune/model``; the class names are
-those stored with the prepared dataset.
+and the input. The model is ``models/<experiment>/finetune/model``, its probabilities scaled
+by the temperature of ``models/<experiment>/calibration.json`` where the calibrate stage
+wrote one; the class names are those stored with the prepared dataset.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.stages.common import ExperimentPaths, params_parser, run_command
+from tlflax.calibration import CALIBRATION_FILE_NAME, apply_temperature, read_temperatures
 from tlflax.config import Params
 from tlflax.data.audio_folder import ClipSettings, load_clip
 from tlflax.data.errors import DataError
@@ -143,7 +145,8 @@ def predict(
     """The fine-tuned model's prediction for each input (see the module docstring).
 
     Raises:
-      DataError: a bad input (named), or ``--file`` given to an image experiment.
+      DataError: a bad input (named), ``--file`` given to an image experiment, or a
+        calibration file without a valid fine-tuned temperature.
       MissingInputError: the experiment has no fine-tuned model yet.
     """
     task = task_for(params, paths.dataset_dir)
@@ -155,8 +158,10 @@ def predict(
         raise DataError("inputs", "nothing to classify; give sentences, --file, images or clips")
     class_names = task.class_names()
     model, forward = task.load_classifier(len(class_names), model_path)
-    probabilities = class_probabilities(
-        model, forward, task.model_inputs(records), params.evaluate.batch_size
+    temperatures = read_temperatures(paths.finetune.parent / CALIBRATION_FILE_NAME, ["finetune"])
+    probabilities = apply_temperature(
+        class_probabilities(model, forward, task.model_inputs(records), params.evaluate.batch_size),
+        temperatures["finetune"],
     )
     best = probabilities.argmax(axis=1)
     return [

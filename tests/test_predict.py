@@ -21,6 +21,7 @@ from sklearn.datasets import load_digits
 from pipelines.predict import Prediction, predict, read_images, read_texts
 from pipelines.stages.common import ExperimentPaths
 from tests.conftest import run
+from tlflax.calibration import apply_temperature
 from tlflax.checkpoint import save_tree
 from tlflax.config import parse_params
 from tlflax.data.errors import DataError
@@ -134,3 +135,31 @@ def test_prediction_line_format() -> None:
     label, probability, shown = line.split("\t")
     assert (label, probability) == ("great", "0.988")
     assert len(shown) == 60 and shown.endswith("...")
+
+
+def test_probabilities_are_scaled_by_the_calibrated_temperature(vision_project, monkeypatch):
+    monkeypatch.chdir(vision_project)
+    params = parse_params(VISION_PARAMS)
+    paths = ExperimentPaths("vision")
+    files = ["digit0.png", "digit1.png", "digit2.png"]
+    unscaled = predict(params, paths, files)
+    calibration = paths.finetune.parent / "calibration.json"
+    try:
+        calibration.write_text('{"finetune": {"temperature": 3.0}}')
+        scaled = predict(params, paths, files)
+        calibration.write_text('{"head_only": {"temperature": 3.0}}')
+        with pytest.raises(DataError, match="calibration.json: 'finetune.temperature' is missing"):
+            predict(params, paths, files)
+    finally:
+        calibration.unlink()
+    task = task_for(params, paths.dataset_dir)
+    images, _ = task.read_split("test")
+    model, forward = task.load_classifier(10, paths.finetune / "model")
+    expected = apply_temperature(
+        class_probabilities(model, forward, {"image": images[:3]}, batch_size=8), 3.0
+    )
+    assert [p.label for p in scaled] == [p.label for p in unscaled]
+    for prediction, row in zip(scaled, expected, strict=True):
+        assert prediction.probability == pytest.approx(row.max(), abs=1e-5)
+    # A temperature above 1 softens: the top class keeps its place, less sure of itself.
+    assert all(s.probability < u.probability for s, u in zip(scaled, unscaled, strict=True))

@@ -1,14 +1,16 @@
 """Every saved model of an experiment against the classical baseline, on the full test split.
 
 The baseline's probabilities are the stored ones (:mod:`tlflax.baseline_predictions`); the
-head-only, fine-tuned (and, where one was trained, from-scratch) models are run here. Each
-model's headline scores carry its accuracy gain over the baseline.
+head-only, fine-tuned (and, where one was trained, from-scratch) models are run here, their
+probabilities scaled by the temperatures the calibrate stage fitted on validation
+(:mod:`tlflax.calibration`). Each model's headline scores carry its accuracy gain over the
+baseline.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from tlflax.baseline_predictions import read_baseline_predictions
+from tlflax.calibration import calibrate_models
 from tlflax.checkpoint import restore_tree
 from tlflax.io import atomic_path, read_arrays
 from tlflax.metrics import classification_report
@@ -33,9 +36,12 @@ class Evaluation:
       class_names: the dataset's classes (label ``i`` -> element ``i``).
       labels: the test split's labels.
       probabilities: model -> its test class probabilities: ``baseline``, ``head_only``,
-        ``finetune`` and, where one was trained, ``scratch``.
+        ``finetune`` and, where one was trained, ``scratch`` (temperature-scaled).
       reports: model -> its :func:`~tlflax.metrics.classification_report` on test.
-      metrics: model -> its :func:`headline_metrics`, with ``n_train`` and ``n_test``.
+      metrics: model -> its :func:`headline_metrics`, with ``n_train`` and ``n_test``; a
+        scaled model's also with its ``temperature`` and ``ece_uncalibrated``.
+      reliability: scaled model -> ``calibrated`` and ``uncalibrated``
+        :func:`~tlflax.calibration.reliability_diagram` on test.
       baseline_model: the baseline's model name.
       baseline_validation: the baseline's class probabilities of the validation split.
       validation_labels: the validation split's labels.
@@ -49,6 +55,7 @@ class Evaluation:
     baseline_model: str
     baseline_validation: np.ndarray
     validation_labels: np.ndarray
+    reliability: dict[str, dict]
 
     def baseline_validation_accuracy(self) -> float:
         """The baseline's accuracy on validation: the reference of validation learning curves."""
@@ -58,14 +65,14 @@ class Evaluation:
 
 
 def head_only_probabilities(
-    task: Task, test_features: Path, head_dir: Path, num_classes: int
+    task: Task, features: Path, head_dir: Path, num_classes: int
 ) -> np.ndarray:
-    """Test class probabilities of the head saved in ``head_dir`` on the cached
-    ``test_features`` (the frozen backbone's)."""
-    test = read_arrays(test_features)
-    head = create_head(test["features"].shape[1], num_classes, task.params.train_head)
+    """Class probabilities of the head saved in ``head_dir`` on the cached ``features`` of
+    a split (the frozen backbone's)."""
+    split = read_arrays(features)
+    head = create_head(split["features"].shape[1], num_classes, task.params.train_head)
     nnx.update(head, restore_tree(head_dir, nnx.state(head, nnx.Param)))
-    return class_probabilities(head, head_forward, test, task.params.evaluate.batch_size)
+    return class_probabilities(head, head_forward, split, task.params.evaluate.batch_size)
 
 
 def saved_model_probabilities(
@@ -74,6 +81,29 @@ def saved_model_probabilities(
     """Class probabilities of ``test`` by the whole classifier saved in ``model_dir``."""
     model, forward = task.load_classifier(num_classes, model_dir / "model")
     return class_probabilities(model, forward, test, task.params.evaluate.batch_size)
+
+
+def trained_model_probabilities(
+    task: Task,
+    inputs: dict[str, np.ndarray],
+    *,
+    features: Path,
+    head_dir: Path,
+    finetune_dir: Path,
+    scratch_dir: Path,
+) -> dict[str, np.ndarray]:
+    """Class probabilities of one split's ``inputs`` by the head (on the split's cached
+    ``features``), the fine-tuned model and, where ``scratch_dir`` holds one, the
+    from-scratch model: ``head_only``, ``finetune``, ``scratch``."""
+    num_classes = len(task.class_names())
+    probabilities = {
+        "head_only": head_only_probabilities(task, features, head_dir, num_classes),
+        "finetune": saved_model_probabilities(task, finetune_dir, inputs, num_classes),
+    }
+    # The from-scratch model exists where the pipeline has a train_scratch stage.
+    if (scratch_dir / "model").exists():
+        probabilities["scratch"] = saved_model_probabilities(task, scratch_dir, inputs, num_classes)
+    return probabilities
 
 
 def headline_metrics(reports: dict[str, dict], baseline_model: str) -> dict[str, dict]:
@@ -96,10 +126,12 @@ def evaluate_saved_models(
     finetune_dir: Path,
     scratch_dir: Path,
     baseline_dir: Path,
+    temperatures: Mapping[str, float] | None = None,
 ) -> Evaluation:
     """Score the baseline (stored in ``baseline_dir``), the head (``head_dir``, on the cached
     ``test_features``), the fine-tuned model and, where ``scratch_dir`` holds one, the
-    from-scratch model on the test split.
+    from-scratch model on the test split; each trained model's probabilities scaled by its
+    temperature in ``temperatures`` (absent: 1, unscaled).
 
     Raises:
       MissingInputError: a model, or the baseline's predictions, not written yet.
@@ -113,23 +145,24 @@ def evaluate_saved_models(
     baseline_model, baseline = read_baseline_predictions(
         baseline_dir, len(class_names), {"validation": len(validation_labels), "test": len(labels)}
     )
-    probabilities = {
-        "baseline": baseline["test"],
-        "head_only": head_only_probabilities(task, test_features, head_dir, len(class_names)),
-        "finetune": saved_model_probabilities(task, finetune_dir, test, len(class_names)),
-    }
-    # The from-scratch model exists where the pipeline has a train_scratch stage.
-    if (scratch_dir / "model").exists():
-        probabilities["scratch"] = saved_model_probabilities(
-            task, scratch_dir, test, len(class_names)
-        )
+    uncalibrated = trained_model_probabilities(
+        task,
+        test,
+        features=test_features,
+        head_dir=head_dir,
+        finetune_dir=finetune_dir,
+        scratch_dir=scratch_dir,
+    )
+    bins = task.params.evaluate.calibration_bins
+    calibrated = calibrate_models(uncalibrated, labels, temperatures or {}, bins=bins)
+    probabilities = {"baseline": baseline["test"], **calibrated.probabilities}
     reports = {
-        name: classification_report(
-            probs, labels, class_names, calibration_bins=task.params.evaluate.calibration_bins
-        )
+        name: classification_report(probs, labels, class_names, calibration_bins=bins)
         for name, probs in probabilities.items()
     }
     metrics = headline_metrics(reports, baseline_model)
+    for name, scores in calibrated.scores.items():
+        metrics[name].update(scores)
     metrics["n_train"] = int(len(task.read_split("train")[1]))
     metrics["n_test"] = int(len(labels))
     return Evaluation(
@@ -141,6 +174,7 @@ def evaluate_saved_models(
         baseline_model=baseline_model,
         baseline_validation=baseline["validation"],
         validation_labels=validation_labels,
+        reliability=calibrated.reliability,
     )
 
 
