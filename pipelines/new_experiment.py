@@ -42,16 +42,21 @@ TEMPLATE_PARAMS = {
 }
 # The project's own jobs beside the default one: folder -> whether it trains the
 # from-scratch reference (the text job does not: MiniLM from random weights on 4000 reviews
-# costs more CPU than it tells).
-RENDERED_JOBS = {Path("experiments/text"): False, Path("experiments/audio"): True}
+# costs more CPU than it tells) and whether it exports its model (audio cannot yet).
+RENDERED_JOBS = {
+    Path("experiments/text"): {"scratch": False, "export": True},
+    Path("experiments/audio"): {"scratch": True, "export": False},
+}
+# The seeds' summary, a dependency of the report stage: written by ``python -m pipelines.seeds``
+# (not a stage), so only a job that has run it can depend on it; a new experiment has not.
+SEEDS_SUMMARY = "metrics/${experiment}/seeds.json"
 EXPERIMENTS = Path("experiments")
 # validate keys the schema accepts for audio data only (tlflax.config refuses them elsewhere).
 AUDIO_ONLY_THRESHOLDS = ("max_silent_fraction", "max_clipped_fraction")
-# The from-scratch reference: its stage and what evaluate reads of it.
+# Stages a job may leave out: the from-scratch reference (costly for a text encoder) and the
+# export (no ONNX translation of the audio front end's FFT yet).
 SCRATCH_STAGE = "train_scratch"
-SCRATCH_OUTPUTS = re.compile(
-    r"(models/\$\{experiment\}/scratch|dvclive/\$\{experiment\}/train_scratch/)"
-)
+EXPORT_STAGE = "export"
 
 
 def _dump(document) -> str:
@@ -60,17 +65,39 @@ def _dump(document) -> str:
     return buffer.getvalue()
 
 
-def render_pipeline(experiment_dir: Path, *, scratch: bool) -> str:
+def _output_paths(stage) -> list[str]:
+    """Every path a stage writes: its outs, metrics and plots."""
+    entries = [entry for key in ("outs", "metrics", "plots") for entry in stage.get(key, [])]
+    return [str(next(iter(entry))) if isinstance(entry, dict) else str(entry) for entry in entries]
+
+
+def _written_by(path: str, outputs: list[str]) -> bool:
+    return any(path == output or path.startswith(output.rstrip("/") + "/") for output in outputs)
+
+
+def render_pipeline(
+    experiment_dir: Path, *, scratch: bool, export: bool = True, seeds: bool = True
+) -> str:
     """The project's ``dvc.yaml`` as the pipeline of ``experiment_dir`` (relative to the
     repository root): each stage runs from the root (``wdir``) on that folder's params.yaml,
-    and its params entries name that file."""
+    and its params entries name that file.
+
+    ``scratch``/``export``: keep the from-scratch reference / the export stage (a stage left
+    out takes the dependencies on its outputs and the artifacts it writes with it).
+    ``seeds``: the report reads the experiment's ``seeds.json`` (the project's jobs have one;
+    a new experiment has not run the seeds yet). Artifact paths become relative to the folder.
+    """
     handler = pipeline_yaml()
     pipeline = handler.load((ROOT / TEMPLATE_PIPELINE).read_text(encoding="utf-8"))
     params_file = (experiment_dir / "params.yaml").as_posix()
     wdir = "/".join(".." for _ in experiment_dir.parts)
     stages = pipeline["stages"]
-    if not scratch:
-        del stages[SCRATCH_STAGE]
+    left_out = [
+        name for name, kept in ((SCRATCH_STAGE, scratch), (EXPORT_STAGE, export)) if not kept
+    ]
+    gone = [path for name in left_out for path in _output_paths(stages.pop(name))]
+    if not seeds:
+        gone.append(SEEDS_SUMMARY)
     for name in list(stages):
         stage = stages[name]
         rendered = type(stage)()
@@ -81,13 +108,19 @@ def render_pipeline(experiment_dir: Path, *, scratch: bool) -> str:
             elif key == "params":
                 keys = copy.deepcopy(value)
                 value = type(value)([{params_file: keys}])
-            elif key == "deps" and not scratch:
-                value = type(value)(
-                    entry for entry in value if not SCRATCH_OUTPUTS.search(str(entry))
-                )
+            elif key == "deps":
+                value = type(value)(entry for entry in value if not _written_by(str(entry), gone))
             rendered[key] = value
         # The comments ride on the mappings and lists they annotate: all carried over.
         stages[name] = rendered
+    artifacts = pipeline.get("artifacts") or {}
+    for name in list(artifacts):
+        if _written_by(str(artifacts[name]["path"]), gone):
+            del artifacts[name]
+        else:
+            artifacts[name]["path"] = f"{wdir}/{artifacts[name]['path']}"
+    if "artifacts" in pipeline and not artifacts:
+        del pipeline["artifacts"]
     header = (
         f"# The experiment in {experiment_dir.as_posix()}/, rendered from ../../dvc.yaml by\n"
         "# python -m pipelines.new_experiment (edit the template, not this file): the same stage\n"
@@ -189,7 +222,8 @@ def create_experiment(
     if (ROOT / folder).exists():
         raise ParamsError(f"{folder}: already exists; choose another name or remove it")
     params = render_params(name, dataset, raw_dir, settings)
-    pipeline = render_pipeline(folder, scratch=scratch)
+    modality = dict(settings).get("prepare.modality") or DATASET_MODALITY.get(dataset)
+    pipeline = render_pipeline(folder, scratch=scratch, export=modality != "audio", seeds=False)
     (ROOT / folder).mkdir(parents=True)
     (ROOT / folder / "params.yaml").write_text(params, encoding="utf-8")
     (ROOT / folder / "dvc.yaml").write_text(pipeline, encoding="utf-8")
@@ -218,10 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     arguments = parser.parse_args(argv)
     if arguments.render_jobs:
-        for job, scratch in RENDERED_JOBS.items():
-            (ROOT / job / "dvc.yaml").write_text(
-                render_pipeline(job, scratch=scratch), encoding="utf-8"
-            )
+        for job, stages in RENDERED_JOBS.items():
+            (ROOT / job / "dvc.yaml").write_text(render_pipeline(job, **stages), encoding="utf-8")
             print(f"new_experiment: wrote {job.as_posix()}/dvc.yaml")
         return
     if not (arguments.name and arguments.dataset and arguments.raw_dir):

@@ -36,7 +36,7 @@ SMALL_RUN = [
 @pytest.mark.parametrize("job", sorted(RENDERED_JOBS))
 def test_the_projects_jobs_are_rendered_from_the_shared_template(job: Path) -> None:
     committed = (ROOT / job / "dvc.yaml").read_text(encoding="utf-8")
-    assert committed == render_pipeline(job, scratch=RENDERED_JOBS[job]), (
+    assert committed == render_pipeline(job, **RENDERED_JOBS[job]), (
         f"{job}/dvc.yaml differs from dvc.yaml rendered: run "
         "python -m pipelines.new_experiment --render-jobs"
     )
