@@ -47,9 +47,6 @@ RENDERED_JOBS = {
     Path("experiments/text"): {"scratch": False, "export": True},
     Path("experiments/audio"): {"scratch": True, "export": False},
 }
-# The seeds' summary, a dependency of the report stage: written by ``python -m pipelines.seeds``
-# (not a stage), so only a job that has run it can depend on it; a new experiment has not.
-SEEDS_SUMMARY = "metrics/${experiment}/seeds.json"
 EXPERIMENTS = Path("experiments")
 # validate keys the schema accepts for audio data only (tlflax.config refuses them elsewhere).
 AUDIO_ONLY_THRESHOLDS = ("max_silent_fraction", "max_clipped_fraction")
@@ -75,17 +72,14 @@ def _written_by(path: str, outputs: list[str]) -> bool:
     return any(path == output or path.startswith(output.rstrip("/") + "/") for output in outputs)
 
 
-def render_pipeline(
-    experiment_dir: Path, *, scratch: bool, export: bool = True, seeds: bool = True
-) -> str:
+def render_pipeline(experiment_dir: Path, *, scratch: bool, export: bool = True) -> str:
     """The project's ``dvc.yaml`` as the pipeline of ``experiment_dir`` (relative to the
     repository root): each stage runs from the root (``wdir``) on that folder's params.yaml,
     and its params entries name that file.
 
     ``scratch``/``export``: keep the from-scratch reference / the export stage (a stage left
     out takes the dependencies on its outputs and the artifacts it writes with it).
-    ``seeds``: the report reads the experiment's ``seeds.json`` (the project's jobs have one;
-    a new experiment has not run the seeds yet). Artifact paths become relative to the folder.
+    Artifact paths become relative to the folder.
     """
     handler = pipeline_yaml()
     pipeline = handler.load((ROOT / TEMPLATE_PIPELINE).read_text(encoding="utf-8"))
@@ -96,8 +90,6 @@ def render_pipeline(
         name for name, kept in ((SCRATCH_STAGE, scratch), (EXPORT_STAGE, export)) if not kept
     ]
     gone = [path for name in left_out for path in _output_paths(stages.pop(name))]
-    if not seeds:
-        gone.append(SEEDS_SUMMARY)
     for name in list(stages):
         stage = stages[name]
         rendered = type(stage)()
@@ -223,7 +215,7 @@ def create_experiment(
         raise ParamsError(f"{folder}: already exists; choose another name or remove it")
     params = render_params(name, dataset, raw_dir, settings)
     modality = dict(settings).get("prepare.modality") or DATASET_MODALITY.get(dataset)
-    pipeline = render_pipeline(folder, scratch=scratch, export=modality != "audio", seeds=False)
+    pipeline = render_pipeline(folder, scratch=scratch, export=modality != "audio")
     (ROOT / folder).mkdir(parents=True)
     (ROOT / folder / "params.yaml").write_text(params, encoding="utf-8")
     (ROOT / folder / "dvc.yaml").write_text(pipeline, encoding="utf-8")

@@ -242,6 +242,20 @@ def restore_bytes(path: Path, original: bytes) -> None:
             temporary.write_bytes(original)
 
 
+def refresh_report(project: Path, pipeline_file: str) -> None:
+    """Re-run the pipeline's ``report`` stage, which shows seeds.json but cannot depend on it
+    (a pipeline does not write it). A pipeline without that stage is left as it is."""
+    stages = (yaml.safe_load((project / pipeline_file).read_text()) or {}).get("stages", {})
+    if "report" not in stages:
+        return
+    status, output = run_dvc(
+        ["repro", "--force", "--single-item", f"{pipeline_file}:report"], project
+    )
+    if status != 0:
+        errors = [line for line in output if line.startswith("ERROR")]
+        print(f"seeds: the report was not refreshed: {(errors or output or ['no output'])[0]}")
+
+
 def run_seeds(project_dir: str, pipeline_file: str, seeds: Sequence[int]) -> dict[str, Any]:
     """Run ``pipeline_file`` once per seed; write and return the ``seeds.json`` report.
 
@@ -276,6 +290,7 @@ def run_seeds(project_dir: str, pipeline_file: str, seeds: Sequence[int]) -> dic
         report = seeds_report(seeds, seed_keys, runs, names)
         write_json(project / paths.metrics("seeds"), report)
         print(f"seeds: wrote {paths.metrics('seeds')}")
+        refresh_report(project, pipeline_file)
         if original_seed not in seeds:
             # No seed run reproduced the params file's own; run it (mostly from the run cache)
             # so that outputs and dvc.lock match the params file again.
