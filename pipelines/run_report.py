@@ -75,6 +75,23 @@ def _label(name: str, scores: dict) -> str:
     return f"{label} ({scores['model']})" if name == "baseline" and scores.get("model") else label
 
 
+# Largest / smallest test class above which accuracy mostly measures the large classes.
+IMBALANCED_TEST_RATIO = 1.5
+
+
+def _leading_scores(evaluation: dict) -> list[tuple[str, str]]:
+    """(key, title) of the score columns in order: macro-F1 and balanced accuracy first
+    when the test split is imbalanced, accuracy first otherwise."""
+    ratio = evaluation.get("test_class_ratio")
+    if isinstance(ratio, int | float) and ratio > IMBALANCED_TEST_RATIO:
+        return [
+            ("macro_f1", "macro-F1"),
+            ("balanced_accuracy", "balanced accuracy"),
+            ("accuracy", "accuracy"),
+        ]
+    return [("accuracy", "accuracy"), ("macro_f1", "macro-F1")]
+
+
 def metrics_body(inputs: RunInputs) -> str | None:
     entries = model_entries(inputs.evaluation)
     if not entries:
@@ -84,6 +101,7 @@ def metrics_body(inputs: RunInputs) -> str | None:
         for key, title in (("ece_uncalibrated", "ECE uncalibrated"), ("temperature", "temperature"))
         if any(key in scores for _, scores in entries)
     ]
+    leading = _leading_scores(inputs.evaluation)
     rows = []
     for name, scores in entries:
         gain = scores.get("gain_over_baseline")
@@ -96,8 +114,7 @@ def metrics_body(inputs: RunInputs) -> str | None:
         rows.append(
             [
                 _label(name, scores),
-                number(scores.get("accuracy")),
-                number(scores.get("macro_f1")),
+                *(number(scores.get(key)) for key, _ in leading),
                 number(scores.get("ece")),
                 *extra,
                 versus,
@@ -105,8 +122,7 @@ def metrics_body(inputs: RunInputs) -> str | None:
         )
     headers = [
         "model",
-        "accuracy",
-        "macro-F1",
+        *(title for _, title in leading),
         "ECE",
         *(t for _, t in optional),
         "vs baseline (pts)",

@@ -297,16 +297,21 @@ def test_evaluate_refuses_baseline_predictions_for_other_splits(
 
 
 def test_every_model_is_scored_against_the_baseline() -> None:
+    per_class = {"a": {"precision": 0.9, "recall": 0.7, "f1": 0.79, "support": 5}}
+    minority = {"balanced_accuracy": 0.7, "min_recall": 0.7, "per_class": per_class}
     reports = {
-        "baseline": {"accuracy": 0.812, "macro_f1": 0.81, "ece": 0.05, "per_class": {}},
-        "head_only": {"accuracy": 0.7952, "macro_f1": 0.79, "ece": 0.03, "per_class": {}},
-        "finetune": {"accuracy": 0.83, "macro_f1": 0.82, "ece": 0.04, "per_class": {}},
+        "baseline": {"accuracy": 0.812, "macro_f1": 0.81, "ece": 0.05, **minority},
+        "head_only": {"accuracy": 0.7952, "macro_f1": 0.79, "ece": 0.03, **minority},
+        "finetune": {"accuracy": 0.83, "macro_f1": 0.82, "ece": 0.04, **minority},
     }
     metrics = headline_metrics(reports, "pixels_rbf_svm(C=10)")
     assert metrics["baseline"] == {
         "accuracy": 0.812,
         "macro_f1": 0.81,
         "ece": 0.05,
+        "balanced_accuracy": 0.7,
+        "min_recall": 0.7,
+        "per_class_recall": {"a": 0.7},
         "model": "pixels_rbf_svm(C=10)",
     }
     assert metrics["head_only"]["gain_over_baseline"] == -0.0168

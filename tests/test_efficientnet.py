@@ -277,7 +277,7 @@ def test_batchnorm_keeps_running_statistics_unless_switched(models, images) -> N
 def test_unknown_backbone_lists_names_and_suggests_the_nearest() -> None:
     with pytest.raises(ValueError, match="did you mean 'efficientnet_lite0'") as error:
         registry.create_backbone("efficientnet_lite", rngs=nnx.Rngs(0))
-    assert "valid names are efficientnet_lite0" in str(error.value)
+    assert "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2" in str(error.value)
 
 
 class _TinyBackbone(nnx.Module):

@@ -76,6 +76,7 @@ def _params_read(files: list[str]) -> set[str]:
 
 SECTIONS = {
     "prepare",
+    "class_balance",
     "validate_params",
     "baseline",
     "extract",

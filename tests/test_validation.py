@@ -7,6 +7,7 @@ in two copies of a tiny project, to check that its metrics file does not depend 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -121,6 +122,28 @@ def test_heavy_imbalance_is_critical(digits, split_indices, docs_dir: Path) -> N
     assert failed["balance.train.label_kl"] == "critical"
     assert _check(summary, "balance.train.class_ratio").observed["largest"] == "digit 0"
     assert "balance.train.class_ratio" in summary.format_report()
+    # Without a remedy, the failure says which params key turns one on.
+    assert "class_balance.remedy" in _check(summary, "balance.train.class_ratio").note
+    assert "set class_balance.remedy to weights" in summary.format_report()
+
+
+def test_imbalance_with_a_remedy_in_force_only_warns(digits, split_indices, docs_dir: Path) -> None:
+    images, labels = digits
+    zeros = np.flatnonzero(labels == 0)
+    extra = np.setdiff1d(zeros, np.concatenate(list(split_indices.values())))[:180]
+    train = np.union1d(split_indices["train"], extra)
+    manifest = _manifest(images, labels, {**split_indices, "train": train})
+    remedy = "weights (auto: largest/smallest 10.00 > validate.max_class_ratio 1.5)"
+    thresholds = dataclasses.replace(THRESHOLDS, class_balance_remedy=remedy)
+    summary = validate_manifest(manifest, thresholds, docs_dir=docs_dir)
+    assert summary.success, summary.format_report()
+    failed = _failed(summary)
+    assert failed["balance.train.class_ratio"] == "warning"
+    assert failed["balance.train.label_kl"] == "warning"
+    assert _check(summary, "balance.train.class_ratio").note.endswith(remedy)
+    assert f"remedy in force: class balance {remedy}" in summary.format_report()
+    # Checks that passed carry no note, so a balanced run's validate.json is as before.
+    assert "note" not in summary.to_dict()["checks"][0]
 
 
 def test_single_class_dataset_names_missing_classes(digits, docs_dir: Path) -> None:

@@ -134,7 +134,10 @@ def test_a_multi_item_step_folder_names_its_items(tmp_path: Path) -> None:
 
 def test_every_family_is_registered() -> None:
     assert registry.backbone_names() == [
+        "bert",
         "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
         "minilm_l6",
         "musicnn_vgg",
         "musicnn_vgg_msd",

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from tlflax.advisor import Advice, count_per_class, measure, recommend
+from tlflax.balance import training_class_balance
 from tlflax.checkpoint import delete_checkpoints
 from tlflax.config import FinetuneParams, Params
 from tlflax.data.sources import prepare_dataset as _prepare_source
@@ -64,11 +65,16 @@ def open_dataset(params: Params, dataset_dir: str | Path) -> Task:
 
 
 def backbone_for(params: Params, *, pretrained: bool | None = None) -> nnx.Module:
-    """``extract.backbone`` (pretrained per ``extract.pretrained`` unless given)."""
+    """``extract.backbone`` (pretrained per ``extract.pretrained`` unless given), from
+    ``extract.weights_path`` when set."""
     if pretrained is None:
         pretrained = params.extract.pretrained
     backbone, _ = create_backbone(
-        params.extract.backbone, pretrained=pretrained, rngs=nnx.Rngs(params.finetune.seed)
+        params.extract.backbone,
+        pretrained=pretrained,
+        weights_path=params.extract.weights_path,
+        require_every_tensor=True,
+        rngs=nnx.Rngs(params.finetune.seed),
     )
     return backbone
 
@@ -136,13 +142,15 @@ def make_plan(task: Task, advice: Advice) -> RunPlan:
     its from-scratch reference, decided (written params win over the advice)."""
     params = task.params
     taps = head_taps(params, advice)
+    train_labels = task.read_split("train")[1]
     return resolve_plan(
         params.finetune,
         params.train_scratch,
         advice,
         model=task.abstract_classifier(len(task.class_names()), taps),
-        num_train_examples=len(task.read_split("train")[1]),
+        num_train_examples=len(train_labels),
         taps=taps,
+        class_balance=training_class_balance(params, train_labels, task.class_names()),
     )
 
 
@@ -182,8 +190,11 @@ def train_new_head(
     backbone = backbone if backbone is not None else backbone_for(task.params)
     train, validation = (_head_inputs(task, backbone, taps, s) for s in ("train", "validation"))
     cfg = task.params.train_head
+    balance = training_class_balance(task.params, train["label"], task.class_names())
     head = create_head(train["features"].shape[1], len(task.class_names()), cfg)
-    return head, train_head(head, train, validation, cfg, on_epoch_end=on_epoch_end)
+    return head, train_head(
+        head, train, validation, cfg, balance=balance, on_epoch_end=on_epoch_end
+    )
 
 
 def initial_classifier(
@@ -238,6 +249,7 @@ def fine_tune(
         fingerprint=fingerprint,
         on_epoch_end=on_epoch_end,
         name="train_scratch" if scratch else "finetune",
+        balance=plan.class_balance,
     )
 
 

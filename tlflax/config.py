@@ -43,6 +43,7 @@ from tlflax.config_training import (
     AdviseParams,
     AugmentParams,
     BaselineParams,
+    ClassBalanceParams,
     EvaluateParams,
     ExtractParams,
     FinetuneParams,
@@ -60,6 +61,7 @@ __all__ = [
     "AdviseParams",
     "AugmentParams",
     "BaselineParams",
+    "ClassBalanceParams",
     "EvaluateParams",
     "ExtractParams",
     "FinetuneParams",
@@ -101,6 +103,8 @@ class Params(StrictSection):
     finetune: FinetuneParams = FinetuneParams()
     train_scratch: TrainScratchParams = TrainScratchParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # Not a stage's: train_head, plan (finetune, train_scratch) and validate all read it.
+    class_balance: ClassBalanceParams = ClassBalanceParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

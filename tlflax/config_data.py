@@ -93,6 +93,11 @@ class PrepareParams(StrictSection):
     dataset: str = "fashion_mnist"
     raw_dir: str = "data/raw/fashion-mnist"
     train_per_class: PositiveInt | None = 100
+    # A long tail (with train_per_class): class k of C draws train_per_class *
+    # ratio ** (-k / (C - 1)) examples, rounded - geometric from train_per_class for the
+    # first class in label order down to train_per_class / ratio for the last, as in
+    # CIFAR-10-LT (Cui et al., 2019). Validation and test stay as they are.
+    train_imbalance_ratio: Annotated[float, Field(ge=1)] | None = None
     train_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     validation_per_class: PositiveInt | None = 20
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
@@ -156,6 +161,10 @@ class PrepareParams(StrictSection):
         if self.train_per_class is not None and self.train_fraction is not None:
             raise ValueError(
                 "give train_per_class or train_fraction, not both (set the other to null)"
+            )
+        if self.train_imbalance_ratio is not None and self.train_per_class is None:
+            raise ValueError(
+                "'train_imbalance_ratio' needs train_per_class (the largest class's size)"
             )
         if (self.validation_per_class is None) == (self.validation_fraction is None):
             raise ValueError(

@@ -1,7 +1,8 @@
 """The sections of ``params.yaml`` for the stages that train and score models.
 
 ``baseline``, ``extract``, ``train_head``, ``advise``, ``finetune``, ``train_scratch`` and
-``evaluate``, with the transfer rules and augmentation settings ``finetune`` holds.
+``evaluate``, with the transfer rules and augmentation settings ``finetune`` holds, and
+``class_balance``, which every training stage reads.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class ExtractParams(StrictSection):
 
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
+    # Your own checkpoint, loaded instead of the packaged weights: a state dict file
+    # (.pth/.pt/.bin/.safetensors/.npz; torchvision/timm names for resnet18/resnet50), or for
+    # backbone "bert" a Hugging Face model folder (config.json, model.safetensors or
+    # pytorch_model.bin, tokenizer.json or vocab.txt). A relative path is from the working
+    # directory. None: the backbone's packaged weights.
+    weights_path: str | None = None
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
     # Every text is padded or truncated to this many WordPiece tokens ([CLS] and [SEP]
     # included): one fixed shape, so every jitted function compiles once.
@@ -220,6 +227,21 @@ class TrainScratchParams(StrictSection):
     batch_size: PositiveInt = 32
     weight_decay: NonNegativeFloat = 1e-4
     seed: NonNegativeInt = 0
+
+
+class ClassBalanceParams(StrictSection):
+    """How every trained model - head, fine-tuned, from scratch - meets imbalanced training data.
+
+    ``remedy``: ``none``; ``weights``, per-class weights in the training loss (inverse class
+    frequency with ``beta`` 1, the effective number of Cui et al. (2019) below 1), scaled so
+    the mean weight over the training examples is 1; ``sampler``, every epoch drawn
+    class-balanced (as many examples as the training split holds); or ``auto``: ``none``
+    while the training split's largest / smallest class count is within
+    ``validate.max_class_ratio``, ``weights`` above it (:mod:`tlflax.balance`).
+    """
+
+    remedy: Literal["auto", "none", "weights", "sampler"] = "auto"
+    beta: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class EvaluateParams(StrictSection):

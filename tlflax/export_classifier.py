@@ -67,7 +67,7 @@ def export_classifier(
         description |= _image_description(task, program, flip)
     else:
         description |= _text_description(task)
-        extra_files[_TOKENIZER_FILE] = _fixed_length_tokenizer_json(task.params.extract.max_length)
+        extra_files[_TOKENIZER_FILE] = task.tokenizer().to_str().encode("utf-8")
     return write_export(program, directory, description, extra_files)
 
 
@@ -111,9 +111,3 @@ def _text_description(task: Task) -> dict:
             "in_graph": "encoder, pooling, head; raw logits out",
         },
     }
-
-
-def _fixed_length_tokenizer_json(max_length: int) -> bytes:
-    from tlflax.models.minilm import load_tokenizer
-
-    return load_tokenizer(max_length).to_str().encode("utf-8")

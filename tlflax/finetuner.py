@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import FinetuneParams, ParamsError
 from tlflax.data.pipeline import iterate_batches, num_batches
@@ -79,9 +80,14 @@ class Finetuner:
         num_train_examples: int,
         group_patterns: list[str],
         backbone_prefix: str = "backbone/",
+        balance: ClassBalance = NO_REMEDY,
     ):
         self.cfg = cfg
         self.forward = forward
+        # The remedy for imbalanced training data (tlflax.balance): loss weights or
+        # class-balanced epochs; NO_REMEDY trains exactly as before it existed.
+        self.balance = balance
+        self.class_weights = balance.loss_weights()
         trainable, frozen, rest = self._split(model, group_patterns, backbone_prefix)
         # Batch statistics of a padded batch would count its padding rows: while BatchNorm
         # trains, the last partial batch of an epoch is dropped instead (a different one each
@@ -180,7 +186,11 @@ class Finetuner:
         def loss_fn(model):
             logits = self.forward(model, batch, True, key).astype(jnp.float32)
             return masked_cross_entropy(
-                logits, batch["label"], batch["mask"], self.cfg.label_smoothing
+                logits,
+                batch["label"],
+                batch["mask"],
+                self.cfg.label_smoothing,
+                class_weights=self.class_weights,
             )
 
         # nnx.value_and_grad with a DiffState filter differentiates the trainable variables
@@ -237,6 +247,7 @@ class Finetuner:
             seed=self.cfg.seed,
             epoch=state.epoch,
             drop_remainder=self.drop_remainder,
+            balanced=self.balance.balanced_sampling,
         )
         steps = self.steps_per_epoch(len(train["label"]))
         trainable, opt_state, rest, key = state.trainable, state.opt_state, state.rest, state.key

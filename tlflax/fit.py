@@ -19,6 +19,7 @@ from pathlib import Path
 from flax import nnx
 from pydantic import BaseModel
 
+from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.checkpoint import TrainingCheckpoints, save_tree, tree_digest
 from tlflax.config import FinetuneParams
 from tlflax.finetuner import Finetuner, run_finetuning
@@ -85,6 +86,7 @@ def fit_classifier(
     on_epoch_end: EpochCallback | None = None,
     on_history: Callable[[History], None] | None = None,
     name: str = "finetune",
+    balance: ClassBalance = NO_REMEDY,
 ) -> FitResult:
     """Train ``model`` by ``cfg`` (a plan: fine-tuning, or from scratch) with early stopping.
 
@@ -94,6 +96,7 @@ def fit_classifier(
     discarded. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics as it ends, and
     ``on_history(history)`` the whole history so far (a resumed run's earlier epochs too).
     The checkpoints stay for the caller (:func:`save_classifier` keeps them beside the model).
+    ``balance`` is the remedy for imbalanced training data (the plan's ``class_balance``).
     """
     finetuner = Finetuner(
         model,
@@ -101,6 +104,7 @@ def fit_classifier(
         cfg,
         num_train_examples=len(train["label"]),
         group_patterns=model.backbone.group_patterns(),
+        balance=balance,
     )
     counts = summarize(finetuner.settings, finetuner.sizes)
     print(

@@ -38,7 +38,9 @@ def classification_report(
     *,
     calibration_bins: int = 15,
 ) -> dict:
-    """Accuracy, macro-F1, ECE, per-class precision/recall/F1/support and the confusion matrix."""
+    """Accuracy, macro-F1, ECE, balanced accuracy (the mean recall over the classes present)
+    and the lowest of those recalls, per-class precision/recall/F1/support and the confusion
+    matrix."""
     num_classes = len(class_names)
     predictions = probabilities.argmax(axis=1)
     matrix = confusion_matrix(labels, predictions, num_classes)
@@ -56,6 +58,8 @@ def classification_report(
         "accuracy": float((predictions == labels).mean()),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "ece": expected_calibration_error(probabilities, labels, bins=calibration_bins),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "min_recall": float(recall[present].min()) if present.any() else 0.0,
         "per_class": {
             name: {
                 "precision": float(precision[i]),

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from tlflax.advisor import Advice, apply_advice
+from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.config import FinetuneParams, ParamsError, TrainScratchParams, TransferRule
 from tlflax.errors import InputError, MissingInputError
 from tlflax.transfer import model_settings
@@ -85,6 +86,10 @@ class RunPlan(BaseModel):
     # at the highest; "last": the backbone's final pooled features. Every model of the run -
     # head only, fine-tuned, from scratch - has this architecture.
     taps: list[int] | Literal["last"]
+    # The remedy for imbalanced training data every model of the run trains with (the head
+    # resolves the same from the same counts): none, class weights in the loss, or
+    # class-balanced epochs, and why.
+    class_balance: ClassBalance
 
     @property
     def head_taps(self) -> list[int] | None:
@@ -188,6 +193,7 @@ def resolve_plan(
     model: nnx.Module,
     num_train_examples: int,
     taps: list[int] | None = None,
+    class_balance: ClassBalance = NO_REMEDY,
 ) -> RunPlan:
     """Merge ``finetune`` (written settings win), the advice and the defaults into a plan.
 
@@ -198,6 +204,8 @@ def resolve_plan(
       num_train_examples: training examples, which turn the advised steps into epochs.
       taps: the depths the model's head reads (:func:`resolve_taps`); ``model`` is built
         with them, so its layer groups are those of the cut network.
+      class_balance: the remedy for imbalanced training data
+        (:func:`tlflax.balance.resolve_class_balance`).
     """
     group_patterns = model.backbone.group_patterns()
     applied = apply_advice(
@@ -219,6 +227,7 @@ def resolve_plan(
         scratch=scratch_run,
         learning_rates=group_learning_rates(model, finetune_plan, group_patterns),
         taps="last" if taps is None else taps,
+        class_balance=class_balance,
     )
 
 
@@ -268,6 +277,7 @@ def plan_table(plan: RunPlan) -> str:
             ", ".join(k for k, on in cfg.augment.model_dump().items() if on) or "none",
         ),
         ("frozen-prefix cache", str(cfg.cache_frozen_prefix).lower()),
+        ("class balance", plan.class_balance.describe()),
         ("from the advice", ", ".join(plan.from_advice) or "nothing"),
         ("from scratch", f"lr {plan.scratch.learning_rate:g}, batch {plan.scratch.batch_size}"),
     ]

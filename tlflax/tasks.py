@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import jax
 import numpy as np
+import tokenizers
 from flax import nnx
 
 from tlflax import sound, text, vision
@@ -29,7 +30,7 @@ from tlflax.data.tfds_audio import read_audio_split
 from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import InputError
-from tlflax.models.registry import backbone_names, get_backbone_spec
+from tlflax.models.registry import BackboneSpec, backbone_names, get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, audio_prefix_cut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
 
@@ -90,6 +91,7 @@ class Task(ABC):
             pretrained=pretrained,
             seed=seed,
             taps=taps,
+            **self._weights_path_option(),
         )
 
     def abstract_classifier(
@@ -98,8 +100,17 @@ class Task(ABC):
         """The classifier with shape-only weights, to restore a checkpoint into."""
         _, build_abstract = self.classifier_builders
         return build_abstract(
-            self.params.extract.backbone, num_classes, self.params.train_head, taps
+            self.params.extract.backbone,
+            num_classes,
+            self.params.train_head,
+            taps,
+            **self._weights_path_option(),
         )
+
+    def _weights_path_option(self) -> dict[str, str]:
+        # Only when set: the audio builders take no weights_path (task_for refuses one there).
+        path = self.params.extract.weights_path
+        return {} if path is None else {"weights_path": path}
 
     @abstractmethod
     def forward(
@@ -202,7 +213,20 @@ class TextTask(Task):
 
     def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
-        return text.tokenize_texts(records, self.params.extract.max_length)
+        return text.tokenize_texts(
+            records, self.params.extract.max_length, self._tokenizer_folder()
+        )
+
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        """The tokenizer :meth:`model_inputs` uses, padding and truncating to ``max_length``."""
+        return text.fixed_length_tokenizer(self.params.extract.max_length, self._tokenizer_folder())
+
+    def _tokenizer_folder(self) -> str | None:
+        # An encoder brought as a checkpoint folder (bert) tokenizes with the folder's own
+        # vocabulary; every other one with MiniLM's packaged tokenizer.
+        extract = self.params.extract
+        spec = get_backbone_spec(extract.backbone)
+        return extract.weights_path if spec.read_checkpoint_folder is not None else None
 
     def forward(
         self, training: FinetuneParams | None = None, *, test_time_flip: bool = False
@@ -281,18 +305,15 @@ def task_for(params: Params, dataset_dir: Path) -> Task:
 
     Raises:
       ParamsError: ``extract.backbone`` is not a registered backbone, or takes the other
-        modality's input; ``extract.pretrained`` for a backbone that ships no weights.
+        modality's input; ``extract.pretrained`` for a backbone that ships no weights and
+        no ``extract.weights_path``; a ``weights_path`` that is missing or does not fit.
     """
     modality = params.prepare.modality
     try:
         spec = get_backbone_spec(params.extract.backbone)
     except InputError as error:
         raise ParamsError(f"'extract.backbone': {error}") from None
-    if params.extract.pretrained and spec.load_pretrained is None:
-        raise ParamsError(
-            f"'extract.pretrained': backbone {spec.name!r} ships no pretrained weights; set "
-            "extract.pretrained to false to train it from random weights"
-        )
+    _check_weights_path(params, spec)
     if spec.input_kind != modality:
         fitting = [
             name for name in backbone_names() if get_backbone_spec(name).input_kind == modality
@@ -303,6 +324,49 @@ def task_for(params: Params, dataset_dir: Path) -> Task:
             f"use one of: {', '.join(fitting)}"
         )
     return _TASKS[modality](params, dataset_dir)
+
+
+def _check_weights_path(params: Params, spec: BackboneSpec) -> None:
+    """Refuses an ``extract.weights_path`` the backbone cannot use, or its absence where it
+    is the only source of weights (or, for ``bert``, of the architecture)."""
+    extract = params.extract
+    if extract.weights_path is None:
+        if spec.read_checkpoint_folder is not None:
+            raise ParamsError(
+                f"'extract.weights_path': backbone {spec.name!r} is any BERT-family encoder you "
+                "bring: set extract.weights_path to its Hugging Face model folder (config.json, "
+                "model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)"
+            )
+        if extract.pretrained and spec.load_pretrained is None:
+            raise ParamsError(
+                f"'extract.weights_path': backbone {spec.name!r} ships no pretrained weights "
+                "and 'extract.pretrained' is true: set extract.weights_path to your checkpoint "
+                "(e.g. a torchvision or timm state dict .pth/.safetensors), or set "
+                "extract.pretrained to false to train it from random weights"
+            )
+        return
+    if spec.input_kind == "audio":
+        raise ParamsError(
+            f"'extract.weights_path': the audio backbones load only their packaged weights; "
+            f"remove extract.weights_path ({extract.weights_path})"
+        )
+    if spec.read_checkpoint_folder is not None:
+        try:
+            options, _ = spec.read_checkpoint_folder(Path(extract.weights_path))
+        except InputError as error:
+            raise ParamsError(f"'extract.weights_path': {error}") from None
+        max_positions = options.get("max_positions", extract.max_length)
+        if extract.max_length > max_positions:
+            raise ParamsError(
+                f"'extract.max_length': {extract.max_length} tokens exceed the {max_positions} "
+                f"positions of {Path(extract.weights_path) / 'config.json'} "
+                "(max_position_embeddings); set extract.max_length to at most that"
+            )
+    elif extract.pretrained and not Path(extract.weights_path).exists():
+        raise ParamsError(
+            f"'extract.weights_path': {extract.weights_path} does not exist (relative paths "
+            f"are from the working directory, {Path.cwd()})"
+        )
 
 
 def class_probabilities(

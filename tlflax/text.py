@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,14 @@ from flax import nnx
 
 from tlflax.config import TrainHeadParams
 from tlflax.data.pipeline import map_batches
+from tlflax.models.bert_folder import folder_tokenizer
 from tlflax.models.heads import TextClassifier
-from tlflax.models.minilm import load_tokenizer, minilm_tokenizer_path, tokenize
+from tlflax.models.minilm import (
+    load_tokenizer,
+    minilm_tokenizer_path,
+    pad_to_fixed_length,
+    tokenize,
+)
 from tlflax.models.registry import create_backbone
 from tlflax.taps import tap_widths
 from tlflax.train import Batch, Forward, create_head
@@ -29,8 +36,10 @@ TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
 @functools.lru_cache(maxsize=4)
-def _fixed_length_tokenizer(max_length: int) -> tokenizers.Tokenizer:
-    return load_tokenizer(max_length)
+def _fixed_length_tokenizer(max_length: int, folder: str | None = None) -> tokenizers.Tokenizer:
+    if folder is None:
+        return load_tokenizer(max_length)
+    return pad_to_fixed_length(folder_tokenizer(folder), max_length)
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,9 +51,20 @@ def _untruncated_tokenizer() -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def tokenize_texts(texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
-    """``input_ids`` and ``attention_mask``, int32 (N, max_length), of MiniLM's WordPiece."""
-    return tokenize(_fixed_length_tokenizer(max_length), texts)
+def tokenize_texts(
+    texts: Sequence[str], max_length: int, checkpoint_folder: str | Path | None = None
+) -> dict[str, np.ndarray]:
+    """``input_ids`` and ``attention_mask``, int32 (N, max_length), of MiniLM's WordPiece,
+    or of the tokenizer in ``checkpoint_folder`` (a Hugging Face folder, backbone ``bert``)."""
+    return tokenize(fixed_length_tokenizer(max_length, checkpoint_folder), texts)
+
+
+def fixed_length_tokenizer(
+    max_length: int, checkpoint_folder: str | Path | None = None
+) -> tokenizers.Tokenizer:
+    """The tokenizer of :func:`tokenize_texts` (shared: do not change its settings)."""
+    folder = None if checkpoint_folder is None else str(Path(checkpoint_folder).absolute())
+    return _fixed_length_tokenizer(max_length, folder)
 
 
 def count_tokens(texts: Sequence[str]) -> np.ndarray:
@@ -61,15 +81,24 @@ def build_text_classifier(
     pretrained: bool,
     seed: int = 0,
     taps: Sequence[int] | None = None,
+    weights_path: str | Path | None = None,
 ) -> TextClassifier:
     """Text encoder from the backbone registry, plus a new head shaped by ``head_cfg``.
 
     ``seed`` also seeds the encoder's dropout stream, so a fine-tuning run is repeatable.
     ``taps``: the head reads the joined pooled outputs after these layer groups
     (:mod:`tlflax.taps`), and the layers above the highest tap are dropped; None, the
-    encoder's final pooled features.
+    encoder's final pooled features. ``weights_path``: the weights to load instead of the
+    packaged ones (for ``bert``, the Hugging Face folder, also read with ``pretrained=False``
+    for the encoder's size); see :func:`tlflax.models.registry.create_backbone`.
     """
-    backbone, _ = create_backbone(backbone_name, pretrained=pretrained, rngs=nnx.Rngs(seed))
+    backbone, _ = create_backbone(
+        backbone_name,
+        pretrained=pretrained,
+        weights_path=weights_path,
+        require_every_tensor=True,
+        rngs=nnx.Rngs(seed),
+    )
     in_features = backbone.feature_dim
     if taps is not None:
         # The encoder is cut at its highest tap: the layers above it never run.
@@ -88,11 +117,17 @@ def abstract_text_classifier(
     num_classes: int,
     head_cfg: TrainHeadParams,
     taps: Sequence[int] | None = None,
+    weights_path: str | Path | None = None,
 ) -> TextClassifier:
     """The classifier's structure with shape-only weights, to restore a checkpoint into."""
     return nnx.eval_shape(
         lambda: build_text_classifier(
-            backbone_name, num_classes, head_cfg, pretrained=False, taps=taps
+            backbone_name,
+            num_classes,
+            head_cfg,
+            pretrained=False,
+            taps=taps,
+            weights_path=weights_path,
         )
     )
 

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.config import TrainHeadParams, TransferRule
 from tlflax.data.pipeline import iterate_batches, num_batches
 from tlflax.loop import (
@@ -46,19 +47,28 @@ Forward = Callable[[nnx.Module, Batch, bool, jax.Array | None], jax.Array]
 
 
 def masked_cross_entropy(
-    logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    label_smoothing: float = 0.0,
+    class_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Mean cross-entropy over the real rows of a padded batch.
 
     ``label_smoothing`` moves that much of each target's mass evenly onto all classes
     (Szegedy et al., 2016): the loss stops rewarding ever larger logits, which on a few
-    hundred examples is one way a network memorises them.
+    hundred examples is one way a network memorises them. ``class_weights`` (one per class,
+    mean 1 over the training examples: :func:`tlflax.balance.class_weights`) scale each
+    example's loss by its class's weight; the mean still divides by the example count, so
+    the loss keeps its scale. None leaves the arithmetic exactly as unweighted.
     """
     if label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
     else:
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if class_weights is not None:
+        losses = losses * jnp.asarray(class_weights)[labels]
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -118,8 +128,16 @@ class HeadTrainer:
     """The steps of head training on cached features: one jitted train and eval step over
     the head's parameters, and an epoch / a validation pass built from them."""
 
-    def __init__(self, head: Head, cfg: TrainHeadParams, num_train_examples: int):
+    def __init__(
+        self,
+        head: Head,
+        cfg: TrainHeadParams,
+        num_train_examples: int,
+        balance: ClassBalance = NO_REMEDY,
+    ):
         self.cfg = cfg
+        self.balance = balance
+        self.class_weights = balance.loss_weights()
         self.graphdef, params = nnx.split(head, nnx.Param)
         names = parameter_names(params)
         leaves = jax.tree_util.tree_leaves(params)
@@ -138,7 +156,9 @@ class HeadTrainer:
     def _train_step(self, params, opt_state, batch, key):
         def loss_fn(params):
             logits = nnx.merge(self.graphdef, params)(batch["features"], dropout_key=key)
-            return masked_cross_entropy(logits, batch["label"], batch["mask"])
+            return masked_cross_entropy(
+                logits, batch["label"], batch["mask"], class_weights=self.class_weights
+            )
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = self.tx.update(grads, opt_state, params)
@@ -153,7 +173,12 @@ class HeadTrainer:
         params, opt_state, key = state
         loss_sum, count = 0.0, 0.0
         batches = iterate_batches(
-            train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch
+            train,
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            balanced=self.balance.balanced_sampling,
         )
         for step, batch in enumerate(batches):
             key, step_key = jax.random.split(key)
@@ -176,6 +201,7 @@ def train_head(
     validation: dict[str, np.ndarray],
     cfg: TrainHeadParams,
     *,
+    balance: ClassBalance = NO_REMEDY,
     on_epoch_end: EpochCallback | None = None,
 ) -> History:
     """Train ``head`` in place on cached features, keeping the weights of the best epoch.
@@ -184,12 +210,13 @@ def train_head(
       head: a freshly created head; updated in place to the best validation epoch.
       train, validation: ``{"features": (N, D) float32, "label": (N,) int}``.
       cfg: the ``train_head`` section of params.yaml.
+      balance: the remedy for imbalanced training data (:mod:`tlflax.balance`).
       on_epoch_end: called with (epoch, metrics) after each epoch (e.g. dvclive logging).
 
     Returns:
       The per-epoch history; early stopping watches the validation loss.
     """
-    trainer = HeadTrainer(head, cfg, len(train["label"]))
+    trainer = HeadTrainer(head, cfg, len(train["label"]), balance)
     (best_params, _, _), history = fit_epochs(
         trainer.initial,
         train_epoch=lambda state, epoch: trainer.run_epoch(state, train, epoch),

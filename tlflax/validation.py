@@ -25,7 +25,9 @@ Each check is ``critical`` or ``warning``; validation succeeds when no critical 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,7 @@ class ValidationSummary:
                 ),
                 "num_warnings": sum(check.severity == "warning" for check in self.failures),
                 "data_docs_index": str(self.data_docs_index),
-                "checks": [vars(check) for check in self.checks],
+                "checks": [_check_record(check) for check in self.checks],
             }
         )
 
@@ -98,6 +100,8 @@ class ValidationSummary:
                 f"  {check.severity.upper():8} {check.name}: observed {_short(check.observed)}, "
                 f"threshold {_short(check.threshold)}"
             )
+            if check.note:
+                lines.append(f"           {check.note}")
             if check.failing_records:
                 lines.append(
                     "           records: " + ", ".join(map(_record_label, check.failing_records))
@@ -136,6 +140,7 @@ def validate_manifest(
     ]
     checks = run_expectations(manifest, plan_expectations(manifest, thresholds, splits), site_dir)
     checks += _computed_checks(manifest, thresholds, splits, records_per_split)
+    checks = [_with_balance_note(check, thresholds) for check in checks]
     checks.sort(key=lambda check: (_CHECK_ORDER.index(check.name.split(".")[0]), check.name))
     success = not any(check.severity == "critical" and not check.passed for check in checks)
     return ValidationSummary(success, checks, docs_dir / "index.html")
@@ -180,7 +185,7 @@ def _class_count_checks(
     return [
         CheckResult(
             f"balance.{split}.class_ratio",
-            "critical",
+            thresholds.label_balance_severity,
             passed=ratio <= thresholds.max_class_ratio,
             observed=json_ready(
                 {"ratio": ratio, "largest": counts.idxmax(), "smallest": counts.idxmin()}
@@ -195,6 +200,26 @@ def _class_count_checks(
             threshold=thresholds.min_examples_per_class,
         ),
     ]
+
+
+# The checks an imbalanced label distribution fails, and a training remedy answers.
+_LABEL_BALANCE_CHECK = re.compile(
+    r"^(balance\.\w+\.(class_ratio|label_kl)|representativeness\.\w+\.label_kl)$"
+)
+NO_REMEDY_NOTE = (
+    "no remedy trains against it: set class_balance.remedy to weights or sampler (or auto) "
+    "in params.yaml"
+)
+
+
+def _with_balance_note(check: CheckResult, thresholds: ValidationThresholds) -> CheckResult:
+    """A failed label-balance check with what answers it: the remedy in force, or the key
+    that turns one on."""
+    if check.passed or not _LABEL_BALANCE_CHECK.match(check.name):
+        return check
+    remedy = thresholds.class_balance_remedy
+    note = NO_REMEDY_NOTE if remedy is None else f"remedy in force: class balance {remedy}"
+    return dataclasses.replace(check, note=note)
 
 
 def _leakage_check(
@@ -219,6 +244,14 @@ def _leakage_check(
         threshold=thresholds.max_leakage_fraction,
         failing_records=records,
     )
+
+
+def _check_record(check: CheckResult) -> dict[str, Any]:
+    """A check as a dict; a check without a note has no ``note`` key (as before notes)."""
+    record = dict(vars(check))
+    if record["note"] is None:
+        del record["note"]
+    return record
 
 
 def _short(value: Any) -> str:

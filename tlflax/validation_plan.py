@@ -252,6 +252,7 @@ def _per_split_expectations(
                 _expect(
                     f"balance.{split}.label_kl",
                     "ExpectColumnKLDivergenceToBeLessThan",
+                    thresholds.label_balance_severity,
                     split=split,
                     column="label_name",
                     partition_object=expected_labels,
@@ -291,6 +292,7 @@ def _representativeness_expectations(
                 _expect(
                     f"representativeness.{split}.label_kl",
                     "ExpectColumnKLDivergenceToBeLessThan",
+                    thresholds.label_balance_severity,
                     split=split,
                     column="label_name",
                     partition_object=reference_labels,

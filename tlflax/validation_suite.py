@@ -60,6 +60,10 @@ class ValidationThresholds:
             source file may have; a source must also last more than 0 s.
         max_silent_fraction: audio only: share of the clips (all splits) that may be silent.
         max_clipped_fraction: audio only: largest share of one clip's frames at full scale.
+        class_balance_remedy: the remedy training applies to imbalanced data (e.g.
+            ``"weights (auto: largest/smallest 10.00 > validate.max_class_ratio 1.5)"``);
+            with one, the label-balance checks (class ratio, label KL divergences) warn
+            instead of failing. None: no remedy, and they are critical.
     """
 
     expected_classes: list[str]
@@ -79,6 +83,12 @@ class ValidationThresholds:
     max_source_seconds: float = 600.0
     max_silent_fraction: float = 0.0
     max_clipped_fraction: float = 0.01
+    class_balance_remedy: str | None = None
+
+    @property
+    def label_balance_severity(self) -> Severity:
+        """Critical, unless a remedy makes training meet imbalance (then a warning)."""
+        return "critical" if self.class_balance_remedy is None else "warning"
 
     def __post_init__(self) -> None:
         if not self.expected_classes or not self.required_splits:
@@ -106,6 +116,7 @@ class CheckResult:
         threshold: the limit it was compared with.
         failing_records: up to 10 offending records, each ``{"split", "index", ...}``.
         source: the GX expectation type, or ``"computed"``.
+        note: what to do about a failure, or what already answers it (None: nothing).
     """
 
     name: str
@@ -115,6 +126,7 @@ class CheckResult:
     threshold: Any
     failing_records: list[dict[str, Any]] = field(default_factory=list)
     source: str = "computed"
+    note: str | None = None
 
 
 def run_expectations(

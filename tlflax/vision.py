@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +31,23 @@ def build_image_classifier(
     pretrained: bool,
     seed: int = 0,
     taps: Sequence[int] | None = None,
+    weights_path: str | Path | None = None,
 ) -> ImageClassifier:
     """Backbone without its original top, plus a new head shaped by ``head_cfg``.
 
     ``taps``: the head reads the joined pooled outputs after these layer groups
     (:mod:`tlflax.taps`), and the groups above the highest tap are dropped; None, the
-    backbone's final pooled features.
+    backbone's final pooled features. ``weights_path``: a state dict to load instead of
+    the packaged weights (with ``pretrained``; see :func:`tlflax.models.registry.create_backbone`).
     """
     rngs = nnx.Rngs(seed)
-    backbone, _ = create_backbone(backbone_name, pretrained=pretrained, rngs=rngs)
+    backbone, _ = create_backbone(
+        backbone_name,
+        pretrained=pretrained,
+        weights_path=weights_path,
+        require_every_tensor=True,
+        rngs=rngs,
+    )
     in_features = backbone.feature_dim
     if taps is not None:
         # The network is cut at its highest tap: the groups above it never run.
@@ -64,6 +73,7 @@ def abstract_image_classifier(
     num_classes: int,
     head_cfg: TrainHeadParams,
     taps: Sequence[int] | None = None,
+    weights_path: str | Path | None = None,
 ) -> ImageClassifier:
     """The classifier's structure with shape-only weights, to restore a checkpoint into.
 
@@ -72,7 +82,12 @@ def abstract_image_classifier(
     """
     return nnx.eval_shape(
         lambda: build_image_classifier(
-            backbone_name, num_classes, head_cfg, pretrained=False, taps=taps
+            backbone_name,
+            num_classes,
+            head_cfg,
+            pretrained=False,
+            taps=taps,
+            weights_path=weights_path,
         )
     )
 

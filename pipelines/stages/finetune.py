@@ -55,6 +55,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         paths=paths,
         eval_batch_size=params.evaluate.batch_size,
         fingerprint=fingerprint,
+        balance=plan.class_balance,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flax import nnx
 
 from pipelines.stages.common import ExperimentPaths, LiveLog, check_batch_fits, run_stage
+from tlflax.balance import training_class_balance
 from tlflax.checkpoint import save_tree
 from tlflax.config import Params
 from tlflax.data.tfds_store import read_class_names
@@ -20,6 +21,8 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         paths.features / "train.npz", paths.features / "validation.npz", len(class_names)
     )
     check_batch_fits("train_head.batch_size", cfg.batch_size, train)
+    balance = training_class_balance(params, train["label"], class_names)
+    print(f"train_head: class balance: {balance.describe()}")
     head = create_head(train["features"].shape[1], len(class_names), cfg)
     epochs: list[dict[str, float]] = []
     live = LiveLog(paths.live("train_head"))
@@ -28,7 +31,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         epochs.append(metrics)  # the log as epochs end: progress shows while it trains
         live.update(epochs)
 
-    history = train_head(head, train, validation, cfg, on_epoch_end=log_epoch)
+    history = train_head(head, train, validation, cfg, balance=balance, on_epoch_end=log_epoch)
     live.update(history.epochs, final=True)
     with atomic_path(paths.head, directory=True) as temporary:
         save_tree(temporary, nnx.state(head, nnx.Param))

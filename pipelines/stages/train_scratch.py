@@ -33,6 +33,7 @@ def run(params: Params, paths: ExperimentPaths) -> None:
         paths=paths,
         eval_batch_size=params.evaluate.batch_size,
         fingerprint=run_fingerprint([plan, params], train, validation, nnx.state(model)),
+        balance=plan.class_balance,
     )
 
 

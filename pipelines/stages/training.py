@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from pipelines.stages.common import ExperimentPaths, LiveLog, resume_dir
 from tlflax import fit
+from tlflax.balance import ClassBalance
 from tlflax.checkpoint import delete_checkpoints
 from tlflax.config import FinetuneParams
 from tlflax.io import write_json
@@ -37,11 +38,13 @@ def fit_and_save(
     paths: ExperimentPaths,
     eval_batch_size: int,
     fingerprint: str,
+    balance: ClassBalance,
 ) -> dict:
     """The training run of ``stage`` (finetune, train_scratch) with the stage's outputs:
     :func:`tlflax.fit.fit_classifier`, checkpointing under :func:`resume_dir` (outside the
     outputs DVC deletes before a run, so a killed run resumes), then the model folder, the
-    dvclive log (as epochs end, :class:`LiveLog`) and the metrics JSON. Returns the summary."""
+    dvclive log (as epochs end, :class:`LiveLog`) and the metrics JSON; ``balance`` is the
+    plan's remedy for imbalanced training data. Returns the summary."""
     output_dir = paths.model_dir(stage)
     resume = resume_dir(output_dir)
     live = LiveLog(paths.live(stage))
@@ -59,6 +62,7 @@ def fit_and_save(
         # restores, so a kill never leaves a log with a gap.
         on_history=lambda history: live.update(history.epochs),
         name=stage,
+        balance=balance,
     )
     live.update(result.history.epochs, final=True)
     fit.save_classifier(

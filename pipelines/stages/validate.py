@@ -2,16 +2,21 @@
 
 A critical failure (wrong labels, imbalance, leakage, ...) exits non-zero with a readable
 summary naming the failing checks and example records, so DVC records nothing downstream.
-Warnings are reported and the run goes on.
+Warnings are reported and the run goes on. Imbalance that training will meet with a remedy
+(params ``class_balance``, resolved from the training split as the training stages resolve
+it) is a warning naming the remedy.
 """
 
 from __future__ import annotations
 
 import sys
 
+import pandas as pd
+
 from pipelines.stages.common import ExperimentPaths, run_stage
+from tlflax.balance import resolve_class_balance
 from tlflax.config import Params, ParamsError
-from tlflax.data.manifest import MANIFEST_SCHEMAS
+from tlflax.data.manifest import MANIFEST_SCHEMAS, class_counts
 from tlflax.data.tfds_store import read_class_names
 from tlflax.errors import MissingInputError
 from tlflax.io import read_parquet, write_json
@@ -46,6 +51,7 @@ def validate(params: Params, paths: ExperimentPaths) -> None:
         max_silent_fraction=cfg.max_silent_fraction,
         max_clipped_fraction=cfg.max_clipped_fraction,
         schema=MANIFEST_SCHEMAS[params.prepare.modality],
+        class_balance_remedy=_remedy_in_force(params, manifest, class_names),
     )
     # Relative to the project root: the summary is a DVC metric, which later stages depend
     # on, and an absolute path in it would make a copy of the project in another folder
@@ -55,6 +61,20 @@ def validate(params: Params, paths: ExperimentPaths) -> None:
     print(summary.format_report())
     if not summary.success:
         sys.exit(EXIT_VALIDATION_FAILED)
+
+
+def _remedy_in_force(params: Params, manifest: pd.DataFrame, class_names: list[str]) -> str | None:
+    """The remedy training will apply to the training split's imbalance, described; None
+    when there is none (or a class has no training example: the gate fails on that)."""
+    counts = class_counts(manifest, "train", class_names)
+    if counts.min() == 0:
+        return None
+    balance = resolve_class_balance(
+        params.class_balance,
+        counts.to_numpy(),
+        max_class_ratio=params.validate_params.max_class_ratio,
+    )
+    return None if balance.remedy == "none" else balance.describe()
 
 
 if __name__ == "__main__":

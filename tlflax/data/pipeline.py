@@ -36,6 +36,29 @@ def epoch_order(num_examples: int, *, shuffle: bool, seed: int, epoch: int) -> n
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_examples)
 
 
+def balanced_order(labels: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+    """A class-balanced epoch: as many draws as ``labels`` has examples, shared evenly
+    between the classes present, seeded by ``(seed, epoch)``.
+
+    Each class gets ``N // C`` draws (the remainder goes to classes picked at random), taken
+    from shuffled passes over its examples: a small class's examples repeat as evenly as they
+    can, a large class's are sub-sampled without repeats. The draws come in a random order.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    # Its own stream (a third seed word): the plain shuffle of epoch_order is left as it was.
+    generator = np.random.Generator(np.random.PCG64([seed, epoch, 1]))
+    draws = np.full(len(classes), len(labels) // len(classes))
+    draws[generator.choice(len(classes), len(labels) % len(classes), replace=False)] += 1
+    chosen = []
+    for class_label, wanted in zip(classes, draws, strict=True):
+        members = np.flatnonzero(labels == class_label)
+        passes = -(-wanted // len(members))
+        cycled = np.concatenate([generator.permutation(members) for _ in range(passes)])
+        chosen.append(cycled[:wanted])
+    return generator.permutation(np.concatenate(chosen))
+
+
 def iterate_batches(
     arrays: dict[str, np.ndarray],
     batch_size: int,
@@ -44,6 +67,7 @@ def iterate_batches(
     seed: int,
     epoch: int = 0,
     drop_remainder: bool = False,
+    balanced: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield fixed-shape batches of aligned arrays, each example once per epoch.
 
@@ -54,6 +78,8 @@ def iterate_batches(
         seed: base seed of the order.
         epoch: epoch number; each epoch has its own order.
         drop_remainder: skip the last partial batch instead of padding it.
+        balanced: draw the epoch class-balanced from ``arrays["label"]`` in a random order
+            (:func:`balanced_order`, same length) instead of visiting each example once.
 
     Returns:
         An iterator of dicts with the keys of ``arrays`` plus ``"mask"`` (float32, 1 for real rows, 0 for
@@ -78,7 +104,10 @@ def iterate_batches(
         if length != num_examples:
             raise DataError(f"arrays[{key!r}]", f"lengths differ: {lengths}")
     # Checked above, outside the generator, so bad input fails at the call, not at first use.
-    order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
+    if balanced:
+        order = balanced_order(arrays["label"], seed=seed, epoch=epoch)
+    else:
+        order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
     return _generate_batches(arrays, order, batch_size, drop_remainder)
 
 

@@ -51,7 +51,7 @@ from tlflax.data.manifest import (
     text_manifest,
 )
 from tlflax.data.spoken_language import read_spoken_language
-from tlflax.data.subsets import stratified_subset
+from tlflax.data.subsets import long_tail_sizes, require_every_class, stratified_subset
 from tlflax.data.text_file import TEXT_FILE_SUFFIXES, read_text_file, read_text_file_splits
 from tlflax.data.tfds_audio import write_audio_dataset
 from tlflax.data.tfds_store import write_image_dataset
@@ -306,7 +306,9 @@ def _size(per_class: int | None, fraction: float | None) -> dict[str, int | floa
 
 def _describe(cfg: PrepareParams) -> str:
     """The dataset's description in dataset_info.json: how train (and test) were drawn."""
-    if cfg.train_per_class is not None:
+    if cfg.train_imbalance_ratio is not None:
+        subset = f"long-tail {cfg.train_per_class}/class down by {cfg.train_imbalance_ratio:g}x"
+    elif cfg.train_per_class is not None:
         subset = f"{cfg.train_per_class}/class"
     else:
         subset = f"{1.0 if cfg.train_fraction is None else cfg.train_fraction:g} of each class"
@@ -322,6 +324,15 @@ def _describe(cfg: PrepareParams) -> str:
         else ""
     )
     return f"{cfg.dataset}: {subset} train subset (seed {cfg.seed}){deduplicated}{held_out}{clips}"
+
+
+def _train_size_keys(cfg: PrepareParams) -> str:
+    """The params keys that size the training subset, for an error message."""
+    if cfg.train_imbalance_ratio is not None:
+        return "prepare.train_per_class / prepare.train_imbalance_ratio"
+    return (
+        "prepare.train_per_class" if cfg.train_per_class is not None else "prepare.train_fraction"
+    )
 
 
 @dataclass(frozen=True)
@@ -364,9 +375,15 @@ def prepare_dataset(cfg: PrepareParams, dataset_dir: Path) -> PreparedDataset:
         exclude=dropped,
     )
     taken = validation_index if dropped is None else np.union1d(validation_index, dropped)
-    train_index = stratified_subset(
-        labels, **_size(cfg.train_per_class, cfg.train_fraction), seed=cfg.seed, exclude=taken
-    )
+    train_size = _size(cfg.train_per_class, cfg.train_fraction)
+    if cfg.train_imbalance_ratio is not None:
+        train_size = {
+            "per_class": long_tail_sizes(
+                len(raw.class_names), cfg.train_per_class, cfg.train_imbalance_ratio
+            )
+        }
+    train_index = stratified_subset(labels, **train_size, seed=cfg.seed, exclude=taken)
+    require_every_class(labels[train_index], raw.class_names, size_keys=_train_size_keys(cfg))
     splits = {
         "train": (records[train_index], labels[train_index]),
         "validation": (records[validation_index], labels[validation_index]),

@@ -7,6 +7,8 @@ sorted order, so the same seed selects the same examples on every machine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from tlflax.data.errors import DataError
@@ -15,7 +17,7 @@ from tlflax.data.errors import DataError
 def stratified_subset(
     labels: np.ndarray,
     *,
-    per_class: int | None = None,
+    per_class: int | Mapping[int, int] | None = None,
     fraction: float | None = None,
     seed: int,
     exclude: np.ndarray | None = None,
@@ -26,7 +28,8 @@ def stratified_subset(
 
     Args:
         labels: integer class label per example, shape (N,).
-        per_class: how many examples to take from each class.
+        per_class: how many examples to take from each class, or a count per class label
+            (:func:`long_tail_sizes`).
         fraction: share of each class's available examples to take (rounded per class).
         seed: selects the examples; same seed, same subset.
         exclude: indices into ``labels`` that must not be picked (e.g. a validation set).
@@ -52,7 +55,10 @@ def stratified_subset(
     chosen: list[np.ndarray] = []
     for class_label in np.unique(labels):
         candidates = np.flatnonzero((labels == class_label) & available)
-        wanted = per_class if per_class is not None else round(fraction * len(candidates))
+        if isinstance(per_class, Mapping):
+            wanted = per_class[int(class_label)]
+        else:
+            wanted = per_class if per_class is not None else round(fraction * len(candidates))
         if wanted > len(candidates):
             excluded_note = " after exclusions" if exclude is not None else ""
             raise DataError(
@@ -69,10 +75,44 @@ def _check_subset_size(per_class: int | None, fraction: float | None) -> None:
     """Refuse all but exactly one of ``per_class`` (>= 0) and ``fraction`` (in [0, 1])."""
     if (per_class is None) == (fraction is None):
         raise DataError("per_class/fraction", "give exactly one of per_class and fraction")
-    if per_class is not None and per_class < 0:
+    sizes = per_class.values() if isinstance(per_class, Mapping) else [per_class]
+    if per_class is not None and min(sizes, default=0) < 0:
         raise DataError("per_class", f"must be >= 0, got {per_class}")
     if fraction is not None and not 0.0 <= fraction <= 1.0:
         raise DataError("fraction", f"must be in [0, 1], got {fraction}")
+
+
+def require_every_class(
+    train_labels: np.ndarray, class_names: Sequence[str], *, size_keys: str
+) -> None:
+    """Refuse a training subset without an example of some class: nothing could learn it.
+
+    Raises:
+        DataError: naming the first empty class and ``size_keys``, the params that drew it.
+    """
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(class_names))
+    if counts.min() == 0:
+        raise DataError(
+            f"train class '{class_names[int(np.argmin(counts))]}'",
+            "has no training examples after the subset draw",
+            f"raise {size_keys}, or give the class examples in the source",
+        )
+
+
+def long_tail_sizes(num_classes: int, largest: int, ratio: float) -> dict[int, int]:
+    """Per-class sizes falling geometrically over the labels: ``largest`` for label 0 down
+    to ``largest / ratio`` for the last, rounded (CIFAR-10-LT's profile, Cui et al. 2019).
+
+    Example:
+        >>> long_tail_sizes(3, 100, 4.0)
+        {0: 100, 1: 50, 2: 25}
+    """
+    if num_classes == 1:
+        return {0: largest}
+    return {
+        label: round(largest * ratio ** (-label / (num_classes - 1)))
+        for label in range(num_classes)
+    }
 
 
 def _available_mask(count: int, exclude: np.ndarray | None) -> np.ndarray:

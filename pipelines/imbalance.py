@@ -1,0 +1,191 @@
+"""The long-tail job under each remedy for imbalance, several seeds each: does a remedy pay?
+
+    python -m pipelines.imbalance --seeds 0 1 2 --remedies none weights sampler
+
+Each (remedy, seed) is a full run of ``experiments/longtail/dvc.yaml`` through
+:func:`pipelines.seeds.run_seed` (``dvc exp run``, every ``seed`` key at the seed) with
+``class_balance.remedy`` set to the remedy. With ``none`` nothing trains against the long
+tail, so the data gate would stop the run: its label-balance thresholds are loosened the way
+a user without a remedy would have to (:data:`GATE_WITHOUT_REMEDY`). Nothing is chosen on
+test: the remedies are compared as written.
+
+Writes ``metrics/<experiment>/imbalance.json`` once every run has finished::
+
+    {"seeds": [0, 1, 2], "model": "finetune",
+     "none": {"accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
+              "min_recall_mean", "min_recall_std", "balanced_accuracy_mean", ...},
+     "weights": {...},
+     "head_only": {"none": {...}, "weights": {...}},
+     "runs": {"none": {"0": {"finetune": {...}, "head_only": {...}}, ...}, ...}}
+
+The fine-tuned model's scores are at the top level (MEASURE.md item 8), the head-only
+model's under ``head_only``; each ``*_std`` is the sample standard deviation (ddof 1).
+The params file gets its original bytes back at the end, as with :mod:`pipelines.seeds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from dvc.exceptions import DvcException
+
+from pipelines.flows import PipelineError
+from pipelines.seeds import (
+    add_project_and_seeds,
+    experiment_names,
+    find_seed_keys,
+    params_file_of,
+    restore_bytes,
+    run_seed,
+)
+from pipelines.stages.common import ExperimentPaths
+from tlflax.io import write_json
+
+PIPELINE_FILE = "experiments/longtail/dvc.yaml"
+REMEDIES = ("none", "weights", "sampler")
+SCORES = ("accuracy", "macro_f1", "min_recall", "balanced_accuracy")
+MODELS = ("finetune", "head_only")
+# What a user without a remedy must do to get past the gate on a 10:1 long tail: accept the
+# ratio and the label distributions it implies (KL of the tail from uniform: 0.23 and 0.25).
+GATE_WITHOUT_REMEDY = (
+    "validate.max_class_ratio=10.0",
+    "validate.max_label_kl_divergence=0.3",
+    "validate.max_split_kl_divergence=0.3",
+)
+
+
+def remedy_overrides(remedy: str) -> list[str]:
+    """The params a run of ``remedy`` sets: the remedy, and without one the loosened gate."""
+    overrides = [f"class_balance.remedy={remedy}"]
+    return overrides + list(GATE_WITHOUT_REMEDY) if remedy == "none" else overrides
+
+
+def model_scores(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """:data:`SCORES` of each of :data:`MODELS` in one run's ``evaluate.json``.
+
+    Raises:
+      ValueError: a model or score missing (an evaluate.json from before these scores).
+    """
+    scores = {}
+    for model in MODELS:
+        entry = evaluation.get(model)
+        if not isinstance(entry, Mapping) or any(key not in entry for key in SCORES):
+            raise ValueError(f"'{model}' lacks one of {SCORES}: run evaluate again")
+        scores[model] = {key: float(entry[key]) for key in SCORES}
+    return scores
+
+
+def summarize(runs: Mapping[int, Mapping[str, Mapping[str, float]]], model: str) -> dict:
+    """Mean and sample standard deviation of each score of ``model`` over the seeds' runs."""
+    summary = {}
+    for key in SCORES:
+        values = np.array([run[model][key] for run in runs.values()])
+        summary[f"{key}_mean"] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return summary
+
+
+def imbalance_report(seeds: Sequence[int], runs: Mapping[str, Mapping[int, Mapping]]) -> dict:
+    """The ``imbalance.json`` document from each remedy's runs (remedy -> seed -> scores)."""
+    report: dict[str, Any] = {"seeds": list(seeds), "model": "finetune"}
+    for remedy, by_seed in runs.items():
+        report[remedy] = summarize(by_seed, "finetune")
+    report["head_only"] = {
+        remedy: summarize(by_seed, "head_only") for remedy, by_seed in runs.items()
+    }
+    report["runs"] = {
+        remedy: {str(seed): by_seed[seed] for seed in seeds} for remedy, by_seed in runs.items()
+    }
+    return report
+
+
+def format_table(report: Mapping[str, Any], remedies: Sequence[str]) -> str:
+    """The fine-tuned model's means per remedy, as the README's table rows."""
+    lines = [
+        "| remedy | accuracy | macro-F1 | min recall | balanced accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for remedy in remedies:
+        scores = report[remedy]
+        cells = [f"{scores[f'{key}_mean']:.4f} ± {scores[f'{key}_std']:.4f}" for key in SCORES]
+        lines.append(f"| {remedy} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def run_remedies(
+    project_dir: str, seeds: Sequence[int], remedies: Sequence[str], pipeline_file: str
+) -> dict[str, Any]:
+    """Every (remedy, seed) run of ``pipeline_file``; writes and returns ``imbalance.json``.
+
+    Raises:
+      SeedRunFailed: a run failed (nothing is written).
+      PipelineError: the params file has no experiment or seed keys.
+    """
+    project = Path(project_dir).resolve()
+    params_path = project / params_file_of(pipeline_file)
+    original_params = params_path.read_bytes()
+    params = yaml.safe_load(original_params) or {}
+    experiment, seed_keys = params.get("experiment"), find_seed_keys(params)
+    if not experiment or not seed_keys:
+        raise PipelineError(f"{params_path}: needs an 'experiment' and a section with a 'seed'")
+    paths = ExperimentPaths(str(experiment))
+    runs: dict[str, dict[int, dict]] = {remedy: {} for remedy in remedies}
+    try:
+        for remedy in remedies:
+            names = experiment_names(project, f"{experiment}-{remedy}", seeds)
+            for seed in seeds:
+                started = time.perf_counter()
+                run_seed(
+                    project,
+                    pipeline_file,
+                    seed_keys,
+                    seed,
+                    names[seed],
+                    paths.metrics("evaluate"),
+                    overrides=remedy_overrides(remedy),
+                )
+                evaluation = json.loads((project / paths.metrics("evaluate")).read_text())
+                runs[remedy][seed] = model_scores(evaluation)
+                print(
+                    f"imbalance: {remedy}, seed {seed}: {runs[remedy][seed]['finetune']} "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+    finally:
+        restore_bytes(params_path, original_params)
+    report = imbalance_report(seeds, runs)
+    write_json(project / paths.metrics("imbalance"), report)
+    print(f"imbalance: wrote {paths.metrics('imbalance')}")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_project_and_seeds(parser, "distinct seeds, each run under every remedy")
+    parser.add_argument(
+        "--remedies", nargs="+", choices=REMEDIES, default=["none", "weights"], help="remedies"
+    )
+    parser.add_argument("--pipeline-file", default=PIPELINE_FILE, help="the long-tail pipeline")
+    arguments = parser.parse_args()
+    if len(set(arguments.seeds)) != len(arguments.seeds):
+        parser.error("--seeds: give distinct seeds")
+    try:
+        report = run_remedies(
+            arguments.project_dir, arguments.seeds, arguments.remedies, arguments.pipeline_file
+        )
+    except (PipelineError, DvcException) as error:
+        print(f"imbalance: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(format_table(report, arguments.remedies))
+
+
+if __name__ == "__main__":
+    main()
