@@ -100,13 +100,24 @@ def plan_tables(plan: Mapping[str, Any]) -> str:
         if isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value)
     }
     parts = [table(["setting", "value"], singles)] if singles else []
-    if sections:
-        names = list(dict.fromkeys(name for flat in sections.values() for name in flat))
+    # Sections with settings in common (fine-tuning, from scratch) side by side; one that
+    # shares none (the class-balance decision) in a table of its own.
+    alone = {
+        key: flat
+        for key, flat in sections.items()
+        if not any(set(flat) & set(other) for name, other in sections.items() if name != key)
+    }
+    side_by_side = {key: flat for key, flat in sections.items() if key not in alone}
+    if side_by_side:
+        names = list(dict.fromkeys(name for flat in side_by_side.values() for name in flat))
         rows = [
-            [name, *(_cell(flat[name]) if name in flat else "" for flat in sections.values())]
+            [name, *(_cell(flat[name]) if name in flat else "" for flat in side_by_side.values())]
             for name in names
         ]
-        parts.append(table(["setting", *sections], rows))
+        parts.append(table(["setting", *side_by_side], rows))
+    for key, flat in alone.items():
+        rows = [[name, _cell(value)] for name, value in flat.items()]
+        parts.append(table(["setting", "value"], rows, caption=key.replace("_", " ")))
     for key, items in records.items():
         columns = list(dict.fromkeys(column for item in items for column in item))
         rows = [[_cell(item.get(column, "")) for column in columns] for item in items]

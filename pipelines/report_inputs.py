@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.reports import MODEL_LABELS, Warn, data_docs_index, read_json
+from pipelines.reports import MODEL_LABELS, Warn, data_docs_index, read_json, read_text
 from pipelines.stages.common import ExperimentPaths
 from pipelines.stages.learning_curves import read_learning_curves
 
@@ -82,16 +82,6 @@ def _read_object(path: Path, warn: Warn) -> dict | None:
     return content
 
 
-def _read_text(path: Path, warn: Warn) -> str | None:
-    if not path.is_file():
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, ValueError) as error:
-        warn(f"report input {path} is unreadable, left out: {error}")
-        return None
-
-
 def read_confusion(path: Path, class_order: list[str], warn: Warn) -> Confusion | None:
     """Count the ``actual,predicted`` rows of ``confusion.csv`` (one per test example).
 
@@ -145,7 +135,7 @@ def load_run_inputs(paths: ProjectPaths, warn: Warn) -> RunInputs:
         seeds=_read_object(paths.metrics("seeds"), warn),
         validation=validation,
         advice=_read_object(paths.metrics("advice"), warn),
-        advice_markdown=_read_text(paths.reports / "advice.md", warn),
+        advice_markdown=read_text(paths.reports / "advice.md", warn),
         plan=_read_object(paths.metrics("plan"), warn),
         baseline=_read_object(paths.metrics("baseline"), warn),
         classification=classification,

@@ -71,13 +71,25 @@ def artifact_key(experiment: str, kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"tlflax-{experiment}-{kind}".lower()).strip("-")
 
 
-def read_json(path: Path, warn: Warn) -> Any | None:
-    """The JSON in ``path``; None when it is missing, or (after ``warn``) unreadable."""
+def read_text(path: Path, warn: Warn) -> str | None:
+    """The UTF-8 text of ``path``; None when it is missing, or (after ``warn``) unreadable."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return path.read_text(encoding="utf-8")
     except (OSError, ValueError) as error:
+        warn(f"report input {path} is unreadable, left out: {error}")
+        return None
+
+
+def read_json(path: Path, warn: Warn) -> Any | None:
+    """The JSON in ``path``; None when it is missing, or (after ``warn``) unreadable."""
+    text = read_text(path, warn)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as error:
         warn(f"report input {path} is unreadable, left out: {error}")
         return None
 
@@ -190,14 +202,7 @@ def report_markdown(
 
 def advice_report(project: Path, experiment: str, warn: Warn) -> str | None:
     """The advise stage's recommendation with its evidence (``reports/<experiment>/advice.md``)."""
-    path = project / "reports" / experiment / "advice.md"
-    if not path.is_file():
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, ValueError) as error:
-        warn(f"report input {path} is unreadable, left out: {error}")
-        return None
+    return read_text(project / "reports" / experiment / "advice.md", warn)
 
 
 def per_class_rows(project: Path, experiment: str, warn: Warn) -> list[dict[str, Any]]:
