@@ -52,6 +52,7 @@ from pipelines.dvc_commands import (  # noqa: E402, F401
     remote_options,
     stream_dvc,
 )
+from pipelines.dvc_plots import DVC_PLOTS_TEMPLATE, experiment_plots  # noqa: E402
 from tlflax.errors import MissingInputError  # noqa: E402
 from tlflax.offline_pages import vendor_dvc_plots  # noqa: E402
 
@@ -208,42 +209,20 @@ def push_data(project_dir: str, remote: str | None) -> int:
 # --- Reports --------------------------------------------------------------------------------
 
 
-# Loads Vega from static/vendor/ beside the page, not from a CDN: the page renders offline.
-DVC_PLOTS_TEMPLATE = PROJECT_ROOT / "pipelines" / "templates" / "dvc_plots.html"
-
-
-def _experiment_plots(project: Path, experiment: str) -> list[str]:
-    """The plot outputs of ``experiment``'s pipeline (its own in experiments/, else the root
-    one), as paths from the project root: exact outputs, which ``dvc plots show`` takes as
-    its targets without also reading them as plain files."""
-    own = f"experiments/{experiment}/dvc.yaml"
-    pipeline = own if reports.read_experiment(project, own) == experiment else "dvc.yaml"
-    with open_repository(str(project)) as repository:
-        return [
-            os.path.relpath(plot.fs_path, repository.root_dir)
-            for plot in repository.index.plots
-            if os.path.relpath(plot.stage.dvcfile.path, repository.root_dir) == pipeline
-        ]
-
-
 def _render_dvc_plots(project: Path, experiment: str, refresh: bool) -> Path | None:
     """``dvc plots show`` of the experiment's pipeline into reports/<experiment>/dvc_plots/,
     re-rendered only when ``refresh`` or absent, so a no-op run does not pay for it."""
     output = project / "reports" / experiment / "dvc_plots"
     index = output / "index.html"
     if refresh or not index.is_file():
-        # Only this experiment's plots: without targets DVC reads every pipeline's, and
-        # fails on those of experiments that have not run yet.
-        arguments = ["plots", "show", "--html-template", str(DVC_PLOTS_TEMPLATE)]
-        arguments += ["--out", str(output), *_experiment_plots(project, experiment)]
+        plots = experiment_plots(project, experiment)
+        arguments = ["plots", "show", "--html-template", str(DVC_PLOTS_TEMPLATE), "--out"]
         output.mkdir(parents=True, exist_ok=True)
         try:
-            run_dvc(arguments, str(project), "dvc plots show")
+            run_dvc([*arguments, str(output), *plots], str(project), "dvc plots show")
             vendor_dvc_plots(output)
-        except StageFailed as error:
-            get_run_logger().warning(f"DVC plots left out of the report: {error}")
-        except MissingInputError as error:
-            get_run_logger().warning(f"DVC plots page blank without its scripts: {error}")
+        except (StageFailed, MissingInputError) as error:
+            get_run_logger().warning(f"DVC plots left out of the report, or blank: {error}")
     return index if index.is_file() else None
 
 
