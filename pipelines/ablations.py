@@ -31,24 +31,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from dvc.exceptions import DvcException
 
 from pipelines.flows import PipelineError, open_repository
 from pipelines.seeds import (
     STANDARD_DEVIATION_DDOF,
     add_project_and_seeds,
-    find_seed_keys,
     first_free_name,
-    params_file_of,
+    read_seed_params,
     restore_bytes,
     run_dvc,
+    run_or_exit,
     run_seed,
 )
 from pipelines.stages.common import ExperimentPaths
@@ -274,13 +272,9 @@ def run_ablations(
     project = Path(project_dir).resolve()
     pipeline_file, rows = load_rows(project / ABLATIONS_FILE, job)
     rows = _selected_rows(rows, only, job)
-    params_path = project / params_file_of(pipeline_file)
-    original_params = params_path.read_bytes()
-    params = yaml.safe_load(original_params) or {}
-    experiment, seed_keys = params.get("experiment"), find_seed_keys(params)
-    if not experiment or not seed_keys:
-        raise PipelineError(f"{params_path}: needs an 'experiment' and a section with a 'seed'")
-    paths = ExperimentPaths(str(experiment))
+    seed_params = read_seed_params(project, pipeline_file)
+    params_path, original_params = seed_params.path, seed_params.original
+    seed_keys, paths = seed_params.seed_keys, ExperimentPaths(seed_params.experiment)
     results: dict[str, dict] = {}
     is_taken = taken_names(project)
     try:
@@ -306,13 +300,12 @@ def main() -> None:
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds):
         parser.error("--seeds: give distinct seeds")
-    try:
-        report = run_ablations(
+    report = run_or_exit(
+        "ablations",
+        lambda: run_ablations(
             arguments.project_dir, arguments.job, arguments.seeds, arguments.rows
-        )
-    except (PipelineError, DvcException) as error:
-        print(f"ablations: {error}", file=sys.stderr)
-        sys.exit(1)
+        ),
+    )
     print(format_table(report))
 
 

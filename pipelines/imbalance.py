@@ -27,23 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from dvc.exceptions import DvcException
 
-from pipelines.flows import PipelineError
 from pipelines.seeds import (
     add_project_and_seeds,
     experiment_names,
-    find_seed_keys,
-    params_file_of,
+    read_seed_params,
     restore_bytes,
+    run_or_exit,
     run_seed,
 )
 from pipelines.stages.common import ExperimentPaths
@@ -130,13 +126,10 @@ def run_remedies(
       PipelineError: the params file has no experiment or seed keys.
     """
     project = Path(project_dir).resolve()
-    params_path = project / params_file_of(pipeline_file)
-    original_params = params_path.read_bytes()
-    params = yaml.safe_load(original_params) or {}
-    experiment, seed_keys = params.get("experiment"), find_seed_keys(params)
-    if not experiment or not seed_keys:
-        raise PipelineError(f"{params_path}: needs an 'experiment' and a section with a 'seed'")
-    paths = ExperimentPaths(str(experiment))
+    seed_params = read_seed_params(project, pipeline_file)
+    params_path, original_params = seed_params.path, seed_params.original
+    experiment, seed_keys = seed_params.experiment, seed_params.seed_keys
+    paths = ExperimentPaths(experiment)
     runs: dict[str, dict[int, dict]] = {remedy: {} for remedy in remedies}
     try:
         for remedy in remedies:
@@ -177,13 +170,12 @@ def main() -> None:
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds):
         parser.error("--seeds: give distinct seeds")
-    try:
-        report = run_remedies(
+    report = run_or_exit(
+        "imbalance",
+        lambda: run_remedies(
             arguments.project_dir, arguments.seeds, arguments.remedies, arguments.pipeline_file
-        )
-    except (PipelineError, DvcException) as error:
-        print(f"imbalance: {error}", file=sys.stderr)
-        sys.exit(1)
+        ),
+    )
     print(format_table(report, arguments.remedies))
 
 

@@ -45,8 +45,9 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from dvc.exceptions import DvcException
@@ -75,6 +76,8 @@ from pipelines.seed_statistics import (  # noqa: F401
 )
 from pipelines.stages.common import ExperimentPaths
 from tlflax.io import atomic_path, write_json
+
+T = TypeVar("T")
 
 DEFAULT_SEEDS = (0, 1, 2)
 
@@ -160,6 +163,32 @@ def failure_message(seed: int, status: int, output: Sequence[str]) -> str:
 def params_file_of(pipeline_file: str) -> Path:
     """The params file of a pipeline: the params.yaml beside it (as ``reports`` reads it)."""
     return Path(pipeline_file).parent / "params.yaml"
+
+
+@dataclass(frozen=True)
+class SeedParams:
+    """A pipeline's params file as a seed run finds it: its bytes (given back at the end),
+    the experiment it names and the keys that hold a seed."""
+
+    path: Path
+    original: bytes
+    experiment: str
+    seed_keys: list[str]
+
+
+def read_seed_params(project: Path, pipeline_file: str) -> SeedParams:
+    """The params file beside ``pipeline_file``, checked for what a seed run needs.
+
+    Raises:
+        PipelineError: the file names no experiment, or no section holds a ``seed``.
+    """
+    path = project / params_file_of(pipeline_file)
+    original = path.read_bytes()
+    params = yaml.safe_load(original) or {}
+    experiment, seed_keys = params.get("experiment"), find_seed_keys(params)
+    if not experiment or not seed_keys:
+        raise PipelineError(f"{path}: needs an 'experiment' and a section with a 'seed'")
+    return SeedParams(path, original, str(experiment), seed_keys)
 
 
 def experiment_names(project: Path, experiment: str, seeds: Sequence[int]) -> dict[int, str]:
@@ -271,16 +300,12 @@ def run_seeds(project_dir: str, pipeline_file: str, seeds: Sequence[int]) -> dic
             workspace with ``dvc repro`` failed.
     """
     project = Path(project_dir).resolve()
-    params_path = project / params_file_of(pipeline_file)
-    original_params = params_path.read_bytes()
-    params = yaml.safe_load(original_params) or {}
-    experiment = params.get("experiment")
-    seed_keys = find_seed_keys(params)
-    if not experiment or not seed_keys:
-        raise PipelineError(f"{params_path}: needs an 'experiment' and a section with a 'seed'")
-    paths = ExperimentPaths(str(experiment))
-    names = experiment_names(project, str(experiment), seeds)
-    original_seed = own_seed(params, seed_keys)
+    seed_params = read_seed_params(project, pipeline_file)
+    params_path, original_params = seed_params.path, seed_params.original
+    experiment, seed_keys = seed_params.experiment, seed_params.seed_keys
+    paths = ExperimentPaths(experiment)
+    names = experiment_names(project, experiment, seeds)
+    original_seed = own_seed(yaml.safe_load(original_params), seed_keys)
     runs: dict[int, SeedScores] = {}
     try:
         for seed in run_order(seeds, original_seed):
@@ -331,6 +356,16 @@ def add_project_and_seeds(parser: argparse.ArgumentParser, seeds_help: str) -> N
     )
 
 
+def run_or_exit(command: str, run: Callable[[], T]) -> T:
+    """``run()``; a failure DVC or the pipeline reports (not a git repository, a lock, a
+    failed run) ends the command with one line and exit status 1."""
+    try:
+        return run()
+    except (PipelineError, DvcException) as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_project_and_seeds(parser, "two or more distinct seeds")
@@ -342,11 +377,9 @@ def main() -> None:
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds) or len(arguments.seeds) < 2:
         parser.error("--seeds: give two or more distinct seeds (a sample std needs two)")
-    try:
-        report = run_seeds(arguments.project_dir, arguments.pipeline_file, arguments.seeds)
-    except (PipelineError, DvcException) as error:  # DVC's: not a git repository, a lock
-        print(f"seeds: {error}", file=sys.stderr)
-        sys.exit(1)
+    report = run_or_exit(
+        "seeds", lambda: run_seeds(arguments.project_dir, arguments.pipeline_file, arguments.seeds)
+    )
     print(format_table(report))
 
 
