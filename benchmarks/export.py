@@ -28,6 +28,8 @@ import onnxruntime
 from flax import nnx
 
 from benchmarks.common import print_table, time_interleaved, write_results
+from tlflax.advice_rules import load_advice
+from tlflax.api import chosen_params
 from tlflax.config import load_params
 from tlflax.export import (
     export_onnx_program,
@@ -92,6 +94,8 @@ def _latencies(predictors: dict[str, Predictor], images: np.ndarray) -> dict[str
 
 def main() -> None:
     params = load_params(PARAMS_FILE)
+    # extract.backbone: auto -> the backbone the advise stage chose (the one fine-tuned).
+    params = chosen_params(params, load_advice(Path("metrics") / params.experiment / "advice.json"))
     task = task_for(params, Path("data") / params.experiment / "tfds")
     model_path = Path("models") / params.experiment / "finetune" / "model"
     model, forward = task.load_classifier(len(task.class_names()), model_path)

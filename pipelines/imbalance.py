@@ -1,6 +1,6 @@
 """The long-tail job under each remedy for imbalance, several seeds each: does a remedy pay?
 
-    python -m pipelines.imbalance --seeds 0 1 2 --remedies none weights sampler
+    python -m pipelines.imbalance --seeds 0 1 2 --remedies none weights sampler logit_adjustment
 
 Each (remedy, seed) is a full run of ``experiments/longtail/dvc.yaml`` through
 :func:`pipelines.seeds.run_seed` (``dvc exp run``, every ``seed`` key at the seed) with
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.flows import PipelineError
 from pipelines.seeds import (
     add_project_and_seeds,
     experiment_names,
@@ -46,7 +47,7 @@ from pipelines.stages.common import ExperimentPaths
 from tlflax.io import write_json
 
 PIPELINE_FILE = "experiments/longtail/dvc.yaml"
-REMEDIES = ("none", "weights", "sampler")
+REMEDIES = ("none", "weights", "sampler", "logit_adjustment")
 SCORES = ("accuracy", "macro_f1", "min_recall", "balanced_accuracy")
 MODELS = ("finetune", "head_only")
 # What a user without a remedy must do to get past the gate on a 10:1 long tail: accept the
@@ -116,10 +117,40 @@ def format_table(report: Mapping[str, Any], remedies: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def earlier_runs(
+    path: Path, seeds: Sequence[int], rerun: Sequence[str]
+) -> dict[str, dict[int, dict]]:
+    """The runs of the remedies not in ``rerun`` from an earlier ``imbalance.json`` at
+    ``path`` (empty when there is none).
+
+    Raises:
+      PipelineError: the earlier file ran other seeds (their runs would not compare).
+    """
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if list(earlier.get("seeds", [])) != list(seeds):
+        raise PipelineError(
+            f"{path}: ran seeds {earlier.get('seeds')}, not {list(seeds)}; run every remedy "
+            "with these seeds instead of --keep-others"
+        )
+    return {
+        remedy: {int(seed): scores for seed, scores in by_seed.items()}
+        for remedy, by_seed in earlier["runs"].items()
+        if remedy not in rerun
+    }
+
+
 def run_remedies(
-    project_dir: str, seeds: Sequence[int], remedies: Sequence[str], pipeline_file: str
+    project_dir: str,
+    seeds: Sequence[int],
+    remedies: Sequence[str],
+    pipeline_file: str,
+    *,
+    keep_others: bool = False,
 ) -> dict[str, Any]:
-    """Every (remedy, seed) run of ``pipeline_file``; writes and returns ``imbalance.json``.
+    """Every (remedy, seed) run of ``pipeline_file``; writes and returns ``imbalance.json``
+    (with ``keep_others``, also holding the other remedies' runs of the file it replaces).
 
     Raises:
       SeedRunFailed: a run failed (nothing is written).
@@ -154,6 +185,8 @@ def run_remedies(
                 )
     finally:
         restore_bytes(params_path, original_params)
+    if keep_others:
+        runs = {**earlier_runs(project / paths.metrics("imbalance"), seeds, remedies), **runs}
     report = imbalance_report(seeds, runs)
     write_json(project / paths.metrics("imbalance"), report)
     print(f"imbalance: wrote {paths.metrics('imbalance')}")
@@ -167,16 +200,25 @@ def main() -> None:
         "--remedies", nargs="+", choices=REMEDIES, default=["none", "weights"], help="remedies"
     )
     parser.add_argument("--pipeline-file", default=PIPELINE_FILE, help="the long-tail pipeline")
+    parser.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="keep the other remedies' runs of the existing imbalance.json (same seeds)",
+    )
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds):
         parser.error("--seeds: give distinct seeds")
     report = run_or_exit(
         "imbalance",
         lambda: run_remedies(
-            arguments.project_dir, arguments.seeds, arguments.remedies, arguments.pipeline_file
+            arguments.project_dir,
+            arguments.seeds,
+            arguments.remedies,
+            arguments.pipeline_file,
+            keep_others=arguments.keep_others,
         ),
     )
-    print(format_table(report, arguments.remedies))
+    print(format_table(report, [remedy for remedy in REMEDIES if remedy in report["runs"]]))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,16 @@ def model_section(inputs: RunInputs, params: Params | None) -> list[str]:
     lines = ["## Model", ""]
     if params is not None:
         weights = "pretrained weights" if params.extract.pretrained else "random initial weights"
-        lines.append(f"- Backbone: `{_md(params.extract.backbone)}`, from {weights}.")
+        choice = (inputs.advice or {}).get("backbone")
+        # extract.backbone: auto - the stage's params already name the pick; say who picked.
+        backbone = choice["chosen"] if isinstance(choice, dict) else params.extract.backbone
+        lines.append(f"- Backbone: `{_md(backbone)}`, from {weights}.")
+        if isinstance(choice, dict):
+            names = ", ".join(candidate["name"] for candidate in choice["candidates"])
+            lines.append(
+                f"- Chosen by the advise stage (extract.backbone: auto) among {_md(names)}: "
+                f"{_md(choice['rule'])}."
+            )
     taps = _taps(plan)
     if taps:
         lines.append(f"- Features the head reads: {taps}.")

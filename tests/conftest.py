@@ -29,7 +29,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 TINY_PARAMS = {
     "prepare": {"train_per_class": 6, "validation_per_class": 3},
     "validate": {"min_examples_per_class": 3, "max_class_ratio": 2.0},
-    "extract": {"image_size": 32, "batch_size": 256},
+    "extract": {"backbone": "efficientnet_lite0", "image_size": 32, "batch_size": 256},
     "train_head": {"max_epochs": 5, "patience": 5},
     "finetune": {"epochs": 2, "batch_size": 20, "learning_rate": 1e-4},
     "evaluate": {"batch_size": 500},

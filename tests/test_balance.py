@@ -1,4 +1,5 @@
-"""Remedies for imbalanced training data (tlflax/balance.py): weights, sampler, auto, none.
+"""Remedies for imbalanced training data (tlflax/balance.py): weights, sampler, logit
+adjustment, auto, none.
 
 The ``none`` path must train exactly as the code did before remedies existed: the
 published metrics and seeds.json of the balanced jobs (which resolve ``auto`` to ``none``)
@@ -26,9 +27,10 @@ from tlflax.balance import (
     class_counts,
     class_weights,
     imbalance_ratio,
+    logit_offsets,
     resolve_class_balance,
 )
-from tlflax.config import ClassBalanceParams, TrainHeadParams
+from tlflax.config import ClassBalanceParams, ParamsError, TrainHeadParams, parse_params
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import balanced_order, epoch_order, iterate_batches
 from tlflax.data.subsets import long_tail_sizes, require_every_class, stratified_subset
@@ -122,6 +124,68 @@ def test_balanced_batches_keep_the_batch_count_and_plain_ones_their_order() -> N
     np.testing.assert_array_equal(visited, expected)
 
 
+# ------------------------------------------------------------------------------ logit adjustment
+
+
+def test_logit_offsets_are_tau_times_the_log_prior() -> None:
+    counts = np.array([60, 30, 10])
+    np.testing.assert_allclose(logit_offsets(counts), np.log(counts / 100))
+    np.testing.assert_allclose(logit_offsets(counts, tau=1.5), 1.5 * np.log(counts / 100))
+    # Only differences between classes matter to the softmax: tau * log of the count ratio.
+    offsets = logit_offsets(counts, tau=2.0)
+    assert offsets[0] - offsets[2] == pytest.approx(2.0 * np.log(6.0))
+
+
+def test_the_logit_adjustment_remedy_holds_the_offsets_and_no_weights() -> None:
+    params = ClassBalanceParams(remedy="logit_adjustment", tau=0.5)
+    balance = resolve_class_balance(params, [90, 30, 10], max_class_ratio=1.5)
+    assert balance.remedy == "logit_adjustment" and not balance.balanced_sampling
+    assert balance.loss_weights() is None
+    offsets = balance.loss_logit_offsets()
+    assert offsets is not None and offsets.dtype == np.float32
+    np.testing.assert_allclose(offsets, 0.5 * np.log(np.array([90, 30, 10]) / 130), rtol=1e-6)
+    assert "class_balance.remedy: logit_adjustment; largest/smallest 9.00; tau 0.5" in (
+        balance.describe()
+    )
+    # Every other remedy adds nothing to the logits.
+    for remedy in ("none", "weights", "sampler", "auto"):
+        other = resolve_class_balance(
+            ClassBalanceParams(remedy=remedy), [90, 30, 10], max_class_ratio=1.5
+        )
+        assert other.loss_logit_offsets() is None and other.logit_offsets == []
+    assert NO_REMEDY.loss_logit_offsets() is None
+
+
+def test_the_adjusted_loss_is_cross_entropy_on_shifted_logits() -> None:
+    logits = jax.random.normal(jax.random.key(1), (6, 3))
+    labels = jnp.array([0, 1, 2, 2, 0, 1])
+    mask = jnp.array([1, 1, 1, 1, 1, 0], jnp.float32)
+    offsets = jnp.asarray(logit_offsets([60, 30, 10]), jnp.float32)
+    adjusted = masked_cross_entropy(logits, labels, mask, logit_offsets=offsets)
+    shifted = optax.softmax_cross_entropy_with_integer_labels(logits + offsets, labels)
+    assert float(adjusted) == pytest.approx(float(jnp.sum(shifted * mask) / 5.0), rel=1e-6)
+    plain = masked_cross_entropy(logits, labels, mask)
+    assert abs(float(adjusted) - float(plain)) > 1e-3
+    # With label smoothing, the smoothed targets meet the same shifted logits.
+    smoothed = masked_cross_entropy(logits, labels, mask, 0.1, logit_offsets=offsets)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, 3), 0.1)
+    expected = jnp.sum(optax.softmax_cross_entropy(logits + offsets, targets) * mask) / 5.0
+    assert float(smoothed) == pytest.approx(float(expected), rel=1e-6)
+    # Equal offsets shift every logit alike: the softmax, and so the loss, do not change.
+    uniform = masked_cross_entropy(logits, labels, mask, logit_offsets=jnp.full(3, -2.0))
+    assert float(uniform) == pytest.approx(float(plain), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, 10.5])
+def test_tau_out_of_range_names_the_key(tau: float) -> None:
+    raw = {"class_balance": {"remedy": "logit_adjustment", "tau": tau}}
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw, source="params.yaml")
+    message = str(error.value)
+    assert message.startswith("params.yaml: ") and "'class_balance.tau'" in message
+    assert "\n" not in message
+
+
 # ------------------------------------------------------------------------------ none path
 
 
@@ -188,6 +252,54 @@ def test_a_head_trains_bit_identically_without_a_remedy(digit_features) -> None:
         for old, new in zip(
             jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(params), strict=True
         )
+    )
+
+
+def test_a_head_with_logit_adjustment_recalls_the_tail_better() -> None:
+    # Digits drawn long-tailed, 60 of "0" down to 3 of "9"; validation and the held-out
+    # split balanced, as in the long-tail job. (Seeds 0-2 each gained 0.12-0.16 in balanced
+    # accuracy and 0.24-0.35 in recall of the 5 rarest classes.)
+    train, validation, held_out = _long_tailed_digits()
+    counts = class_counts(train["label"], 10)
+    scores = {}
+    for remedy in ("none", "logit_adjustment"):
+        balance = resolve_class_balance(
+            ClassBalanceParams(remedy=remedy), counts, max_class_ratio=1.5
+        )
+        cfg = TrainHeadParams(max_epochs=60, patience=60, batch_size=64)
+        head = create_head(64, 10, cfg)
+        history = train_head(head, train, validation, cfg, balance=balance)
+        logits = head(jnp.asarray(validation["features"]))
+        # Validation scores the plain logits: the best epoch's loss is the saved head's.
+        plain_loss = optax.softmax_cross_entropy_with_integer_labels(logits, validation["label"])
+        best_loss = history.epochs[history.best_epoch]["validation_loss"]
+        assert float(plain_loss.mean()) == pytest.approx(best_loss, rel=1e-5)
+        probabilities = np.asarray(jax.nn.softmax(head(jnp.asarray(held_out["features"]))))
+        scores[remedy] = classification_report(
+            probabilities, held_out["label"], [str(digit) for digit in range(10)]
+        )
+    tail = {
+        remedy: np.mean([report["per_class"][str(c)]["recall"] for c in range(5, 10)])
+        for remedy, report in scores.items()
+    }
+    assert tail["logit_adjustment"] > tail["none"] + 0.1
+    gain = scores["logit_adjustment"]["balanced_accuracy"] - scores["none"]["balanced_accuracy"]
+    assert gain > 0.05
+
+
+def _long_tailed_digits() -> tuple[dict, dict, dict]:
+    data = load_digits()
+    features = (data.data / 16.0).astype(np.float32)
+    labels = data.target.astype(np.int64)
+    pool = np.arange(900)
+    chosen = stratified_subset(labels[pool], per_class=long_tail_sizes(10, 60, 20.0), seed=0)
+    rest = np.setdiff1d(np.arange(len(labels)), chosen)
+    validation = rest[stratified_subset(labels[rest], per_class=10, seed=0)]
+    rest = np.setdiff1d(rest, validation)
+    held_out = rest[stratified_subset(labels[rest], per_class=60, seed=0)]
+    return tuple(
+        {"features": features[rows], "label": labels[rows]}
+        for rows in (chosen, validation, held_out)
     )
 
 

@@ -8,7 +8,7 @@ this evidence into a recommendation are in :mod:`tlflax.advice_rules`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 from flax import nnx
@@ -23,8 +23,9 @@ from tlflax.probes import (
 )
 
 # What a comparison of two probes decides: whether the top groups lose accuracy
-# (similarity), where accuracy stops growing (plateau), whether pretraining helps.
-Call = Literal["similarity", "plateau", "pretraining"]
+# (similarity), where accuracy stops growing (plateau), whether pretraining helps, and which
+# candidate backbone to use (tlflax.backbone_choice).
+Call = Literal["similarity", "plateau", "pretraining", "backbone"]
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,16 @@ class Comparison:
         )
 
 
+class ScoredOnValidation(Protocol):
+    """A probe scored on the validation examples: a depth's, or a candidate backbone's."""
+
+    def correct(self) -> np.ndarray: ...
+
+
 def compare(
     call: Call,
-    better: DepthProbe,
-    worse: DepthProbe,
+    better: ScoredOnValidation,
+    worse: ScoredOnValidation,
     *,
     min_difference: float,
     significance: float,
@@ -129,11 +136,14 @@ def compare(
       better, worse: the two probes; ``better`` is the one expected ahead.
       min_difference: the accuracy lead that matters; smaller leads are not real.
       significance: the level McNemar's paired test must reach.
-      labels: their names in the report (default: :func:`depth_label`).
+      labels: their names in the report (default, for depth probes: :func:`depth_label`).
     """
     test = paired_test(better.correct(), worse.correct())
     real = test.difference > min_difference and test.p_value < significance
-    better_label, worse_label = labels or (depth_label(better), depth_label(worse))
+    if labels is None:
+        assert isinstance(better, DepthProbe) and isinstance(worse, DepthProbe)
+        labels = (depth_label(better), depth_label(worse))
+    better_label, worse_label = labels
     return Comparison(call, better_label, worse_label, test, min_difference, significance, real)
 
 

@@ -37,6 +37,7 @@ def advice_markdown(advice: Advice, *, title: str) -> str:
     ]
     if evidence.pretraining_gain is not None:
         lines.append(f"- pretrained minus random-init best probe: {evidence.pretraining_gain:.3f}")
+    lines += _backbone_section(advice)
     lines += _comparisons(advice) + _probe_table(advice) + _taps_section(advice)
     lines += _learning_rates(advice)
     return "\n".join(lines)
@@ -93,6 +94,45 @@ def _probe_table(advice: Advice) -> list[str]:
         if random_by_depth:
             row += f" {random_by_depth[probe.groups].validation_accuracy:.3f} |"
         lines.append(row)
+    return lines
+
+
+def _backbone_section(advice: Advice) -> list[str]:
+    choice = advice.backbone
+    if choice is None:
+        return []
+    best = choice.candidates[0]
+    lines = [
+        "",
+        "## Backbone (extract.backbone: auto)",
+        "",
+        f"**{choice.chosen}**, by the rule: {choice.rule}. Each candidate's frozen features "
+        "after every layer group were probed as below; the probe here is the ridge probe "
+        "of the depths its head would read (taps chosen on train), scored on validation. "
+        "The evidence and the plan that follow are the chosen backbone's.",
+        "",
+        "| rank | backbone | probe (validation) | taps | best single depth | "
+        "MFLOPs / example | parameters | against the best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = {c.worse: c for c in choice.comparisons}
+    for rank, candidate in enumerate(choice.candidates, start=1):
+        comparison = verdicts.get(candidate.name)
+        if candidate.name == best.name:
+            verdict = "the best"
+        else:
+            assert comparison is not None
+            verdict = (
+                f"{'really worse' if comparison.real else 'not really worse'} "
+                f"(disagree on {comparison.test.discordant}: "
+                f"{comparison.test.first_only_correct} vs "
+                f"{comparison.test.second_only_correct}, mid-p {comparison.test.p_value:.3g})"
+            )
+        lines.append(
+            f"| {rank} | {candidate.name} | {candidate.probe_accuracy:.3f} | "
+            f"{', '.join(map(str, candidate.taps))} | {candidate.best_depth_probe_accuracy:.3f} "
+            f"| {candidate.flops_per_example / 1e6:.1f} | {candidate.parameters:,} | {verdict} |"
+        )
     return lines
 
 

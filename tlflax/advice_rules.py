@@ -7,7 +7,7 @@ decay come from :mod:`tlflax.advice_schedule`; :mod:`tlflax.advisor` applies the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +19,7 @@ from tlflax.advice_schedule import (
     bit_hyperrule_schedule,
     strategy_layer_lr_decay,
 )
+from tlflax.backbone_choice import BackboneCandidate, BackboneChoice
 from tlflax.config import AdviseParams
 from tlflax.errors import MissingInputError
 from tlflax.probes import DepthProbe, PairedTest
@@ -49,6 +50,9 @@ class Advice:
     # The depths a head reads with extract.taps: auto (tlflax.taps.probe_taps), chosen on
     # the probed training examples; None where they were not measured.
     taps: TapsProbe | None = None
+    # With extract.backbone: auto, the candidates measured and the one chosen (whose probes
+    # are the evidence above); None where the backbone was written.
+    backbone: BackboneChoice | None = None
 
     def lr_multipliers(self) -> list[tuple[str, float]]:
         """(layer group or 'head', learning-rate multiplier) for everything that trains."""
@@ -79,6 +83,7 @@ class Advice:
             "plateau_depth": self.plateau_depth,
             "pretraining_gain": evidence.pretraining_gain,
             "pretraining_gain_p_value": p_value("pretraining"),
+            "backbone": None if self.backbone is None else self.backbone.chosen,
         }
         return data
 
@@ -90,10 +95,7 @@ class Advice:
             evidence["random_init"] = tuple(DepthProbe(**p) for p in evidence["random_init"])
         schedule = dict(data["schedule"])
         schedule["decay_steps"] = tuple(schedule["decay_steps"])
-        comparisons = tuple(
-            Comparison(**{**comparison, "test": PairedTest(**comparison["test"])})
-            for comparison in data["comparisons"]
-        )
+        comparisons = _comparisons_from_json(data["comparisons"])
         return cls(
             strategy=data["strategy"],
             unfreeze_groups=data["unfreeze_groups"],
@@ -107,6 +109,7 @@ class Advice:
             evidence=Evidence(**evidence),
             thresholds=AdviseParams(**data["thresholds"]),
             taps=_taps_from_json(data.get("taps")),
+            backbone=_backbone_from_json(data.get("backbone")),
         )
 
 
@@ -122,6 +125,25 @@ def load_advice(path: Path) -> Advice:
             "strategy, schedule and the depths the head reads come from it"
         )
     return Advice.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _comparisons_from_json(data: Sequence[Mapping[str, Any]]) -> tuple[Comparison, ...]:
+    return tuple(
+        Comparison(**{**comparison, "test": PairedTest(**comparison["test"])})
+        for comparison in data
+    )
+
+
+def _backbone_from_json(data: Mapping[str, Any] | None) -> BackboneChoice | None:
+    if data is None:
+        return None
+    candidates = tuple(
+        BackboneCandidate(**{**candidate, "taps": tuple(candidate["taps"])})
+        for candidate in data["candidates"]
+    )
+    return BackboneChoice(
+        data["chosen"], data["rule"], candidates, _comparisons_from_json(data["comparisons"])
+    )
 
 
 def _taps_from_json(data: Mapping[str, Any] | None) -> TapsProbe | None:

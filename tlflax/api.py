@@ -5,6 +5,7 @@ Each pipeline stage is one of these steps with its files around it, so a noteboo
 
     task = prepare_dataset(params, "work/data")       # source -> train / validation / test
     advice = advise(task)                             # probes per depth -> strategy, taps
+    task = chosen_task(task, advice)                  # extract.backbone: auto -> the pick
     plan = make_plan(task, advice)                    # every training setting, decided
     head = train_new_head(task, plan.head_taps)       # head on frozen features
     result = fine_tune(task, plan, head, checkpoint_dir="work/checkpoints")
@@ -23,11 +24,19 @@ import numpy as np
 from flax import nnx
 
 from tlflax.advisor import Advice, count_per_class, measure, recommend
+from tlflax.backbone_choice import (
+    BackboneCandidate,
+    candidate_backbones,
+    choose_backbone,
+    forward_flops,
+    parameter_count,
+)
 from tlflax.balance import training_class_balance
 from tlflax.checkpoint import delete_checkpoints
-from tlflax.config import FinetuneParams, Params
+from tlflax.config import AUTO_BACKBONE, FinetuneParams, Params, ParamsError
 from tlflax.data.sources import prepare_dataset as _prepare_source
 from tlflax.data.subsets import stratified_subset
+from tlflax.errors import MissingInputError
 from tlflax.fit import (
     FitResult,
     build_scratch_classifier,
@@ -67,6 +76,11 @@ def open_dataset(params: Params, dataset_dir: str | Path) -> Task:
 def backbone_for(params: Params, *, pretrained: bool | None = None) -> nnx.Module:
     """``extract.backbone`` (pretrained per ``extract.pretrained`` unless given), from
     ``extract.weights_path`` when set."""
+    if params.extract.backbone == AUTO_BACKBONE:
+        raise ParamsError(
+            "'extract.backbone' is auto: the advice picks it; build from the chosen task's "
+            "params (tlflax.api.chosen_task(task, advise(task)).params)"
+        )
     if pretrained is None:
         pretrained = params.extract.pretrained
     backbone, _ = create_backbone(
@@ -84,8 +98,66 @@ def advise(task: Task) -> Advice:
     transfer: strategy, layer groups to train, schedule, and the depths the head reads.
 
     The probes fit on a stratified subset of train (``advise.max_train_examples``) and are
-    scored on validation; see :func:`tlflax.advisor.recommend` for the rules.
+    scored on validation; see :func:`tlflax.advisor.recommend` for the rules. With
+    ``extract.backbone: auto`` every candidate backbone is probed so, one is chosen by
+    :func:`tlflax.backbone_choice.choose_backbone`, and the advice is the chosen one's, with
+    the ranking in ``advice.backbone`` (:func:`chosen_task` gives its task).
     """
+    params = task.params
+    if params.extract.backbone != AUTO_BACKBONE:
+        return _advise_backbone(task, backbone_for(params))
+    one_example, _ = task.read_split("validation")
+    candidates, advices = [], {}
+    for name in candidate_backbones(params):
+        candidate_task = task.with_backbone(name)
+        backbone = backbone_for(candidate_task.params)
+        advice = advices[name] = _advise_backbone(candidate_task, backbone)
+        assert advice.taps is not None  # _advise_backbone always selects taps
+        candidates.append(
+            BackboneCandidate(
+                name=name,
+                probe_accuracy=advice.taps.validation_accuracy,
+                taps=advice.taps.taps,
+                best_depth_probe_accuracy=advice.evidence.best.validation_accuracy,
+                flops_per_example=forward_flops(
+                    backbone,
+                    candidate_task.pooled_after_each_group,
+                    candidate_task.model_inputs(one_example[:1]),
+                ),
+                parameters=parameter_count(backbone),
+                validation_correct=advice.taps.validation_correct,
+                validation_examples=advice.taps.validation_examples,
+            )
+        )
+    choice = choose_backbone(candidates, params.advise)
+    chosen = advices[choice.chosen]
+    return dataclasses.replace(chosen, backbone=choice, reasons=(choice.reason(), *chosen.reasons))
+
+
+def chosen_params(params: Params, advice: Advice) -> Params:
+    """``params`` with the backbone the advice chose where ``extract.backbone`` is auto.
+
+    Raises:
+      MissingInputError: auto, but the advice was made for a written backbone.
+    """
+    if params.extract.backbone != AUTO_BACKBONE:
+        return params
+    if advice.backbone is None:
+        raise MissingInputError(
+            "extract.backbone is auto but the advice holds no choice of backbone: run the "
+            "advise stage again with these params"
+        )
+    return params.with_backbone(advice.backbone.chosen)
+
+
+def chosen_task(task: Task, advice: Advice) -> Task:
+    """``task`` with the backbone the advice chose where ``extract.backbone`` is auto."""
+    params = chosen_params(task.params, advice)
+    return task if params is task.params else task_for(params, task.dataset_dir)
+
+
+def _advise_backbone(task: Task, backbone: nnx.Module) -> Advice:
+    """The advice for ``task``'s written backbone (the body of :func:`advise`)."""
     params, cfg = task.params, task.params.advise
     num_classes = len(task.class_names())
     records, labels = task.read_split("train")
@@ -99,7 +171,7 @@ def advise(task: Task) -> Advice:
     )
     validation = task.read_inputs("validation")
     evidence, features = measure(
-        backbone_for(params),
+        backbone,
         task.pooled_after_each_group,
         {**task.model_inputs(probed_records), "label": labels[probed]},
         validation,
@@ -140,6 +212,7 @@ def head_taps(params: Params, advice: Advice) -> list[int] | None:
 def make_plan(task: Task, advice: Advice) -> RunPlan:
     """The advice and the params merged once: every setting of the fine-tuning run and of
     its from-scratch reference, decided (written params win over the advice)."""
+    task = chosen_task(task, advice)
     params = task.params
     taps = head_taps(params, advice)
     train_labels = task.read_split("train")[1]
@@ -292,7 +365,10 @@ def run_transfer(params: Params, work_dir: str | Path) -> dict:
     that ran and the head-only model's test accuracy beside it."""
     work_dir = Path(work_dir)
     task = prepare_dataset(params, work_dir / "data")
-    plan = make_plan(task, advise(task))
+    advice = advise(task)
+    task = chosen_task(task, advice)
+    params = task.params
+    plan = make_plan(task, advice)
     backbone = backbone_for(params)
     head, _ = train_new_head(task, plan.head_taps, backbone)
     test = _head_inputs(task, backbone, plan.head_taps, "test")

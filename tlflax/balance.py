@@ -7,6 +7,13 @@ by :func:`resolve_class_balance` (params ``class_balance``):
 - ``none``: plain training, exactly as without this module;
 - ``weights``: each example's loss weighted by its class's weight (:func:`class_weights`);
 - ``sampler``: each epoch drawn class-balanced (:func:`tlflax.data.pipeline.balanced_order`);
+- ``logit_adjustment``: the training loss on ``logits + tau * log(prior)``, the prior being
+  the training split's class frequencies (Menon et al., 2021, :func:`logit_offsets`). The
+  softmax then only has to explain what the prior does not, so the learnt logits estimate
+  the balanced (uniform-prior) posterior: its argmax is the Bayes-optimal rule for the
+  balanced error, with no per-class reweighting of the gradients (which on a few examples
+  per class amplifies their noise) nor repeated examples. Predictions - validation, test,
+  calibration, export - use the plain logits;
 - ``auto``: ``none`` while the largest / smallest class count is within the validate
   stage's ``max_class_ratio`` (the imbalance the data gate accepts as it is), ``weights``
   above it. Validation and test are never re-weighted or re-sampled.
@@ -23,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from tlflax.config import ClassBalanceParams, Params
 from tlflax.data.errors import DataError
 
-Remedy = Literal["none", "weights", "sampler"]
+Remedy = Literal["none", "weights", "sampler", "logit_adjustment"]
 REMEDY_KEY = "class_balance.remedy"
 
 
@@ -32,13 +39,16 @@ class ClassBalance(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    requested: Literal["auto", "none", "weights", "sampler"]
+    requested: Literal["auto", "none", "weights", "sampler", "logit_adjustment"]
     remedy: Remedy
     reason: str
     # Training examples per class, in label order (empty: not measured).
     class_counts: list[int]
     # The loss weight of each class (remedy ``weights`` only; empty otherwise).
     class_weights: list[float] = []
+    # What the training loss adds to each class's logit, tau * log(prior) (remedy
+    # ``logit_adjustment`` only; empty otherwise).
+    logit_offsets: list[float] = []
 
     def describe(self) -> str:
         """One line: the remedy and why, e.g. for the printed plan."""
@@ -49,6 +59,12 @@ class ClassBalance(BaseModel):
         if not self.class_weights:
             return None
         return np.asarray(self.class_weights, dtype=np.float32)
+
+    def loss_logit_offsets(self) -> np.ndarray | None:
+        """The per-class offsets the training loss adds to the logits; None adds nothing."""
+        if not self.logit_offsets:
+            return None
+        return np.asarray(self.logit_offsets, dtype=np.float32)
 
     @property
     def balanced_sampling(self) -> bool:
@@ -86,6 +102,23 @@ def class_weights(counts: Sequence[int], beta: float = 1.0) -> np.ndarray:
         raise ValueError(f"every class needs training examples to be weighted, got {counts}")
     raw = 1.0 / counts if beta == 1.0 else (1.0 - beta) / (1.0 - np.power(beta, counts))
     return raw * counts.sum() / np.dot(raw, counts)
+
+
+def logit_offsets(counts: Sequence[int], tau: float = 1.0) -> np.ndarray:
+    """Per-class logit offsets of the logit-adjusted loss: ``tau * log(counts / total)``.
+
+    Added to the logits in training only, they ask a rare class's examples for a larger
+    margin over a frequent class, ``tau * log(prior_frequent / prior_rare)``, than the other
+    way round (Menon et al., 2021, eq. 10); ``tau`` 1 is consistent for the balanced error.
+
+    Example:
+        >>> logit_offsets([30, 10]).round(4).tolist()
+        [-0.2877, -1.3863]
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.min() <= 0:
+        raise ValueError(f"every class needs training examples for a prior, got {counts}")
+    return tau * np.log(counts / counts.sum())
 
 
 def resolve_class_balance(
@@ -131,12 +164,17 @@ def resolve_class_balance(
             "inverse frequency" if params.beta == 1.0 else f"effective number, beta {params.beta:g}"
         )
         reason += f"; {kind}"
+    offsets = []
+    if remedy == "logit_adjustment":
+        offsets = logit_offsets(counts, params.tau).tolist()
+        reason += f"; tau {params.tau:g}"
     return ClassBalance(
         requested=params.remedy,
         remedy=remedy,
         reason=reason,
         class_counts=counts,
         class_weights=weights,
+        logit_offsets=offsets,
     )
 
 

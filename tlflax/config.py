@@ -40,6 +40,7 @@ from tlflax.config_data import (
     ValidateParams,
 )
 from tlflax.config_training import (
+    AUTO_BACKBONE,
     AdviseParams,
     AugmentParams,
     BaselineParams,
@@ -55,6 +56,7 @@ from tlflax.config_training import (
 from tlflax.errors import InputError
 
 __all__ = [
+    "AUTO_BACKBONE",
     "DATASET_MODALITY",
     "TFDS_DATASET_PATTERN",
     "TFDS_PREFIX",
@@ -111,6 +113,12 @@ class Params(StrictSection):
     @property
     def validate_params(self) -> ValidateParams:
         return self.validate_
+
+    def with_backbone(self, name: str) -> Params:
+        """These params with ``extract.backbone`` set to ``name`` (e.g. the advised one)."""
+        return self.model_copy(
+            update={"extract": self.extract.model_copy(update={"backbone": name})}
+        )
 
     @model_validator(mode="after")
     def _keys_fit_the_modality(self) -> Params:

@@ -32,10 +32,19 @@ class BaselineParams(StrictSection):
     seed: NonNegativeInt = 0
 
 
+# extract.backbone's value that leaves the choice to the advise stage (tlflax.backbone_choice).
+AUTO_BACKBONE = "auto"
+
+
 class ExtractParams(StrictSection):
     """The frozen pretrained backbone and the input size it sees (images or tokens)."""
 
+    # A registered backbone, or "auto": the advise stage probes each of ``candidates`` on
+    # this data and picks one (tlflax/backbone_choice.py); every later stage uses its pick.
     backbone: str = "efficientnet_lite0"
+    # The backbones "auto" chooses among; None: every registered backbone of the data's
+    # modality that ships pretrained weights.
+    candidates: Annotated[list[str], Field(min_length=1)] | None = None
     pretrained: bool = True
     # Your own checkpoint, loaded instead of the packaged weights: a state dict file
     # (.pth/.pt/.bin/.safetensors/.npz; torchvision/timm names for resnet18/resnet50), or for
@@ -52,6 +61,22 @@ class ExtractParams(StrictSection):
     # picks from its probes; "last", the backbone's final pooled features; or a list of
     # layer-group counts, e.g. [7, 13, 14]. With taps the network is cut at the highest.
     taps: Literal["auto", "last"] | Annotated[list[PositiveInt], Field(min_length=1)] = "auto"
+
+    @model_validator(mode="after")
+    def _auto_chooses_packaged_weights(self) -> ExtractParams:
+        if self.backbone != AUTO_BACKBONE:
+            return self
+        if self.weights_path is not None:
+            raise ValueError(
+                "backbone auto chooses among packaged weights; with weights_path, name the "
+                "backbone the checkpoint belongs to"
+            )
+        if not self.pretrained:
+            raise ValueError(
+                "backbone auto chooses by the pretrained features; with pretrained false, "
+                "name a backbone"
+            )
+        return self
 
     @field_validator("taps")
     @classmethod
@@ -235,13 +260,16 @@ class ClassBalanceParams(StrictSection):
     ``remedy``: ``none``; ``weights``, per-class weights in the training loss (inverse class
     frequency with ``beta`` 1, the effective number of Cui et al. (2019) below 1), scaled so
     the mean weight over the training examples is 1; ``sampler``, every epoch drawn
-    class-balanced (as many examples as the training split holds); or ``auto``: ``none``
+    class-balanced (as many examples as the training split holds); ``logit_adjustment``, the
+    training loss on ``logits + tau * log(prior)``, the prior being the training split's class
+    frequencies (Menon et al., 2021), predictions on the plain logits; or ``auto``: ``none``
     while the training split's largest / smallest class count is within
     ``validate.max_class_ratio``, ``weights`` above it (:mod:`tlflax.balance`).
     """
 
-    remedy: Literal["auto", "none", "weights", "sampler"] = "auto"
+    remedy: Literal["auto", "none", "weights", "sampler", "logit_adjustment"] = "auto"
     beta: Annotated[float, Field(gt=0, le=1)] = 1.0
+    tau: Annotated[float, Field(gt=0, le=10)] = 1.0
 
 
 class EvaluateParams(StrictSection):

@@ -84,10 +84,11 @@ class Finetuner:
     ):
         self.cfg = cfg
         self.forward = forward
-        # The remedy for imbalanced training data (tlflax.balance): loss weights or
-        # class-balanced epochs; NO_REMEDY trains exactly as before it existed.
+        # The remedy for imbalanced training data (tlflax.balance): loss weights, logit
+        # offsets or class-balanced epochs; NO_REMEDY trains exactly as before it existed.
         self.balance = balance
         self.class_weights = balance.loss_weights()
+        self.logit_offsets = balance.loss_logit_offsets()
         trainable, frozen, rest = self._split(model, group_patterns, backbone_prefix)
         # Batch statistics of a padded batch would count its padding rows: while BatchNorm
         # trains, the last partial batch of an epoch is dropped instead (a different one each
@@ -191,6 +192,9 @@ class Finetuner:
                 batch["mask"],
                 self.cfg.label_smoothing,
                 class_weights=self.class_weights,
+                # The reported train_loss is on adjusted logits under logit_adjustment;
+                # _eval_step (validation, early stopping) scores the plain logits.
+                logit_offsets=self.logit_offsets,
             )
 
         # nnx.value_and_grad with a DiffState filter differentiates the trainable variables

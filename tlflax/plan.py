@@ -87,8 +87,8 @@ class RunPlan(BaseModel):
     # head only, fine-tuned, from scratch - has this architecture.
     taps: list[int] | Literal["last"]
     # The remedy for imbalanced training data every model of the run trains with (the head
-    # resolves the same from the same counts): none, class weights in the loss, or
-    # class-balanced epochs, and why.
+    # resolves the same from the same counts): none, class weights in the loss, logit
+    # offsets in the loss, or class-balanced epochs, and why.
     class_balance: ClassBalance
 
     @property

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlflax.probes import RELATIVE_PENALTIES, ridge_probe
+from tlflax.probes import RELATIVE_PENALTIES, ridge_probe, unpack_correct
 
 # Every depth's pooled output after normalisation has unit mean square; the epsilon only
 # guards an all-zero vector (e.g. a ReLU depth that is silent for one example).
@@ -159,6 +159,15 @@ class TapsProbe:
     steps: tuple[tuple[int, float], ...]
     validation_accuracy: float
     leave_one_out_accuracy: float
+    # Which validation examples the joined probe gets right (tlflax.probes.pack_correct):
+    # what a paired test against another backbone's taps is computed from. Empty in advice
+    # written before it was kept.
+    validation_correct: str = ""
+    validation_examples: int = 0
+
+    def correct(self) -> np.ndarray:
+        """Whether the joined probe gets each validation example right (bool, split order)."""
+        return unpack_correct(self.validation_correct, self.validation_examples)
 
 
 def probe_taps(
@@ -192,4 +201,6 @@ def probe_taps(
         selection.steps,
         result.validation_accuracy,
         result.leave_one_out_accuracy,
+        result.validation_correct,
+        result.validation_examples,
     )

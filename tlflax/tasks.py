@@ -22,15 +22,16 @@ import tokenizers
 from flax import nnx
 
 from tlflax import sound, text, vision
+from tlflax.backbone_choice import backbones_taking, candidate_backbones
 from tlflax.checkpoint import restore_tree
-from tlflax.config import AugmentParams, FinetuneParams, Params, ParamsError
+from tlflax.config import AUTO_BACKBONE, AugmentParams, FinetuneParams, Params, ParamsError
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import map_batches, prepare_images
 from tlflax.data.tfds_audio import read_audio_split
 from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import InputError
-from tlflax.models.registry import BackboneSpec, backbone_names, get_backbone_spec
+from tlflax.models.registry import BackboneSpec, get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, audio_prefix_cut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
 
@@ -155,6 +156,10 @@ class Task(ABC):
         """Model inputs and ``label`` of ``split``."""
         records, labels = self.read_split(split)
         return {**self.model_inputs(records), "label": labels}
+
+    def with_backbone(self, name: str) -> Task:
+        """The same data's task with ``extract.backbone`` set to ``name``."""
+        return task_for(self.params.with_backbone(name), self.dataset_dir)
 
 
 class ImageTask(Task):
@@ -303,25 +308,29 @@ _TASKS: dict[str, type[Task]] = {"image": ImageTask, "text": TextTask, "audio": 
 def task_for(params: Params, dataset_dir: Path) -> Task:
     """The task of ``prepare.dataset``'s modality, once the backbone is known to fit it.
 
+    With ``extract.backbone: auto`` every candidate must fit; such a task reads data, and
+    :meth:`Task.with_backbone` gives the task of the backbone picked (only it builds models).
+
     Raises:
       ParamsError: ``extract.backbone`` is not a registered backbone, or takes the other
         modality's input; ``extract.pretrained`` for a backbone that ships no weights and
-        no ``extract.weights_path``; a ``weights_path`` that is missing or does not fit.
+        no ``extract.weights_path``; a ``weights_path`` that is missing or does not fit;
+        with ``auto``, a candidate that is none of the modality's backbones with weights.
     """
     modality = params.prepare.modality
+    if params.extract.backbone == AUTO_BACKBONE:
+        candidate_backbones(params)
+        return _TASKS[modality](params, dataset_dir)
     try:
         spec = get_backbone_spec(params.extract.backbone)
     except InputError as error:
         raise ParamsError(f"'extract.backbone': {error}") from None
     _check_weights_path(params, spec)
     if spec.input_kind != modality:
-        fitting = [
-            name for name in backbone_names() if get_backbone_spec(name).input_kind == modality
-        ]
         raise ParamsError(
             f"'extract.backbone': {spec.name!r} takes {spec.input_kind} input but "
             f"prepare.dataset {params.prepare.dataset!r} is {modality} data; "
-            f"use one of: {', '.join(fitting)}"
+            f"use one of: {', '.join(backbones_taking(modality))}"
         )
     return _TASKS[modality](params, dataset_dir)
 

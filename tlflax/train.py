@@ -52,6 +52,7 @@ def masked_cross_entropy(
     mask: jax.Array,
     label_smoothing: float = 0.0,
     class_weights: jax.Array | None = None,
+    logit_offsets: jax.Array | None = None,
 ) -> jax.Array:
     """Mean cross-entropy over the real rows of a padded batch.
 
@@ -60,8 +61,13 @@ def masked_cross_entropy(
     hundred examples is one way a network memorises them. ``class_weights`` (one per class,
     mean 1 over the training examples: :func:`tlflax.balance.class_weights`) scale each
     example's loss by its class's weight; the mean still divides by the example count, so
-    the loss keeps its scale. None leaves the arithmetic exactly as unweighted.
+    the loss keeps its scale. ``logit_offsets`` (one per class, ``tau * log(prior)``:
+    :func:`tlflax.balance.logit_offsets`) are added to every row's logits before the loss,
+    the logit-adjusted loss of Menon et al. (2021); predictions keep the plain logits. None
+    for either leaves the arithmetic exactly as without it.
     """
+    if logit_offsets is not None:
+        logits = logits + jnp.asarray(logit_offsets, dtype=logits.dtype)
     if label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
@@ -138,6 +144,7 @@ class HeadTrainer:
         self.cfg = cfg
         self.balance = balance
         self.class_weights = balance.loss_weights()
+        self.logit_offsets = balance.loss_logit_offsets()
         self.graphdef, params = nnx.split(head, nnx.Param)
         names = parameter_names(params)
         leaves = jax.tree_util.tree_leaves(params)
@@ -156,8 +163,14 @@ class HeadTrainer:
     def _train_step(self, params, opt_state, batch, key):
         def loss_fn(params):
             logits = nnx.merge(self.graphdef, params)(batch["features"], dropout_key=key)
+            # The epoch's reported train_loss is this loss: on adjusted logits under
+            # logit_adjustment. Validation (eval_step) scores the plain logits.
             return masked_cross_entropy(
-                logits, batch["label"], batch["mask"], class_weights=self.class_weights
+                logits,
+                batch["label"],
+                batch["mask"],
+                class_weights=self.class_weights,
+                logit_offsets=self.logit_offsets,
             )
 
         loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
 import os
 import sys
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlflax.config import Params, ParamsError, load_params
-from tlflax.errors import InputError
+from tlflax.config import AUTO_BACKBONE, Params, ParamsError, load_params
+from tlflax.errors import InputError, MissingInputError
 from tlflax.io import atomic_path
 
 # Errors that mean "the input is wrong", not "the code is wrong": raised where the code
@@ -182,6 +183,35 @@ def params_parser(program: str, description: str | None = None) -> argparse.Argu
     return parser
 
 
+def advised_backbone(paths: ExperimentPaths) -> str:
+    """The backbone the advise stage chose (``extract.backbone: auto``), from advice.json.
+
+    Read as JSON here, not through tlflax.advice_rules: every stage imports this module, and
+    the advisor's modules would become dependencies of stages that never advise.
+
+    Raises:
+      MissingInputError: no advice yet, or advice made for a written backbone.
+    """
+    path = paths.metrics("advice")
+    if not path.exists():
+        raise MissingInputError(
+            f"{path} is missing: extract.backbone is auto and the advise stage picks it; "
+            "run the advise stage first (dvc repro advise)"
+        )
+    choice = json.loads(path.read_text(encoding="utf-8")).get("backbone")
+    if not isinstance(choice, dict) or not isinstance(choice.get("chosen"), str):
+        raise MissingInputError(
+            f"{path} holds no choice of backbone but extract.backbone is auto: run the "
+            "advise stage again with these params (dvc repro advise)"
+        )
+    return choice["chosen"]
+
+
+# The commands that run before the advise stage has chosen a backbone (extract.backbone:
+# auto); every other one gets the params with the chosen backbone written in.
+STAGES_BEFORE_ADVICE = frozenset({"prepare", "validate", "baseline", "advise"})
+
+
 def run_command(
     name: str, params_file: str, body: Callable[[Params, ExperimentPaths], None]
 ) -> None:
@@ -198,7 +228,10 @@ def run_command(
     params = None
     try:
         params = load_params(params_file)
-        body(params, ExperimentPaths(params.experiment))
+        paths = ExperimentPaths(params.experiment)
+        if name not in STAGES_BEFORE_ADVICE and params.extract.backbone == AUTO_BACKBONE:
+            params = params.with_backbone(advised_backbone(paths))
+        body(params, paths)
     except Exception as error:
         failure = _expected_failure(name, params, error)
         if failure is None or os.environ.get("TLFLAX_DEBUG"):
