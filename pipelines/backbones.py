@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.seed_statistics import SCORES, read_model_scores
-from pipelines.seeds import (
-    add_project_and_seeds,
-    experiment_names,
-    read_seed_params,
-    restore_bytes,
-    run_or_exit,
-    run_seed,
-)
+from pipelines.seeds import add_project_and_seeds, read_seed_params, run_or_exit
 from pipelines.stages.common import ExperimentPaths
+from pipelines.variant_runs import run_variants
 from tlflax.io import write_json
 
 MODELS = ("finetune", "head_only", "baseline")
@@ -96,31 +89,21 @@ def run_backbones(
     runs: dict[str, dict[int, dict]] = {name: {} for name in backbones}
     probes: dict[str, dict[str, Any]] = {}
     seconds: dict[str, list[float]] = {name: [] for name in backbones}
-    try:
-        for name in backbones:
-            names = experiment_names(project, f"{seed_params.experiment}-{name}", seeds)
-            for seed in seeds:
-                started = time.perf_counter()
-                run_seed(
-                    project,
-                    pipeline_file,
-                    seed_params.seed_keys,
-                    seed,
-                    names[seed],
-                    paths.metrics("evaluate"),
-                    overrides=[f"extract.backbone={name}"],
-                )
-                seconds[name].append(time.perf_counter() - started)
-                evaluation = json.loads((project / paths.metrics("evaluate")).read_text())
-                runs[name][seed] = read_model_scores(evaluation)
-                probes.setdefault(name, run_summary(project, paths))
-                print(
-                    f"backbones: {name}, seed {seed}: {runs[name][seed]['finetune']} "
-                    f"({seconds[name][-1]:.0f} s)",
-                    flush=True,
-                )
-    finally:
-        restore_bytes(seed_params.path, seed_params.original)
+
+    def record(name: str, seed: int, evaluation: dict[str, Any], wall_seconds: float) -> None:
+        seconds[name].append(wall_seconds)
+        runs[name][seed] = read_model_scores(evaluation)
+        probes.setdefault(name, run_summary(project, paths))
+        print(
+            f"backbones: {name}, seed {seed}: {runs[name][seed]['finetune']} "
+            f"({wall_seconds:.0f} s)",
+            flush=True,
+        )
+
+    variants = {name: [f"extract.backbone={name}"] for name in backbones}
+    run_variants(
+        project, pipeline_file, seed_params, variants, seeds, paths.metrics("evaluate"), record
+    )
     report = backbones_report(seeds, runs, probes, seconds, advice)
     write_json(project / paths.metrics("backbones"), report)
     print(f"backbones: wrote {paths.metrics('backbones')}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,11 @@ import numpy as np
 from pipelines.flows import PipelineError
 from pipelines.seeds import (
     add_project_and_seeds,
-    experiment_names,
     read_seed_params,
-    restore_bytes,
     run_or_exit,
-    run_seed,
 )
 from pipelines.stages.common import ExperimentPaths
+from pipelines.variant_runs import run_variants
 from tlflax.io import write_json
 
 PIPELINE_FILE = "experiments/longtail/dvc.yaml"
@@ -158,33 +155,21 @@ def run_remedies(
     """
     project = Path(project_dir).resolve()
     seed_params = read_seed_params(project, pipeline_file)
-    params_path, original_params = seed_params.path, seed_params.original
-    experiment, seed_keys = seed_params.experiment, seed_params.seed_keys
-    paths = ExperimentPaths(experiment)
+    paths = ExperimentPaths(seed_params.experiment)
     runs: dict[str, dict[int, dict]] = {remedy: {} for remedy in remedies}
-    try:
-        for remedy in remedies:
-            names = experiment_names(project, f"{experiment}-{remedy}", seeds)
-            for seed in seeds:
-                started = time.perf_counter()
-                run_seed(
-                    project,
-                    pipeline_file,
-                    seed_keys,
-                    seed,
-                    names[seed],
-                    paths.metrics("evaluate"),
-                    overrides=remedy_overrides(remedy),
-                )
-                evaluation = json.loads((project / paths.metrics("evaluate")).read_text())
-                runs[remedy][seed] = model_scores(evaluation)
-                print(
-                    f"imbalance: {remedy}, seed {seed}: {runs[remedy][seed]['finetune']} "
-                    f"({time.perf_counter() - started:.0f} s)",
-                    flush=True,
-                )
-    finally:
-        restore_bytes(params_path, original_params)
+
+    def record(remedy: str, seed: int, evaluation: dict[str, Any], wall_seconds: float) -> None:
+        runs[remedy][seed] = model_scores(evaluation)
+        print(
+            f"imbalance: {remedy}, seed {seed}: {runs[remedy][seed]['finetune']} "
+            f"({wall_seconds:.0f} s)",
+            flush=True,
+        )
+
+    variants = {remedy: remedy_overrides(remedy) for remedy in remedies}
+    run_variants(
+        project, pipeline_file, seed_params, variants, seeds, paths.metrics("evaluate"), record
+    )
     if keep_others:
         runs = {**earlier_runs(project / paths.metrics("imbalance"), seeds, remedies), **runs}
     report = imbalance_report(seeds, runs)
