@@ -16,6 +16,7 @@ The sections are defined in :mod:`tlflax.config_data` (``prepare``, ``validate``
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -119,6 +120,13 @@ class Params(StrictSection):
         return self.model_copy(
             update={"extract": self.extract.model_copy(update={"backbone": name})}
         )
+
+    def with_chosen_backbone(self, chosen: Callable[[], str]) -> Params:
+        """With ``extract.backbone: auto``, these params with ``chosen()`` (the backbone the
+        advise stage picked) written in; otherwise these params (``chosen`` is not called)."""
+        if self.extract.backbone != AUTO_BACKBONE:
+            return self
+        return self.with_backbone(chosen())
 
     @model_validator(mode="after")
     def _keys_fit_the_modality(self) -> Params:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlflax.config import AUTO_BACKBONE, Params, ParamsError, load_params
+from tlflax.config import Params, ParamsError, load_params
 from tlflax.errors import InputError, MissingInputError
 from tlflax.io import atomic_path
 
@@ -229,8 +229,9 @@ def run_command(
     try:
         params = load_params(params_file)
         paths = ExperimentPaths(params.experiment)
-        if name not in STAGES_BEFORE_ADVICE and params.extract.backbone == AUTO_BACKBONE:
-            params = params.with_backbone(advised_backbone(paths))
+        if name not in STAGES_BEFORE_ADVICE:
+            # Only the stages after advise see extract.backbone (through advice.json).
+            params = params.with_chosen_backbone(lambda: advised_backbone(paths))
         body(params, paths)
     except Exception as error:
         failure = _expected_failure(name, params, error)
