@@ -34,9 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipelines.seed_statistics import SCORES, read_model_scores
+from pipelines.seed_statistics import mean_and_spread, read_model_scores
 from pipelines.seeds import add_project_and_seeds, read_seed_params, run_or_exit
 from pipelines.stages.common import ExperimentPaths
 from pipelines.variant_runs import run_variants
@@ -110,16 +108,6 @@ def run_backbones(
     return report
 
 
-def mean_and_spread(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single seed) of each score."""
-    summary = {}
-    for score in SCORES:
-        values = np.array([run[score] for run in runs])
-        summary[f"{score}_mean"] = float(values.mean())
-        summary[f"{score}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return summary
-
-
 def backbones_report(
     seeds: Sequence[int],
     runs: Mapping[str, Mapping[int, Mapping[str, Mapping[str, float]]]],
@@ -128,11 +116,11 @@ def backbones_report(
     advice: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The ``backbones.json`` document (see the module docstring)."""
+    ranked = {c["name"]: c for c in advice["candidates"]} if advice is not None else None
     backbones = {}
     for name, by_seed in runs.items():
         entry: dict[str, Any] = dict(probes[name])
-        if advice is not None:
-            ranked = {c["name"]: c for c in advice["candidates"]}
+        if ranked is not None:
             entry["flops_per_example"] = ranked.get(name, {}).get("flops_per_example")
         for model in MODELS:
             if all(model in run for run in by_seed.values()):

@@ -31,9 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipelines.flows import PipelineError
+from pipelines.seed_statistics import mean_and_spread
 from pipelines.seeds import (
     add_project_and_seeds,
     read_seed_params,
@@ -79,12 +78,7 @@ def model_scores(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def summarize(runs: Mapping[int, Mapping[str, Mapping[str, float]]], model: str) -> dict:
     """Mean and sample standard deviation of each score of ``model`` over the seeds' runs."""
-    summary = {}
-    for key in SCORES:
-        values = np.array([run[model][key] for run in runs.values()])
-        summary[f"{key}_mean"] = float(values.mean())
-        summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return summary
+    return mean_and_spread([run[model] for run in runs.values()], SCORES)
 
 
 def imbalance_report(seeds: Sequence[int], runs: Mapping[str, Mapping[int, Mapping]]) -> dict:

@@ -35,6 +35,21 @@ def read_model_scores(evaluation: Mapping[str, Any]) -> SeedScores:
     return scores
 
 
+def mean_and_spread(
+    runs: Sequence[Mapping[str, float]], scores: Sequence[str] = SCORES
+) -> dict[str, float]:
+    """``<score>_mean`` and ``<score>_std`` of each of ``scores`` over ``runs`` (one mapping
+    of scores per seed): the sample standard deviation (ddof 1), 0 for a single run."""
+    summary = {}
+    for score in scores:
+        values = np.array([run[score] for run in runs])
+        summary[f"{score}_mean"] = float(values.mean())
+        summary[f"{score}_std"] = (
+            float(values.std(ddof=STANDARD_DEVIATION_DDOF)) if len(values) > 1 else 0.0
+        )
+    return summary
+
+
 def summarize(runs: Mapping[int, SeedScores]) -> dict[str, dict[str, float]]:
     """Mean and sample standard deviation (ddof=1) of each score, for each model that every
     run reports, in the first run's order.
@@ -49,12 +64,7 @@ def summarize(runs: Mapping[int, SeedScores]) -> dict[str, dict[str, float]]:
     for model in first:
         if not all(model in scores for scores in runs.values()):
             continue
-        statistics = {}
-        for score in SCORES:
-            values = np.array([scores[model][score] for scores in runs.values()])
-            statistics[f"{score}_mean"] = float(values.mean())
-            statistics[f"{score}_std"] = float(values.std(ddof=STANDARD_DEVIATION_DDOF))
-        summary[model] = statistics
+        summary[model] = mean_and_spread([scores[model] for scores in runs.values()])
     return summary
 
 

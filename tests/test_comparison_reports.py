@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from pipelines.backbones import backbones_report, format_table, mean_and_spread
+from pipelines.backbones import backbones_report, format_table
 from pipelines.flows import PipelineError
 from pipelines.imbalance import earlier_runs, imbalance_report
+from pipelines.seed_statistics import mean_and_spread
 
 
 def _scores(accuracy: float) -> dict[str, dict[str, float]]:
