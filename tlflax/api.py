@@ -140,14 +140,16 @@ def chosen_params(params: Params, advice: Advice) -> Params:
     Raises:
       MissingInputError: auto, but the advice was made for a written backbone.
     """
-    if params.extract.backbone != AUTO_BACKBONE:
-        return params
-    if advice.backbone is None:
-        raise MissingInputError(
-            "extract.backbone is auto but the advice holds no choice of backbone: run the "
-            "advise stage again with these params"
-        )
-    return params.with_backbone(advice.backbone.chosen)
+
+    def advised() -> str:
+        if advice.backbone is None:
+            raise MissingInputError(
+                "extract.backbone is auto but the advice holds no choice of backbone: run the "
+                "advise stage again with these params"
+            )
+        return advice.backbone.chosen
+
+    return params.with_chosen_backbone(advised)
 
 
 def chosen_task(task: Task, advice: Advice) -> Task:
