@@ -152,7 +152,7 @@ def _on(device: jax.Device, tree):
     return jax.device_put(jax.tree_util.tree_map(fresh, tree), device)
 
 
-def _full_plan(task: Task, model: nnx.Module) -> TrainingPlan:
+def full_plan(task: Task, model: nnx.Module, batch_size: int = BATCH_SIZE) -> TrainingPlan:
     """The job's finetune settings with every group training from the first step at peak
     rate (no warm-up: a first step at learning rate 0 would move nothing to compare)."""
     finetune = task.params.finetune
@@ -160,7 +160,7 @@ def _full_plan(task: Task, model: nnx.Module) -> TrainingPlan:
     settings = finetune.model_dump()
     settings.update(strategy="full", rules=strategy_rules("full", len(patterns), patterns))
     settings.update(unfreeze_groups=len(patterns), gradual_unfreezing=False, epochs=1)
-    settings.update(batch_size=BATCH_SIZE, warmup_fraction=0.0, cache_frozen_prefix=False)
+    settings.update(batch_size=batch_size, warmup_fraction=0.0, cache_frozen_prefix=False)
     settings.update(layer_lr_decay=finetune.layer_lr_decay or 0.8)
     return TrainingPlan(**settings)
 
@@ -211,7 +211,7 @@ def build_sides(name: str) -> tuple[Side, Side, dict, str]:
     params = load_params(ROOT / job.params_file).with_backbone(name)
     task = task_for(params, ROOT / "data")  # builds models only: the data is never read
     model = task.build_classifier(job.num_classes, pretrained=True, seed=SEED)
-    plan = _full_plan(task, model)
+    plan = full_plan(task, model)
     rng = np.random.default_rng(SEED)
     _stand_in_head(model, rng)
     arrays = {**job.inputs(rng), "label": rng.integers(0, job.num_classes, BATCH_SIZE)}

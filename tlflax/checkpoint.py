@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tlflax.distributed import is_writer, wait_for_all
 from tlflax.errors import InputError, MissingInputError
 
 PyTree = Any
@@ -45,6 +46,10 @@ def tree_digest(*trees: PyTree) -> str:
         leaves, structure = jax.tree_util.tree_flatten(tree)
         digest.update(str(structure).encode())
         for leaf in leaves:
+            if hasattr(leaf, "hash_into"):
+                # A column read on demand (tlflax.data.streaming): hashed a chunk at a time.
+                leaf.hash_into(digest)
+                continue
             if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
                 leaf = jax.random.key_data(leaf)  # dropout RNG state: keys have no array form
             array = np.asarray(leaf)
@@ -80,7 +85,9 @@ class TrainingCheckpoints:
         # Stable for equal scores (Orbax sorts), so ties rank as run_finetuning ranks them.
         rank = functools.partial(score, monitor=monitor)
         if fingerprint is not None:
-            self._claim(fingerprint)
+            if is_writer():
+                self._claim(fingerprint)
+            wait_for_all(f"tlflax claim {self.directory}")
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(
@@ -159,8 +166,18 @@ def delete_checkpoints(directory: str | Path) -> None:
 
 
 def save_tree(path: str | Path, tree: PyTree) -> None:
-    """Save one pytree synchronously; Orbax writes to a temporary folder, then renames."""
-    checkpointer = ocp.StandardCheckpointer()
+    """Save one pytree synchronously; Orbax writes to a temporary folder, then renames.
+
+    Where several processes train together (:mod:`tlflax.distributed`), the writing process
+    alone calls this: the tree's replicated arrays are saved from its own copy.
+    """
+    options = {}
+    if jax.process_count() > 1:
+        tree = jax.tree_util.tree_map(np.asarray, tree)
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}
+        )
+    checkpointer = ocp.StandardCheckpointer(**options)
     checkpointer.save(Path(path).absolute(), tree, force=True)
     checkpointer.wait_until_finished()
 

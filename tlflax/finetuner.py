@@ -26,6 +26,7 @@ from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import FinetuneParams, ParamsError
 from tlflax.data.pipeline import iterate_batches, num_batches
+from tlflax.distributed import process_shard, put_replicated
 from tlflax.loop import (
     Callback,
     EarlyStopping,
@@ -158,13 +159,14 @@ class Finetuner:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.split_batch = NamedSharding(self.mesh, PartitionSpec("data"))
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        trainable, frozen, rest, opt_state = jax.device_put(
-            (trainable, frozen, rest, self.tx.init(trainable)), self.replicated
+        trainable, frozen, rest, opt_state, key = put_replicated(
+            (trainable, frozen, rest, self.tx.init(trainable), jax.random.key(cfg.seed)),
+            self.replicated,
         )
         ema = None
         if cfg.ema_decay:
             ema = jax.tree_util.tree_map(jnp.copy, trainable)
-        return FinetuneState(trainable, frozen, rest, opt_state, 0, jax.random.key(cfg.seed), ema)
+        return FinetuneState(trainable, frozen, rest, opt_state, 0, key, ema)
 
     # The step functions close over graphdef, optimizer and forward: all static per run.
     def _merge(self, trainable, frozen, rest) -> nnx.Module:
@@ -232,11 +234,19 @@ class Finetuner:
         """Train steps in one epoch over ``num_examples``."""
         return num_batches(num_examples, self.cfg.batch_size, self.drop_remainder)
 
+    def _global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a batch, joined with the other processes' into one array
+        split over the mesh (on one process: the batch, split over the local devices)."""
+        return jax.make_array_from_process_local_data(self.split_batch, batch)
+
     def evaluate(self, state: FinetuneState, arrays: dict[str, np.ndarray], batch_size: int):
         totals: dict[str, float] = {}
-        for batch in iterate_batches(arrays, batch_size, shuffle=False, seed=0):
-            batch = jax.device_put(batch, self.split_batch)
-            add_counts(totals, self.eval_step(self.weights(state), state.frozen, state.rest, batch))
+        batches = iterate_batches(arrays, batch_size, shuffle=False, seed=0, shard=process_shard())
+        for batch in batches:
+            counts = self.eval_step(
+                self.weights(state), state.frozen, state.rest, self._global_batch(batch)
+            )
+            add_counts(totals, counts)
         return finish_counts(totals)
 
     def run_epoch(
@@ -252,8 +262,10 @@ class Finetuner:
             epoch=state.epoch,
             drop_remainder=self.drop_remainder,
             balanced=self.balance.balanced_sampling,
+            shard=process_shard(),
         )
-        steps = self.steps_per_epoch(len(train["label"]))
+        num_examples = len(train["label"])
+        steps = self.steps_per_epoch(num_examples)
         trainable, opt_state, rest, key = state.trainable, state.opt_state, state.rest, state.key
         ema, first_step = state.ema, state.epoch * steps
         bar = tqdm(
@@ -265,7 +277,7 @@ class Finetuner:
             leave=False,
         )
         for step, batch in enumerate(bar):
-            batch = jax.device_put(batch, self.split_batch)
+            batch = self._global_batch(batch)
             key, step_key = jax.random.split(key)
             trainable, opt_state, rest, loss = self.train_step(
                 trainable, opt_state, state.frozen, rest, batch, step_key
@@ -274,7 +286,9 @@ class Finetuner:
                 ema = self.ema_step(ema, trainable, jnp.asarray(first_step + step))
             loss = float(loss)
             check_finite_loss(loss, "finetune", state.epoch, step)
-            count = float(batch["mask"].sum())
+            # The real rows of the global batch (this process holds only its own part of
+            # the mask): all but the last of an epoch are full.
+            count = float(min(self.cfg.batch_size, num_examples - step * self.cfg.batch_size))
             total_loss, total_count = total_loss + loss * count, total_count + count
         new_state = FinetuneState(
             trainable, state.frozen, rest, opt_state, state.epoch + 1, key, ema

@@ -27,8 +27,14 @@ from tlflax.checkpoint import restore_tree
 from tlflax.config import AUTO_BACKBONE, AugmentParams, FinetuneParams, Params, ParamsError
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import map_batches, prepare_images
+from tlflax.data.streaming import stored_image_inputs
 from tlflax.data.tfds_audio import read_audio_split
-from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
+from tlflax.data.tfds_store import (
+    dataset_version_dir,
+    read_class_names,
+    read_image_shape,
+    read_image_split,
+)
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import InputError
 from tlflax.models.registry import BackboneSpec, get_backbone_spec
@@ -180,6 +186,14 @@ class ImageTask(Task):
 
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": records}
+
+    def read_inputs(self, split: str) -> dict[str, np.ndarray]:
+        """``image`` read on demand from the stored split (:mod:`tlflax.data.streaming`), so
+        training, evaluation and extraction hold a batch of images, not the split."""
+        name = self.params.prepare.stored_name
+        if read_image_shape(self.dataset_dir, name)[-1] not in (1, 3):
+            self.read_split(split)  # refuses it, naming the folder
+        return stored_image_inputs(self.dataset_dir, name, split)
 
     def forward(
         self, training: FinetuneParams | None = None, *, test_time_flip: bool = False

@@ -24,12 +24,15 @@ from pipelines.stages.training import fit_and_save, run_fingerprint
 from tlflax.api import initial_classifier
 from tlflax.checkpoint import restore_tree
 from tlflax.config import Params
+from tlflax.distributed import initialize_from_environment
 from tlflax.fit import cache_frozen_prefix
 from tlflax.plan import load_plan, plan_table
 from tlflax.tasks import task_for
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
+    # Several processes (JAX_NUM_PROCESSES > 1) train as one: README, "Across processes".
+    initialize_from_environment()
     plan = load_plan(paths.metrics("plan"))
     cfg = plan.finetune
     print(f"finetune: the plan ({paths.metrics('plan')}):\n{plan_table(plan)}")

@@ -12,12 +12,15 @@ from flax import nnx
 from pipelines.stages.common import ExperimentPaths, run_stage
 from pipelines.stages.training import fit_and_save, run_fingerprint
 from tlflax.config import Params
+from tlflax.distributed import initialize_from_environment
 from tlflax.fit import build_scratch_classifier
 from tlflax.plan import load_plan
 from tlflax.tasks import task_for
 
 
 def run(params: Params, paths: ExperimentPaths) -> None:
+    # Several processes (JAX_NUM_PROCESSES > 1) train as one: README, "Across processes".
+    initialize_from_environment()
     plan = load_plan(paths.metrics("plan"))
     cfg = plan.scratch
     task = task_for(params, paths.dataset_dir)

@@ -19,6 +19,7 @@ from tlflax import fit
 from tlflax.balance import ClassBalance
 from tlflax.checkpoint import delete_checkpoints
 from tlflax.config import FinetuneParams
+from tlflax.distributed import is_writer
 from tlflax.io import write_json
 
 
@@ -60,10 +61,13 @@ def fit_and_save(
         # The dvclive log as epochs end, so `dvc plots` shows progress during training:
         # rewritten whole (atomically) from the run's history, which a resumed run
         # restores, so a kill never leaves a log with a gap.
-        on_history=lambda history: live.update(history.epochs),
+        on_history=(lambda history: live.update(history.epochs)) if is_writer() else None,
         name=stage,
         balance=balance,
     )
+    if not is_writer():
+        # Several processes trained together (tlflax.distributed): process 0 writes.
+        return result.summary
     live.update(result.history.epochs, final=True)
     fit.save_classifier(
         result.model,

@@ -2,7 +2,8 @@
 
 Every batch has the same shape — the last partial batch is padded and masked — so a
 jitted step compiles once. Shuffling draws one index permutation per epoch and gathers
-one batch at a time, so host memory stays at one batch whatever the dataset size.
+one batch at a time, so host memory stays at one batch whatever the dataset size, when the
+inputs are read on demand (:mod:`tlflax.data.streaming`, read ahead in background threads).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tlflax.data.errors import DataError
+from tlflax.data.streaming import is_stored, prefetched
 
 MASK_KEY = "mask"
 
@@ -68,6 +70,7 @@ def iterate_batches(
     epoch: int = 0,
     drop_remainder: bool = False,
     balanced: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield fixed-shape batches of aligned arrays, each example once per epoch.
 
@@ -80,6 +83,9 @@ def iterate_batches(
         drop_remainder: skip the last partial batch instead of padding it.
         balanced: draw the epoch class-balanced from ``arrays["label"]`` in a random order
             (:func:`balanced_order`, same length) instead of visiting each example once.
+        shard: ``(index, count)``: yield only the ``index``-th of ``count`` equal parts of
+            every batch (this process's rows when ``count`` processes train together; each
+            reads only its own). ``batch_size`` is the global batch, a multiple of ``count``.
 
     Returns:
         An iterator of dicts with the keys of ``arrays`` plus ``"mask"`` (float32, 1 for real rows, 0 for
@@ -104,24 +110,31 @@ def iterate_batches(
         if length != num_examples:
             raise DataError(f"arrays[{key!r}]", f"lengths differ: {lengths}")
     # Checked above, outside the generator, so bad input fails at the call, not at first use.
+    shard_index, shard_count = shard
+    if batch_size % shard_count or not 0 <= shard_index < shard_count:
+        raise DataError("batch_size", f"{batch_size} does not split into {shard_count} equal parts")
     if balanced:
         order = balanced_order(arrays["label"], seed=seed, epoch=epoch)
     else:
         order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
-    return _generate_batches(arrays, order, batch_size, drop_remainder)
+    shard_size = batch_size // shard_count
+    shard_rows = slice(shard_index * shard_size, (shard_index + 1) * shard_size)
 
-
-def _generate_batches(
-    arrays: dict[str, np.ndarray], order: np.ndarray, batch_size: int, drop_remainder: bool
-) -> Iterator[dict[str, np.ndarray]]:
-    for batch_index in range(num_batches(len(order), batch_size, drop_remainder)):
+    def batch_at(batch_index: int) -> dict[str, np.ndarray]:
         indices = order[batch_index * batch_size : (batch_index + 1) * batch_size]
         num_real = len(indices)
         if num_real < batch_size:
             indices = np.concatenate([indices, np.full(batch_size - num_real, indices[0])])
-        batch = {key: array[indices] for key, array in arrays.items()}
-        batch[MASK_KEY] = (np.arange(batch_size) < num_real).astype(np.float32)
-        yield batch
+        mask = (np.arange(batch_size) < num_real).astype(np.float32)
+        batch = {key: array[indices[shard_rows]] for key, array in arrays.items()}
+        batch[MASK_KEY] = mask[shard_rows]
+        return batch
+
+    count = num_batches(len(order), batch_size, drop_remainder)
+    if is_stored(arrays):
+        # Columns read from disk: the next batches are read while this one is used.
+        return prefetched(batch_at, count)
+    return map(batch_at, range(count))
 
 
 def map_batches(

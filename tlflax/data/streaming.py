@@ -1,0 +1,146 @@
+"""Stored splits read on demand: host memory bounded by a batch, not by the dataset.
+
+:func:`stored_image_inputs` returns a split of an image dataset written by
+:mod:`tlflax.data.tfds_store` as ``{"image": StoredColumn, "label": labels}``. The labels are
+in memory (8 bytes an example); the images stay in the ``array_record`` file and are read
+through Google's ``grain`` (a :class:`grain.MapDataset` over the TFDS data source: random
+access by index) when a batch asks for them. Everything that takes batches of a split -
+:func:`tlflax.data.pipeline.iterate_batches`, ``map_batches``, the training and evaluation
+loops, feature extraction - takes a :class:`StoredColumn` where it took an array, with the
+same values in the same order: the results of a run do not change.
+
+Reading is the host's work; while the accelerator runs one step, the next batches are read
+in grain's background threads (:func:`prefetched`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from tlflax.data.errors import DataError
+from tlflax.data.tfds_store import _READ_CHUNK, _first_line, _load_builder, dataset_version_dir
+
+# Batches read ahead of the step that uses them, each in its own grain thread: two keep the
+# step fed when reading a batch takes less time than a step, and bound memory to two batches.
+PREFETCH_BATCHES = 2
+
+
+class StoredColumn:
+    """One feature of a stored split, read on demand; indexed like the array it stands for.
+
+    ``column[indices]`` (an integer array, a slice or an int) decodes just those records;
+    ``len``, ``shape``, ``dtype`` and ``ndim`` are those of the whole column without reading it.
+    ``np.asarray(column)`` reads it all: for code that needs the array and a small split.
+    """
+
+    def __init__(self, data_dir: Path, name: str, split: str, feature: str):
+        self.location = dataset_version_dir(data_dir, name)
+        self.split, self.feature = split, feature
+        builder = _load_builder(data_dir, name)
+        if split not in builder.info.splits:
+            raise DataError(
+                self.location, f"no split {split!r}; available: {sorted(builder.info.splits)}"
+            )
+        info = builder.info.features[feature]
+        try:
+            self.records = grain.MapDataset.source(builder.as_data_source(split=split))
+            count = len(self.records)
+        except (RuntimeError, OSError) as error:
+            raise DataError(
+                self.location,
+                f"split {split!r} cannot be read ({_first_line(error)})",
+                "run the `prepare` stage again",
+            ) from None
+        self.shape = (count, *info.shape)
+        self.dtype = np.dtype(info.np_dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self._read(np.asarray([index]))[0]
+        if isinstance(index, slice):
+            index = np.arange(len(self))[index]
+        return self._read(np.asarray(index))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = (
+            np.concatenate(list(self.chunks())) if len(self) else np.empty(self.shape, self.dtype)
+        )
+        return whole if dtype is None else whole.astype(dtype)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The column in order, a bounded chunk at a time."""
+        for start in range(0, len(self), _READ_CHUNK):
+            yield self[start : min(start + _READ_CHUNK, len(self))]
+
+    def hash_into(self, digest: Any) -> None:
+        """Feed dtype, shape and values to ``digest`` (a hashlib object) as
+        :func:`tlflax.checkpoint.tree_digest` feeds an array's, a chunk at a time: the
+        digest equals that of ``np.asarray(self)``."""
+        digest.update(f"{self.dtype}{self.shape}".encode())
+        for chunk in self.chunks():
+            digest.update(np.ascontiguousarray(chunk).tobytes())
+
+    def _read(self, indices: np.ndarray) -> np.ndarray:
+        if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
+            raise IndexError(f"{self.location} split {self.split!r}: index out of range")
+        try:
+            # grain's MapDataset reads a batch of records in one call (array_record's
+            # parallel random access), each decoded by TFDS.
+            records = self.records._getitems(list(np.asarray(indices) % max(len(self), 1)))
+        except (RuntimeError, OSError) as error:
+            raise DataError(
+                self.location,
+                f"split {self.split!r} cannot be read ({_first_line(error)})",
+                "run the `prepare` stage again",
+            ) from None
+        values = []
+        for position, record in zip(indices, records, strict=True):
+            # A record past the end of a truncated file comes back as all None.
+            if record is None or record.get(self.feature) is None:
+                raise DataError(
+                    self.location,
+                    f"split {self.split!r}: record {position} of {len(self)} cannot be read "
+                    "(the file is truncated or damaged)",
+                    "run the `prepare` stage again",
+                )
+            values.append(record[self.feature])
+        return (
+            np.stack(values).astype(self.dtype, copy=False)
+            if values
+            else np.empty((0, *self.shape[1:]), self.dtype)
+        )
+
+
+def stored_image_inputs(data_dir: Path, name: str, split: str) -> dict[str, Any]:
+    """``{"image": StoredColumn, "label": int64 labels}`` of one split of an image dataset
+    written by :func:`tlflax.data.tfds_store.write_image_dataset`.
+
+    Raises:
+        DataError: naming the dataset folder when it, the split or a record is unreadable.
+    """
+    labels = StoredColumn(data_dir, name, split, "label")
+    return {
+        "image": StoredColumn(data_dir, name, split, "image"),
+        "label": np.concatenate([*labels.chunks(), np.empty(0, np.int64)]).astype(np.int64),
+    }
+
+
+def is_stored(arrays: dict[str, Any]) -> bool:
+    """Whether any column of ``arrays`` is read on demand."""
+    return any(isinstance(column, StoredColumn) for column in arrays.values())
+
+
+def prefetched(make_batch: Callable[[int], dict[str, np.ndarray]], count: int) -> Iterator[dict]:
+    """``make_batch(0) ... make_batch(count - 1)`` in order, each read ahead in one of grain's
+    background threads while the caller works on the one before."""
+    options = grain.ReadOptions(num_threads=PREFETCH_BATCHES, prefetch_buffer_size=PREFETCH_BATCHES)
+    return iter(grain.MapDataset.range(count).map(make_batch).to_iter_dataset(options))
