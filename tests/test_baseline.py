@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -224,6 +225,25 @@ def test_the_stage_writes_predictions_choice_and_metrics(
     )
     assert model == choice["model"]
     np.testing.assert_array_equal(probabilities["test"], predictions["test"])
+
+
+def test_the_stage_fits_a_stratified_subset_of_a_large_training_split(
+    prepared_project: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(prepared_project, project, symlinks=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["baseline"]["max_train_examples"] = 30
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+    result = run([sys.executable, "-m", "pipelines.stages.baseline"], cwd=project, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "baseline: fitted on 30 of 60 training examples" in result.stdout
+    choice = json.loads((project / "models/vision/baseline/model.json").read_text())
+    assert choice["train_examples"] == 30
+    predictions = read_arrays(project / "models/vision/baseline/predictions.npz")
+    assert predictions["test"].shape == (10000, 10)  # every split is still predicted
 
 
 def test_the_stage_refuses_a_single_class_train_split_in_one_line(

@@ -1,6 +1,7 @@
-"""Fine-tuning as several JAX processes (tlflax.distributed): the real stage command, run as
-2 local CPU processes that meet through jax.distributed, against the same stage run as one
-process with the same global batch (the small project's own finetune run)."""
+"""Fine-tuning as several JAX processes (tlflax.distributed): the command and environment of
+the Kubernetes Indexed Job (infra/k8s/multihost-job.yaml), run as 2 local CPU processes in
+place of 2 pods, against the same stage run as one process with the same global batch (the
+small project's own finetune run). The Kubernetes part itself is untested here."""
 
 from __future__ import annotations
 
@@ -16,10 +17,24 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import yaml
 
 from tests.small_project import copy_project
 
 STAGE = [sys.executable, "-m", "pipelines.stages.finetune"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _job_container() -> tuple[dict, int]:
+    """The Job's container and its number of processes."""
+    documents = yaml.safe_load_all((ROOT / "infra/k8s/multihost-job.yaml").read_text())
+    job = next(document for document in documents if document["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    declared = {variable["name"]: variable for variable in container["env"]}
+    processes = int(declared["JAX_NUM_PROCESSES"]["value"])
+    assert processes == job["spec"]["completions"] == job["spec"]["parallelism"]
+    assert "JAX_COORDINATOR_ADDRESS" in declared and "JAX_PROCESS_ID" in declared
+    return container, processes
 
 
 def _free_port() -> int:
@@ -37,11 +52,16 @@ def _environment(**variables: str) -> dict[str, str]:
     return environment
 
 
-def _run_processes(project: Path, count: int) -> list[subprocess.CompletedProcess]:
-    address = f"localhost:{_free_port()}"
+def _run_job(project: Path) -> list[subprocess.CompletedProcess]:
+    """The Job's command, one process per pod, meeting on this machine."""
+    container, count = _job_container()
+    # The image's `python` is its virtualenv's; here that is this interpreter.
+    assert container["command"][0] == "python"
+    command = [sys.executable, *container["command"][1:], *container.get("args", [])]
+    address = f"localhost:{_free_port()}"  # pod 0's DNS name, on one machine
     started = [
         subprocess.Popen(
-            STAGE,
+            command,
             cwd=project,
             env=_environment(
                 JAX_COORDINATOR_ADDRESS=address,
@@ -55,9 +75,16 @@ def _run_processes(project: Path, count: int) -> list[subprocess.CompletedProces
         for index in range(count)
     ]
     finished = []
-    for process in started:
-        stdout, stderr = process.communicate(timeout=600)
-        finished.append(subprocess.CompletedProcess(STAGE, process.returncode, stdout, stderr))
+    try:
+        for process in started:
+            stdout, stderr = process.communicate(timeout=600)
+            finished.append(
+                subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+            )
+    finally:
+        for process in started:  # one process failing leaves the other waiting for it
+            process.kill()
+            process.wait()
     return finished
 
 
@@ -81,7 +108,7 @@ def _weights(project: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_two_processes_fine_tune_as_one(small_project: Path, tmp_path: Path):
+def test_the_multihost_job_fine_tunes_as_one_process(small_project: Path, tmp_path: Path):
     project = copy_project(small_project, tmp_path / "project", with_history=False)
     for output in (
         "models/vision/finetune",
@@ -91,7 +118,7 @@ def test_two_processes_fine_tune_as_one(small_project: Path, tmp_path: Path):
         target = project / output
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
-    results = _run_processes(project, 2)
+    results = _run_job(project)
 
     for index, result in enumerate(results):
         assert result.returncode == 0, f"process {index}:\n{result.stderr[-3000:]}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -498,48 +497,3 @@ def test_the_command_line_exits_1_with_one_line_on_a_failed_stage(
         "pipeline: `dvc exp run --set-param validate.fail=true --name bad dvc.yaml` failed (exit 255)"
         in capsys.readouterr().err
     )
-
-
-# --- infra ----------------------------------------------------------------------------------
-
-
-def test_the_multihost_job_program_joins_its_processes(tmp_path: Path) -> None:
-    """infra/k8s/multihost-job.yaml's program and environment, run as two local CPU processes
-    in place of two pods (the Kubernetes part itself is untested here)."""
-    documents = yaml.safe_load_all((ROOT / "infra/k8s/multihost-job.yaml").read_text())
-    job = next(document for document in documents if document["kind"] == "Job")
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    declared = {variable["name"]: variable for variable in container["env"]}
-    processes = int(declared["JAX_NUM_PROCESSES"]["value"])
-    assert processes == job["spec"]["completions"] == job["spec"]["parallelism"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_NUM_PROCESSES=str(processes),
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",  # pod 0's DNS name, on one machine
-    )
-    # The image's `python` is its virtualenv's; here that is this interpreter.
-    assert container["command"][0] == "python"
-    command = [sys.executable, *container["command"][1:], *container["args"]]
-    running = [
-        subprocess.Popen(
-            command,
-            env=dict(environment, JAX_PROCESS_ID=str(index)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for index in range(processes)
-    ]
-    try:
-        outputs = [process.communicate(timeout=120)[0] for process in running]
-    finally:
-        for process in running:
-            process.kill()
-            process.wait()
-    for index, output in enumerate(outputs):
-        assert f"process {index} of {processes}:" in output, output
-        assert f"processes seen: {list(range(processes))}" in output, output

@@ -30,6 +30,9 @@ class BaselineParams(StrictSection):
 
     cv_folds: Annotated[int, Field(ge=2, le=20)] = 3
     seed: NonNegativeInt = 0
+    # Large training splits: cross-validate and refit on a stratified subset of at most this
+    # many examples (an RBF-SVM's fit grows with the square of its examples); null: all.
+    max_train_examples: PositiveInt | None = None
 
 
 # extract.backbone's value that leaves the choice to the advise stage (tlflax.backbone_choice).

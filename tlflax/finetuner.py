@@ -328,6 +328,7 @@ class Checkpointing(Callback[FinetuneState]):
         if epoch is None:  # resuming: the key and epoch the run had reached
             epoch = progress["epoch"]
             key = jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32))
+            key = put_replicated(key, state.key.sharding)  # where the fresh run's key lives
         weights = (restored["trainable"], state.frozen, restored["rest"], restored["opt_state"])
         return FinetuneState(*weights, epoch, key, restored.get("ema")), progress
 

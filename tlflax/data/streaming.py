@@ -39,13 +39,16 @@ class StoredColumn:
     """
 
     def __init__(self, data_dir: Path, name: str, split: str, feature: str):
-        self.location = dataset_version_dir(data_dir, name)
+        version_dir = dataset_version_dir(data_dir, name)
         self.split, self.feature = split, feature
         builder = _load_builder(data_dir, name)
         if split not in builder.info.splits:
             raise DataError(
-                self.location, f"no split {split!r}; available: {sorted(builder.info.splits)}"
+                version_dir, f"no split {split!r}; available: {sorted(builder.info.splits)}"
             )
+        # Errors name the split's file, as tfds_store's whole-split reading does.
+        files = sorted(path.name for path in version_dir.glob(f"*-{split}.array_record*"))
+        self.location = version_dir / (files[0] if files else f"*-{split}.array_record*")
         info = builder.info.features[feature]
         try:
             self.records = grain.MapDataset.source(builder.as_data_source(split=split))
