@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from tlflax.checkpoint import tree_digest
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import iterate_batches, map_batches
-from tlflax.data.streaming import StoredColumn, stored_image_inputs
+from tlflax.data.streaming import StoredColumn, stored_audio_inputs, stored_image_inputs
+from tlflax.data.tfds_audio import read_audio_split, write_audio_dataset
 from tlflax.data.tfds_store import dataset_version_dir, read_image_split, write_image_dataset
 
 NAME = "streamed"
@@ -88,8 +90,6 @@ def test_map_batches_over_a_stored_column_keeps_order(stored: Path):
 
 
 def test_a_truncated_store_is_named(stored: Path, tmp_path: Path):
-    import shutil
-
     copy = tmp_path / "tfds"
     shutil.copytree(stored, copy)
     (record_file,) = dataset_version_dir(copy, NAME).glob("*-train.array_record*")
@@ -98,3 +98,17 @@ def test_a_truncated_store_is_named(stored: Path, tmp_path: Path):
         inputs = stored_image_inputs(copy, NAME, "train")
         list(iterate_batches(inputs, 8, shuffle=False, seed=0))
     assert str(dataset_version_dir(copy, NAME)) in str(failure.value)
+
+
+def test_stored_clips_read_as_the_whole_split_reads_them(tmp_path: Path):
+    generator = np.random.default_rng(1)
+    clips = generator.uniform(-1, 1, size=(9, 400)).astype(np.float32)
+    labels = generator.integers(0, 2, size=9)
+    write_audio_dataset(tmp_path, "clips", {"train": (clips, labels)}, ["a", "b"], 16000)
+    whole, whole_labels, rate = read_audio_split(tmp_path, "clips", "train")
+    inputs, stored_rate = stored_audio_inputs(tmp_path, "clips", "train")
+    assert stored_rate == rate == 16000
+    assert inputs["audio"].dtype == np.float32 and inputs["audio"].shape == whole.shape
+    np.testing.assert_array_equal(inputs["audio"][np.array([8, 2, 2])], whole[[8, 2, 2]])
+    np.testing.assert_array_equal(np.asarray(inputs["audio"]), whole)
+    np.testing.assert_array_equal(inputs["label"], whole_labels)

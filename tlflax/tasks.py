@@ -23,11 +23,12 @@ from flax import nnx
 
 from tlflax import sound, text, vision
 from tlflax.backbone_choice import backbones_taking, candidate_backbones
+from tlflax.backbone_weights import check_weights_path
 from tlflax.checkpoint import restore_tree
 from tlflax.config import AUTO_BACKBONE, AugmentParams, FinetuneParams, Params, ParamsError
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import map_batches, prepare_images
-from tlflax.data.streaming import stored_image_inputs
+from tlflax.data.streaming import stored_audio_inputs, stored_image_inputs
 from tlflax.data.tfds_audio import read_audio_split
 from tlflax.data.tfds_store import (
     dataset_version_dir,
@@ -37,7 +38,7 @@ from tlflax.data.tfds_store import (
 )
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import InputError
-from tlflax.models.registry import BackboneSpec, get_backbone_spec
+from tlflax.models.registry import get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, audio_prefix_cut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
 
@@ -270,18 +271,30 @@ class AudioTask(Task):
     classifier_builders = (sound.build_audio_classifier, sound.abstract_audio_classifier)
 
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        name = self.params.prepare.stored_name
-        clips, labels, sample_rate = read_audio_split(self.dataset_dir, name, split)
-        if len(clips) and sample_rate != sound.SAMPLE_RATE:
+        clips, labels, sample_rate = read_audio_split(
+            self.dataset_dir, self.params.prepare.stored_name, split
+        )
+        self._check_rate(split, len(labels), sample_rate)
+        return clips, labels
+
+    def read_inputs(self, split: str) -> dict[str, np.ndarray]:
+        """``audio`` read on demand from the stored split (:mod:`tlflax.data.streaming`)."""
+        inputs, sample_rate = stored_audio_inputs(
+            self.dataset_dir, self.params.prepare.stored_name, split
+        )
+        self._check_rate(split, len(inputs["label"]), sample_rate)
+        return inputs
+
+    def _check_rate(self, split: str, count: int, sample_rate: int) -> None:
+        if count and sample_rate != sound.SAMPLE_RATE:
             # Checked here, where the folder is known: at another rate the log-mel front end
             # would silently compute the wrong frequencies.
             raise DataError(
-                dataset_version_dir(self.dataset_dir, name),
+                dataset_version_dir(self.dataset_dir, self.params.prepare.stored_name),
                 f"split {split!r} holds clips at {sample_rate} Hz; the audio backbones take "
                 f"{sound.SAMPLE_RATE} Hz",
                 f"prepare the dataset again with prepare.sample_rate: {sound.SAMPLE_RATE}",
             )
-        return clips, labels
 
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {"audio": np.asarray(records, np.float32)}
@@ -339,7 +352,7 @@ def task_for(params: Params, dataset_dir: Path) -> Task:
         spec = get_backbone_spec(params.extract.backbone)
     except InputError as error:
         raise ParamsError(f"'extract.backbone': {error}") from None
-    _check_weights_path(params, spec)
+    check_weights_path(params, spec)
     if spec.input_kind != modality:
         raise ParamsError(
             f"'extract.backbone': {spec.name!r} takes {spec.input_kind} input but "
@@ -347,49 +360,6 @@ def task_for(params: Params, dataset_dir: Path) -> Task:
             f"use one of: {', '.join(backbones_taking(modality))}"
         )
     return _TASKS[modality](params, dataset_dir)
-
-
-def _check_weights_path(params: Params, spec: BackboneSpec) -> None:
-    """Refuses an ``extract.weights_path`` the backbone cannot use, or its absence where it
-    is the only source of weights (or, for ``bert``, of the architecture)."""
-    extract = params.extract
-    if extract.weights_path is None:
-        if spec.read_checkpoint_folder is not None:
-            raise ParamsError(
-                f"'extract.weights_path': backbone {spec.name!r} is any BERT-family encoder you "
-                "bring: set extract.weights_path to its Hugging Face model folder (config.json, "
-                "model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)"
-            )
-        if extract.pretrained and spec.load_pretrained is None:
-            raise ParamsError(
-                f"'extract.weights_path': backbone {spec.name!r} ships no pretrained weights "
-                "and 'extract.pretrained' is true: set extract.weights_path to your checkpoint "
-                "(e.g. a torchvision or timm state dict .pth/.safetensors), or set "
-                "extract.pretrained to false to train it from random weights"
-            )
-        return
-    if spec.input_kind == "audio":
-        raise ParamsError(
-            f"'extract.weights_path': the audio backbones load only their packaged weights; "
-            f"remove extract.weights_path ({extract.weights_path})"
-        )
-    if spec.read_checkpoint_folder is not None:
-        try:
-            options, _ = spec.read_checkpoint_folder(Path(extract.weights_path))
-        except InputError as error:
-            raise ParamsError(f"'extract.weights_path': {error}") from None
-        max_positions = options.get("max_positions", extract.max_length)
-        if extract.max_length > max_positions:
-            raise ParamsError(
-                f"'extract.max_length': {extract.max_length} tokens exceed the {max_positions} "
-                f"positions of {Path(extract.weights_path) / 'config.json'} "
-                "(max_position_embeddings); set extract.max_length to at most that"
-            )
-    elif extract.pretrained and not Path(extract.weights_path).exists():
-        raise ParamsError(
-            f"'extract.weights_path': {extract.weights_path} does not exist (relative paths "
-            f"are from the working directory, {Path.cwd()})"
-        )
 
 
 def class_probabilities(

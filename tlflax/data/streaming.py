@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from tlflax.data.errors import DataError
+from tlflax.data.tfds_audio import pcm16_to_float
 from tlflax.data.tfds_store import _READ_CHUNK, _first_line, _load_builder, dataset_version_dir
 
 # Batches read ahead of the step that uses them, each in its own grain thread: two keep the
@@ -38,7 +39,17 @@ class StoredColumn:
     ``np.asarray(column)`` reads it all: for code that needs the array and a small split.
     """
 
-    def __init__(self, data_dir: Path, name: str, split: str, feature: str):
+    def __init__(
+        self,
+        data_dir: Path,
+        name: str,
+        split: str,
+        feature: str,
+        convert: Callable[[np.ndarray], np.ndarray] | None = None,
+        converted_dtype: np.dtype | None = None,
+    ):
+        """``convert`` (with the ``converted_dtype`` it returns) turns each batch of stored
+        values into the values the column stands for, e.g. 16-bit PCM into float clips."""
         version_dir = dataset_version_dir(data_dir, name)
         self.split, self.feature = split, feature
         builder = _load_builder(data_dir, name)
@@ -60,7 +71,9 @@ class StoredColumn:
                 "run the `prepare` stage again",
             ) from None
         self.shape = (count, *info.shape)
-        self.dtype = np.dtype(info.np_dtype)
+        self.stored_dtype = np.dtype(info.np_dtype)
+        self.convert = convert
+        self.dtype = np.dtype(converted_dtype) if convert else self.stored_dtype
         self.ndim = len(self.shape)
 
     def __len__(self) -> int:
@@ -116,11 +129,10 @@ class StoredColumn:
                     "run the `prepare` stage again",
                 )
             values.append(record[self.feature])
-        return (
-            np.stack(values).astype(self.dtype, copy=False)
-            if values
-            else np.empty((0, *self.shape[1:]), self.dtype)
-        )
+        if not values:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        stored = np.stack(values).astype(self.stored_dtype, copy=False)
+        return stored if self.convert is None else self.convert(stored)
 
 
 def stored_image_inputs(data_dir: Path, name: str, split: str) -> dict[str, Any]:
@@ -133,8 +145,32 @@ def stored_image_inputs(data_dir: Path, name: str, split: str) -> dict[str, Any]
     labels = StoredColumn(data_dir, name, split, "label")
     return {
         "image": StoredColumn(data_dir, name, split, "image"),
-        "label": np.concatenate([*labels.chunks(), np.empty(0, np.int64)]).astype(np.int64),
+        "label": np.asarray(labels).astype(np.int64),
     }
+
+
+def stored_audio_inputs(data_dir: Path, name: str, split: str) -> tuple[dict[str, Any], int]:
+    """``({"audio": StoredColumn, "label": labels}, sample rate)`` of one split of a dataset
+    written by :func:`tlflax.data.tfds_audio.write_audio_dataset`; the clips read as float32
+    in [-1, 1], as :func:`~tlflax.data.tfds_audio.read_audio_split` returns them.
+
+    Raises:
+        DataError: as :func:`stored_image_inputs`, or when the clips disagree on their rate.
+    """
+    rates = sorted(
+        {int(rate) for rate in np.asarray(StoredColumn(data_dir, name, split, "sample_rate"))}
+    )
+    if len(rates) > 1:
+        raise DataError(
+            dataset_version_dir(data_dir, name),
+            f"split {split!r} mixes sample rates {rates}",
+            "run the `prepare` stage again",
+        )
+    clips = StoredColumn(
+        data_dir, name, split, "audio", convert=pcm16_to_float, converted_dtype=np.float32
+    )
+    labels = StoredColumn(data_dir, name, split, "label")
+    return {"audio": clips, "label": np.asarray(labels).astype(np.int64)}, (rates or [0])[0]
 
 
 def is_stored(arrays: dict[str, Any]) -> bool:

@@ -86,6 +86,11 @@ def write_audio_dataset(
     )
 
 
+def pcm16_to_float(pcm: np.ndarray) -> np.ndarray:
+    """Stored 16-bit PCM -> float32 clips in [-1, 1]."""
+    return pcm.astype(np.float32) / PCM_SCALE
+
+
 def read_audio_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Load one split of a dataset written by :func:`write_audio_dataset` into memory.
 
@@ -106,7 +111,7 @@ def read_audio_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray,
             "run the `prepare` stage again",
         )
     clips = (
-        np.stack(columns["audio"]).astype(np.float32) / PCM_SCALE
+        pcm16_to_float(np.stack(columns["audio"]))
         if columns["audio"]
         else (np.zeros((0, 0), np.float32))
     )
