@@ -296,13 +296,6 @@ class Finetuner:
         return new_state, total_loss / max(total_count, 1.0)
 
 
-def _checkpoint_state(state: FinetuneState) -> dict[str, Any]:
-    tree = {"trainable": state.trainable, "rest": state.rest, "opt_state": state.opt_state}
-    if state.ema is not None:
-        tree["ema"] = state.ema
-    return tree
-
-
 class Checkpointing(Callback[FinetuneState]):
     """Orbax checkpoints of every epoch (latest + best N), resume, and the best epoch at the end.
 

@@ -8,6 +8,7 @@ inputs are read on demand (:mod:`tlflax.data.streaming`, read ahead in backgroun
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -100,6 +101,22 @@ def iterate_batches(
         >>> batches[-1]["x"], batches[-1]["mask"]
         (array([4, 4]), array([1., 0.], dtype=float32))
     """
+    num_examples = _checked_length(arrays, batch_size, shard)
+    # Checked above, outside the generator, so bad input fails at the call, not at first use.
+    if balanced:
+        order = balanced_order(arrays["label"], seed=seed, epoch=epoch)
+    else:
+        order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
+    batch_at = functools.partial(_batch_at, arrays, order, batch_size, shard)
+    count = num_batches(len(order), batch_size, drop_remainder)
+    if is_stored(arrays):
+        # Columns read from disk: the next batches are read while this one is used.
+        return prefetched(batch_at, count)
+    return map(batch_at, range(count))
+
+
+def _checked_length(arrays: dict, batch_size: int, shard: tuple[int, int]) -> int:
+    """The number of examples of ``arrays``, once they and the batching are checked."""
     if batch_size < 1:
         raise DataError("batch_size", f"must be >= 1, got {batch_size}")
     if MASK_KEY in arrays:
@@ -109,32 +126,26 @@ def iterate_batches(
     for key, length in lengths.items():
         if length != num_examples:
             raise DataError(f"arrays[{key!r}]", f"lengths differ: {lengths}")
-    # Checked above, outside the generator, so bad input fails at the call, not at first use.
     shard_index, shard_count = shard
     if batch_size % shard_count or not 0 <= shard_index < shard_count:
         raise DataError("batch_size", f"{batch_size} does not split into {shard_count} equal parts")
-    if balanced:
-        order = balanced_order(arrays["label"], seed=seed, epoch=epoch)
-    else:
-        order = epoch_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch)
-    shard_size = batch_size // shard_count
-    shard_rows = slice(shard_index * shard_size, (shard_index + 1) * shard_size)
+    return num_examples
 
-    def batch_at(batch_index: int) -> dict[str, np.ndarray]:
-        indices = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-        num_real = len(indices)
-        if num_real < batch_size:
-            indices = np.concatenate([indices, np.full(batch_size - num_real, indices[0])])
-        mask = (np.arange(batch_size) < num_real).astype(np.float32)
-        batch = {key: array[indices[shard_rows]] for key, array in arrays.items()}
-        batch[MASK_KEY] = mask[shard_rows]
-        return batch
 
-    count = num_batches(len(order), batch_size, drop_remainder)
-    if is_stored(arrays):
-        # Columns read from disk: the next batches are read while this one is used.
-        return prefetched(batch_at, count)
-    return map(batch_at, range(count))
+def _batch_at(
+    arrays: dict, order: np.ndarray, batch_size: int, shard: tuple[int, int], batch_index: int
+) -> dict[str, np.ndarray]:
+    """Batch ``batch_index`` of the epoch ``order`` (the last one padded), ``shard``'s rows."""
+    indices = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+    num_real = len(indices)
+    if num_real < batch_size:
+        indices = np.concatenate([indices, np.full(batch_size - num_real, indices[0])])
+    mask = (np.arange(batch_size) < num_real).astype(np.float32)
+    shard_size = batch_size // shard[1]
+    rows = slice(shard[0] * shard_size, (shard[0] + 1) * shard_size)
+    batch = {key: array[indices[rows]] for key, array in arrays.items()}
+    batch[MASK_KEY] = mask[rows]
+    return batch
 
 
 def map_batches(
