@@ -146,10 +146,10 @@ class Finetuner:
         return trainable, frozen, rest
 
     def _initial_state(self, trainable, frozen, rest) -> FinetuneState:
-        """The run's start, placed on every local device."""
+        """The run's start, placed on every device of every process (tlflax.distributed)."""
         cfg = self.cfg
-        # Data parallelism over every local device: weights replicated, batches split on their
-        # first axis; jit partitions the step (GSPMD). On one device this changes nothing.
+        # Data parallelism: weights replicated, batches split on their first axis; jit
+        # partitions the step (GSPMD). On one device this changes nothing.
         self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
         if cfg.batch_size % self.mesh.size:
             raise ParamsError(
@@ -163,9 +163,7 @@ class Finetuner:
             (trainable, frozen, rest, self.tx.init(trainable), jax.random.key(cfg.seed)),
             self.replicated,
         )
-        ema = None
-        if cfg.ema_decay:
-            ema = jax.tree_util.tree_map(jnp.copy, trainable)
+        ema = jax.tree_util.tree_map(jnp.copy, trainable) if cfg.ema_decay else None
         return FinetuneState(trainable, frozen, rest, opt_state, 0, key, ema)
 
     # The step functions close over graphdef, optimizer and forward: all static per run.
@@ -235,8 +233,7 @@ class Finetuner:
         return num_batches(num_examples, self.cfg.batch_size, self.drop_remainder)
 
     def _global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of a batch, joined with the other processes' into one array
-        split over the mesh (on one process: the batch, split over the local devices)."""
+        """This process's rows joined with the other processes' into one batch on the mesh."""
         return jax.make_array_from_process_local_data(self.split_batch, batch)
 
     def evaluate(self, state: FinetuneState, arrays: dict[str, np.ndarray], batch_size: int):
@@ -286,8 +283,7 @@ class Finetuner:
                 ema = self.ema_step(ema, trainable, jnp.asarray(first_step + step))
             loss = float(loss)
             check_finite_loss(loss, "finetune", state.epoch, step)
-            # The real rows of the global batch (this process holds only its own part of
-            # the mask): all but the last of an epoch are full.
+            # Real rows of the global batch (this process holds only its part of the mask).
             count = float(min(self.cfg.batch_size, num_examples - step * self.cfg.batch_size))
             total_loss, total_count = total_loss + loss * count, total_count + count
         new_state = FinetuneState(
@@ -311,17 +307,16 @@ class Checkpointing(Callback[FinetuneState]):
     @staticmethod
     def _tree(state: FinetuneState) -> dict[str, Any]:
         tree = {"trainable": state.trainable, "rest": state.rest, "opt_state": state.opt_state}
-        if state.ema is not None:
-            tree["ema"] = state.ema
-        return tree
+        return tree if state.ema is None else {**tree, "ema": state.ema}
 
     def _restore(self, step: int, state: FinetuneState, epoch: int | None = None):
         restored, progress = self.checkpoints.restore(step, self._tree(state))
         key = state.key
         if epoch is None:  # resuming: the key and epoch the run had reached
             epoch = progress["epoch"]
-            key = jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32))
-            key = put_replicated(key, state.key.sharding)  # where the fresh run's key lives
+            key = put_replicated(  # placed where the fresh run's key is
+                jax.random.wrap_key_data(np.asarray(progress["key"], np.uint32)), state.key.sharding
+            )
         weights = (restored["trainable"], state.frozen, restored["rest"], restored["opt_state"])
         return FinetuneState(*weights, epoch, key, restored.get("ema")), progress
 
