@@ -137,13 +137,6 @@ def run(sizes: list[int]) -> dict:
     results["epoch_peak_rss_ratio"] = round(
         results[largest]["epoch_peak_rss_mb"] / results[smallest]["epoch_peak_rss_mb"], 3
     )
-    results["setup"] = {
-        "backbone": BACKBONE,
-        "params": PARAMS_FILE.name,
-        "validation_images": VALIDATION_SIZE,
-        "stored_image_shape": [28, 28, 1],
-        "epoch": "full fine-tuning, one epoch, compilation included",
-    }
     return results
 
 
