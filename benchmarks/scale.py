@@ -69,7 +69,7 @@ def write_store(data_dir: Path, size: int) -> None:
     )
 
 
-def measure(kind: str, data_dir: Path) -> dict[str, float]:
+def measure(kind: str, data_dir: Path, image_size: int | None = None) -> dict[str, float]:
     """Run one measurement in this process; returns its seconds and peak RSS (MB)."""
     from flax import nnx
 
@@ -80,6 +80,9 @@ def measure(kind: str, data_dir: Path) -> dict[str, float]:
     from tlflax.tasks import task_for
 
     params = load_params(PARAMS_FILE).with_backbone(BACKBONE)
+    if image_size is not None:
+        extract = params.extract.model_copy(update={"image_size": image_size})
+        params = params.model_copy(update={"extract": extract})
     task = task_for(params, data_dir)
     train = task.read_inputs("train")
     if kind == "epoch_in_memory":
@@ -104,9 +107,12 @@ def measure(kind: str, data_dir: Path) -> dict[str, float]:
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
-def run_measurement(kind: str, data_dir: Path) -> dict[str, float]:
+def run_measurement(kind: str, data_dir: Path, image_size: int | None) -> dict[str, float]:
     """:func:`measure` in a fresh process, so each peak is its own."""
-    command = [sys.executable, "-m", "benchmarks.scale", "--measure", kind, "--data-dir"]
+    command = [sys.executable, "-m", "benchmarks.scale", "--measure", kind]
+    if image_size is not None:
+        command += ["--image-size", str(image_size)]
+    command += ["--data-dir"]
     result = subprocess.run(
         [*command, str(data_dir)], cwd=ROOT, capture_output=True, text=True, check=False
     )
@@ -115,13 +121,13 @@ def run_measurement(kind: str, data_dir: Path) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(sizes: list[int]) -> dict:
+def run(sizes: list[int], image_size: int | None = None) -> dict:
     results: dict = {}
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix=f"tlflax-scale-{size}-") as folder:
             write_store(Path(folder), size)
             kinds = MEASUREMENTS if size == max(sizes) else MEASUREMENTS[:2]
-            measured = {kind: run_measurement(kind, Path(folder)) for kind in kinds}
+            measured = {kind: run_measurement(kind, Path(folder), image_size) for kind in kinds}
         row = {
             "extract_peak_rss_mb": measured["extract"]["peak_rss_mb"],
             "extract_s": measured["extract"]["seconds"],
@@ -144,15 +150,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 60000])
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "scale.json")
+    parser.add_argument(
+        "--image-size", type=int, help="extract.image_size to run at (default: params.yaml's)"
+    )
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.measure:
-        print(json.dumps(measure(arguments.measure, arguments.data_dir)))
+        print(json.dumps(measure(arguments.measure, arguments.data_dir, arguments.image_size)))
         return
     if len(set(arguments.sizes)) < 2 or min(arguments.sizes) < 1:
         parser.error("--sizes: give two or more different positive sizes")
-    results = run(sorted(set(arguments.sizes)))
+    results = run(sorted(set(arguments.sizes)), arguments.image_size)
     write_json(arguments.output, results)
     print_table([{"n_train": size, **row} for size, row in results.items() if size.isdigit()])
     print(f"epoch peak RSS, largest / smallest: {results['epoch_peak_rss_ratio']}")
