@@ -35,7 +35,7 @@ from tlflax.balance import training_class_balance
 from tlflax.checkpoint import delete_checkpoints
 from tlflax.config import AUTO_BACKBONE, FinetuneParams, Params, ParamsError
 from tlflax.data.sources import prepare_dataset as _prepare_source
-from tlflax.data.subsets import stratified_subset
+from tlflax.data.subsets import at_most, take
 from tlflax.errors import MissingInputError
 from tlflax.fit import (
     FitResult,
@@ -163,14 +163,9 @@ def _advise_backbone(task: Task, backbone: nnx.Module) -> Advice:
     params, cfg = task.params, task.params.advise
     num_classes = len(task.class_names())
     records, labels = task.read_split("train")
-    probed = np.arange(len(labels))
-    if len(labels) > cfg.max_train_examples:
-        # A stratified subset: the probe's cost is bounded, the class balance kept.
-        fraction = cfg.max_train_examples / len(labels)
-        probed = stratified_subset(labels, fraction=fraction, seed=params.prepare.seed)
-    probed_records = (
-        records[probed] if isinstance(records, np.ndarray) else [records[i] for i in probed]
-    )
+    # A stratified subset: the probe's cost is bounded, the class balance kept.
+    probed = at_most(labels, cfg.max_train_examples, seed=params.prepare.seed)
+    probed_records = take(records, probed)
     validation = task.read_inputs("validation")
     evidence, features = measure(
         backbone,

@@ -19,7 +19,7 @@ import numpy as np
 from tlflax.baseline import Baseline, Modality, fit_baseline
 from tlflax.config import BaselineParams
 from tlflax.data.errors import DataError
-from tlflax.data.subsets import stratified_subset
+from tlflax.data.subsets import at_most, take
 from tlflax.data.tfds_audio import read_audio_split
 from tlflax.data.tfds_store import dataset_version_dir, read_class_names, read_image_split
 from tlflax.data.tfds_text import read_text_split
@@ -96,21 +96,12 @@ def fit_and_predict(
     class_names = read_class_names(dataset_dir, name)
     train_records, train_labels, sample_rate = _read_split(dataset_dir, name, modality, "train")
     if cfg.max_train_examples is not None and len(train_labels) > cfg.max_train_examples:
-        fitted = np.sort(
-            stratified_subset(
-                train_labels, fraction=cfg.max_train_examples / len(train_labels), seed=cfg.seed
-            )
-        )
+        fitted = at_most(train_labels, cfg.max_train_examples, seed=cfg.seed)
         print(
             f"baseline: fitted on {len(fitted)} of {len(train_labels)} training examples "
             "(a stratified subset, baseline.max_train_examples)"
         )
-        train_labels = train_labels[fitted]
-        train_records = (
-            train_records[fitted]
-            if isinstance(train_records, np.ndarray)
-            else [train_records[i] for i in fitted]
-        )
+        train_records, train_labels = take(train_records, fitted), train_labels[fitted]
     baseline = fit_baseline(
         train_records,
         train_labels,

@@ -33,7 +33,6 @@ from tlflax.data.tfds_audio import read_audio_split
 from tlflax.data.tfds_store import (
     dataset_version_dir,
     read_class_names,
-    read_image_shape,
     read_image_split,
 )
 from tlflax.data.tfds_text import read_text_split
@@ -173,16 +172,8 @@ class ImageTask(Task):
     classifier_builders = (vision.build_image_classifier, vision.abstract_image_classifier)
 
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        name = self.params.prepare.stored_name
-        images, labels = read_image_split(self.dataset_dir, name, split)
-        if images.shape[-1] not in (1, 3):
-            # Checked here, where the folder is known, not deep inside a jitted step.
-            raise DataError(
-                dataset_version_dir(self.dataset_dir, name),
-                f"split {split!r} holds images with {images.shape[-1]} channels; the image "
-                "backbones take 1 (grayscale) or 3 (RGB)",
-                "prepare the dataset again with prepare.channels: 1 or 3",
-            )
+        images, labels = read_image_split(self.dataset_dir, self.params.prepare.stored_name, split)
+        self._check_channels(split, images.shape[-1])
         return images, labels
 
     def model_inputs(self, records: np.ndarray) -> dict[str, np.ndarray]:
@@ -191,10 +182,19 @@ class ImageTask(Task):
     def read_inputs(self, split: str) -> dict[str, np.ndarray]:
         """``image`` read on demand from the stored split (:mod:`tlflax.data.streaming`), so
         training, evaluation and extraction hold a batch of images, not the split."""
-        name = self.params.prepare.stored_name
-        if read_image_shape(self.dataset_dir, name)[-1] not in (1, 3):
-            self.read_split(split)  # refuses it, naming the folder
-        return stored_image_inputs(self.dataset_dir, name, split)
+        inputs = stored_image_inputs(self.dataset_dir, self.params.prepare.stored_name, split)
+        self._check_channels(split, inputs["image"].shape[-1])
+        return inputs
+
+    def _check_channels(self, split: str, channels: int) -> None:
+        if channels not in (1, 3):
+            # Checked here, where the folder is known, not deep inside a jitted step.
+            raise DataError(
+                dataset_version_dir(self.dataset_dir, self.params.prepare.stored_name),
+                f"split {split!r} holds images with {channels} channels; the image "
+                "backbones take 1 (grayscale) or 3 (RGB)",
+                "prepare the dataset again with prepare.channels: 1 or 3",
+            )
 
     def forward(
         self, training: FinetuneParams | None = None, *, test_time_flip: bool = False

@@ -23,8 +23,9 @@ import grain
 import numpy as np
 
 from tlflax.data.errors import DataError
+from tlflax.data.store_errors import check_record, split_file, unreadable_split
 from tlflax.data.tfds_audio import pcm16_to_float
-from tlflax.data.tfds_store import _READ_CHUNK, _first_line, _load_builder, dataset_version_dir
+from tlflax.data.tfds_store import _READ_CHUNK, _load_builder, dataset_version_dir
 
 # Batches read ahead of the step that uses them, each in its own grain thread: two keep the
 # step fed when reading a batch takes less time than a step, and bound memory to two batches.
@@ -57,19 +58,13 @@ class StoredColumn:
             raise DataError(
                 version_dir, f"no split {split!r}; available: {sorted(builder.info.splits)}"
             )
-        # Errors name the split's file, as tfds_store's whole-split reading does.
-        files = sorted(path.name for path in version_dir.glob(f"*-{split}.array_record*"))
-        self.location = version_dir / (files[0] if files else f"*-{split}.array_record*")
+        self.location = split_file(version_dir, split)  # what errors name
         info = builder.info.features[feature]
         try:
             self.records = grain.MapDataset.source(builder.as_data_source(split=split))
             count = len(self.records)
         except (RuntimeError, OSError) as error:
-            raise DataError(
-                self.location,
-                f"split {split!r} cannot be read ({_first_line(error)})",
-                "run the `prepare` stage again",
-            ) from None
+            raise unreadable_split(self.location, split, error) from None
         self.shape = (count, *info.shape)
         self.stored_dtype = np.dtype(info.np_dtype)
         self.convert = convert
@@ -105,7 +100,23 @@ class StoredColumn:
         for chunk in self.chunks():
             digest.update(np.ascontiguousarray(chunk).tobytes())
 
+    def whole(self, features: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Other (small) features of the same split, each read whole, all in one pass."""
+        values: dict[str, list] = {feature: [] for feature in features}
+        for start in range(0, len(self), _READ_CHUNK):
+            for record in self._records(np.arange(start, min(start + _READ_CHUNK, len(self)))):
+                for feature, column in values.items():
+                    column.append(record[feature])
+        return {feature: np.asarray(column) for feature, column in values.items()}
+
     def _read(self, indices: np.ndarray) -> np.ndarray:
+        values = [record[self.feature] for record in self._records(indices)]
+        if not values:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        stored = np.stack(values).astype(self.stored_dtype, copy=False)
+        return stored if self.convert is None else self.convert(stored)
+
+    def _records(self, indices: np.ndarray) -> list[dict[str, Any]]:
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
             raise IndexError(f"{self.location} split {self.split!r}: index out of range")
         try:
@@ -113,26 +124,10 @@ class StoredColumn:
             # parallel random access), each decoded by TFDS.
             records = self.records._getitems(list(np.asarray(indices) % max(len(self), 1)))
         except (RuntimeError, OSError) as error:
-            raise DataError(
-                self.location,
-                f"split {self.split!r} cannot be read ({_first_line(error)})",
-                "run the `prepare` stage again",
-            ) from None
-        values = []
+            raise unreadable_split(self.location, self.split, error) from None
         for position, record in zip(indices, records, strict=True):
-            # A record past the end of a truncated file comes back as all None.
-            if record is None or record.get(self.feature) is None:
-                raise DataError(
-                    self.location,
-                    f"split {self.split!r}: record {position} of {len(self)} cannot be read "
-                    "(the file is truncated or damaged)",
-                    "run the `prepare` stage again",
-                )
-            values.append(record[self.feature])
-        if not values:
-            return np.empty((0, *self.shape[1:]), self.dtype)
-        stored = np.stack(values).astype(self.stored_dtype, copy=False)
-        return stored if self.convert is None else self.convert(stored)
+            check_record(self.location, self.split, int(position), len(self), record)
+        return records
 
 
 def stored_image_inputs(data_dir: Path, name: str, split: str) -> dict[str, Any]:
@@ -142,11 +137,8 @@ def stored_image_inputs(data_dir: Path, name: str, split: str) -> dict[str, Any]
     Raises:
         DataError: naming the dataset folder when it, the split or a record is unreadable.
     """
-    labels = StoredColumn(data_dir, name, split, "label")
-    return {
-        "image": StoredColumn(data_dir, name, split, "image"),
-        "label": np.asarray(labels).astype(np.int64),
-    }
+    images = StoredColumn(data_dir, name, split, "image")
+    return {"image": images, "label": images.whole(("label",))["label"].astype(np.int64)}
 
 
 def stored_audio_inputs(data_dir: Path, name: str, split: str) -> tuple[dict[str, Any], int]:
@@ -157,20 +149,18 @@ def stored_audio_inputs(data_dir: Path, name: str, split: str) -> tuple[dict[str
     Raises:
         DataError: as :func:`stored_image_inputs`, or when the clips disagree on their rate.
     """
-    rates = sorted(
-        {int(rate) for rate in np.asarray(StoredColumn(data_dir, name, split, "sample_rate"))}
+    clips = StoredColumn(
+        data_dir, name, split, "audio", convert=pcm16_to_float, converted_dtype=np.float32
     )
+    small = clips.whole(("label", "sample_rate"))
+    rates = sorted({int(rate) for rate in small["sample_rate"]})
     if len(rates) > 1:
         raise DataError(
             dataset_version_dir(data_dir, name),
             f"split {split!r} mixes sample rates {rates}",
             "run the `prepare` stage again",
         )
-    clips = StoredColumn(
-        data_dir, name, split, "audio", convert=pcm16_to_float, converted_dtype=np.float32
-    )
-    labels = StoredColumn(data_dir, name, split, "label")
-    return {"audio": clips, "label": np.asarray(labels).astype(np.int64)}, (rates or [0])[0]
+    return {"audio": clips, "label": small["label"].astype(np.int64)}, (rates or [0])[0]
 
 
 def is_stored(arrays: dict[str, Any]) -> bool:

@@ -71,6 +71,19 @@ def stratified_subset(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def at_most(labels: np.ndarray, max_examples: int, *, seed: int) -> np.ndarray:
+    """Every index of ``labels``, or, when there are more than ``max_examples``, a stratified
+    subset of about that many (the same fraction of each class), sorted."""
+    if len(labels) <= max_examples:
+        return np.arange(len(labels))
+    return stratified_subset(labels, fraction=max_examples / len(labels), seed=seed)
+
+
+def take(records: np.ndarray | Sequence, indices: np.ndarray) -> np.ndarray | list:
+    """``records[indices]``: an array indexed, any other sequence (texts) as a list."""
+    return records[indices] if isinstance(records, np.ndarray) else [records[i] for i in indices]
+
+
 def _check_subset_size(per_class: int | None, fraction: float | None) -> None:
     """Refuse all but exactly one of ``per_class`` (>= 0) and ``fraction`` (in [0, 1])."""
     if (per_class is None) == (fraction is None):

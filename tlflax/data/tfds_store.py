@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tlflax.data.errors import DataError
+from tlflax.data.store_errors import check_record, first_line, split_file, unreadable_split
 
 DATASET_VERSION = "1.0.0"
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -305,21 +306,16 @@ def _load_builder(data_dir: Path, name: str) -> tfds.core.DatasetBuilder:
         # name the folder; any failure here means the folder is not a usable dataset.
         raise DataError(
             version_dir,
-            f"unreadable TFDS dataset metadata ({type(error).__name__}: {_first_line(error)})",
+            f"unreadable TFDS dataset metadata ({type(error).__name__}: {first_line(error)})",
             "run the `prepare` stage again",
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _read_records(
     builder: tfds.core.DatasetBuilder, version_dir: Path, split: str
 ) -> Iterator[dict[str, Any]]:
     """Every record of ``split``, decoded, in order; a damaged file is named."""
-    files = sorted(path.name for path in version_dir.glob(f"*-{split}.array_record*"))
-    location = version_dir / (files[0] if files else f"*-{split}.array_record*")
+    location = split_file(version_dir, split)
     try:
         source = builder.as_data_source(split=split)
         count = len(source)
@@ -327,22 +323,11 @@ def _read_records(
             # `__getitems__` decodes a whole chunk in one call.
             chunk = source.__getitems__(range(start, min(start + _READ_CHUNK, count)))
             for position, record in enumerate(chunk, start=start):
-                # A record past the end of a truncated file comes back as all None.
-                if any(value is None for value in record.values()):
-                    raise DataError(
-                        location,
-                        f"split {split!r}: record {position} of {count} cannot be read "
-                        "(the file is truncated or damaged)",
-                        "run the `prepare` stage again",
-                    )
+                check_record(location, split, position, count, record)
                 yield record
     except (RuntimeError, OSError) as error:
         # array_record reports a missing or corrupt file as a RuntimeError.
-        raise DataError(
-            location,
-            f"split {split!r} cannot be read ({_first_line(error)})",
-            "run the `prepare` stage again",
-        ) from None
+        raise unreadable_split(location, split, error) from None
 
 
 def read_columns(data_dir: Path, name: str, split: str) -> dict[str, list[Any]]:
