@@ -7,13 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from tlflax.checkpoint import tree_digest
 from tlflax.data.errors import DataError
 from tlflax.data.pipeline import iterate_batches, map_batches
 from tlflax.data.streaming import StoredColumn, stored_audio_inputs, stored_image_inputs
 from tlflax.data.tfds_audio import read_audio_split, write_audio_dataset
-from tlflax.data.tfds_store import dataset_version_dir, read_image_split, write_image_dataset
+from tlflax.data.tfds_store import (
+    dataset_version_dir,
+    read_image_split,
+    write_dataset,
+    write_image_dataset,
+)
 
 NAME = "streamed"
 
@@ -112,3 +118,22 @@ def test_stored_clips_read_as_the_whole_split_reads_them(tmp_path: Path):
     np.testing.assert_array_equal(inputs["audio"][np.array([8, 2, 2])], whole[[8, 2, 2]])
     np.testing.assert_array_equal(np.asarray(inputs["audio"]), whole)
     np.testing.assert_array_equal(inputs["label"], whole_labels)
+
+
+def test_clips_of_two_sample_rates_are_refused_by_both_readers(tmp_path: Path):
+    features = {
+        "audio": tfds.features.Tensor(shape=(40,), dtype=np.int16),
+        "sample_rate": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "label": tfds.features.ClassLabel(names=["a", "b"]),
+    }
+    columns = {
+        "audio": np.zeros((2, 40), np.int16),
+        "sample_rate": np.array([16000, 8000], np.int32),
+        "label": np.array([0, 1]),
+    }
+    write_dataset(
+        tmp_path, "mixed", features, {"train": columns}, supervised_keys=("audio", "label")
+    )
+    for read in (read_audio_split, stored_audio_inputs):
+        with pytest.raises(DataError, match=r"split 'train' mixes sample rates \[8000, 16000\]"):
+            read(tmp_path, "mixed", "train")

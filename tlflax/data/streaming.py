@@ -24,7 +24,7 @@ import numpy as np
 
 from tlflax.data.errors import DataError
 from tlflax.data.store_errors import check_record, split_file, unreadable_split
-from tlflax.data.tfds_audio import pcm16_to_float
+from tlflax.data.tfds_audio import pcm16_to_float, split_sample_rate
 from tlflax.data.tfds_store import _READ_CHUNK, _load_builder, dataset_version_dir
 
 # Batches read ahead of the step that uses them, each in its own grain thread: two keep the
@@ -153,14 +153,8 @@ def stored_audio_inputs(data_dir: Path, name: str, split: str) -> tuple[dict[str
         data_dir, name, split, "audio", convert=pcm16_to_float, converted_dtype=np.float32
     )
     small = clips.whole(("label", "sample_rate"))
-    rates = sorted({int(rate) for rate in small["sample_rate"]})
-    if len(rates) > 1:
-        raise DataError(
-            dataset_version_dir(data_dir, name),
-            f"split {split!r} mixes sample rates {rates}",
-            "run the `prepare` stage again",
-        )
-    return {"audio": clips, "label": small["label"].astype(np.int64)}, (rates or [0])[0]
+    rate = split_sample_rate(data_dir, name, split, small["sample_rate"])
+    return {"audio": clips, "label": small["label"].astype(np.int64)}, rate
 
 
 def is_stored(arrays: dict[str, Any]) -> bool:

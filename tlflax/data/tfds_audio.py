@@ -9,7 +9,7 @@ example carries its sample rate (four bytes beside a clip's 96 KB), which the re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,16 +103,26 @@ def read_audio_split(data_dir: Path, name: str, split: str) -> tuple[np.ndarray,
             sample rate.
     """
     columns = read_columns(data_dir, name, split)
-    rates = sorted({int(rate) for rate in columns["sample_rate"]})
-    if len(rates) > 1:
-        raise DataError(
-            dataset_version_dir(data_dir, name),
-            f"split {split!r} mixes sample rates {rates}",
-            "run the `prepare` stage again",
-        )
+    rate = split_sample_rate(data_dir, name, split, columns["sample_rate"])
     clips = (
         pcm16_to_float(np.stack(columns["audio"]))
         if columns["audio"]
         else (np.zeros((0, 0), np.float32))
     )
-    return clips, np.asarray(columns["label"], dtype=np.int64), rates[0] if rates else 0
+    return clips, np.asarray(columns["label"], dtype=np.int64), rate
+
+
+def split_sample_rate(data_dir: Path, name: str, split: str, rates: Iterable) -> int:
+    """The one sample rate of a split's clips (``rates``: each clip's; 0 for no clips).
+
+    Raises:
+        DataError: naming the dataset folder when the clips disagree.
+    """
+    distinct = sorted({int(rate) for rate in rates})
+    if len(distinct) > 1:
+        raise DataError(
+            dataset_version_dir(data_dir, name),
+            f"split {split!r} mixes sample rates {distinct}",
+            "run the `prepare` stage again",
+        )
+    return distinct[0] if distinct else 0
