@@ -65,16 +65,21 @@ def test_effective_number_weights_follow_cui_et_al() -> None:
 # ------------------------------------------------------------------------------ auto
 
 
-def test_auto_is_none_within_the_gate_ratio_and_weights_beyond_it() -> None:
+def test_auto_is_none_within_the_gate_ratio_and_logit_adjustment_beyond_it() -> None:
     auto = ClassBalanceParams()
     within = resolve_class_balance(auto, [15, 10], max_class_ratio=1.5)
     assert within.remedy == "none" and within.loss_weights() is None
+    assert within.loss_logit_offsets() is None
     assert "1.50 <= validate.max_class_ratio 1.5" in within.describe()
     beyond = resolve_class_balance(auto, [100, 10], max_class_ratio=1.5)
-    assert beyond.remedy == "weights"
+    assert beyond.remedy == "logit_adjustment" and beyond.loss_weights() is None
     assert beyond.class_counts == [100, 10]
-    np.testing.assert_allclose(beyond.loss_weights(), class_weights([100, 10]), rtol=1e-6)
-    assert "auto: largest/smallest 10.00 > validate.max_class_ratio 1.5" in beyond.describe()
+    np.testing.assert_allclose(
+        beyond.loss_logit_offsets(), np.log([100 / 110, 10 / 110]), rtol=1e-6
+    )
+    assert "auto: largest/smallest 10.00 > validate.max_class_ratio 1.5; tau 1" in (
+        beyond.describe()
+    )
 
 
 def test_a_written_remedy_wins_over_the_measurement() -> None:
@@ -148,7 +153,7 @@ def test_the_logit_adjustment_remedy_holds_the_offsets_and_no_weights() -> None:
         balance.describe()
     )
     # Every other remedy adds nothing to the logits.
-    for remedy in ("none", "weights", "sampler", "auto"):
+    for remedy in ("none", "weights", "sampler"):
         other = resolve_class_balance(
             ClassBalanceParams(remedy=remedy), [90, 30, 10], max_class_ratio=1.5
         )

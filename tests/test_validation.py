@@ -124,7 +124,7 @@ def test_heavy_imbalance_is_critical(digits, split_indices, docs_dir: Path) -> N
     assert "balance.train.class_ratio" in summary.format_report()
     # Without a remedy, the failure says which params key turns one on.
     assert "class_balance.remedy" in _check(summary, "balance.train.class_ratio").note
-    assert "set class_balance.remedy to weights" in summary.format_report()
+    assert "set class_balance.remedy to logit_adjustment" in summary.format_report()
 
 
 def test_imbalance_with_a_remedy_in_force_only_warns(digits, split_indices, docs_dir: Path) -> None:
@@ -133,7 +133,7 @@ def test_imbalance_with_a_remedy_in_force_only_warns(digits, split_indices, docs
     extra = np.setdiff1d(zeros, np.concatenate(list(split_indices.values())))[:180]
     train = np.union1d(split_indices["train"], extra)
     manifest = _manifest(images, labels, {**split_indices, "train": train})
-    remedy = "weights (auto: largest/smallest 10.00 > validate.max_class_ratio 1.5)"
+    remedy = "logit_adjustment (auto: largest/smallest 10.00 > validate.max_class_ratio 1.5; tau 1)"
     thresholds = dataclasses.replace(THRESHOLDS, class_balance_remedy=remedy)
     summary = validate_manifest(manifest, thresholds, docs_dir=docs_dir)
     assert summary.success, summary.format_report()

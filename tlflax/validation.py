@@ -207,8 +207,8 @@ _LABEL_BALANCE_CHECK = re.compile(
     r"^(balance\.\w+\.(class_ratio|label_kl)|representativeness\.\w+\.label_kl)$"
 )
 NO_REMEDY_NOTE = (
-    "no remedy trains against it: set class_balance.remedy to weights, sampler or "
-    "logit_adjustment (or auto) in params.yaml"
+    "no remedy trains against it: set class_balance.remedy to logit_adjustment (what auto "
+    "picks beyond validate.max_class_ratio), weights or sampler in params.yaml"
 )
 
 
