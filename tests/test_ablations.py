@@ -29,7 +29,7 @@ from tests.test_seeds import RUN_TIMEOUT_SECONDS, dvc, dvc_site_cache  # noqa: F
 def test_the_projects_rows_set_known_params_of_each_job() -> None:
     from tlflax.config import parse_params
 
-    for job in ("vision", "text"):
+    for job in ("vision", "text", "audio"):
         pipeline, rows = load_rows(ROOT / ABLATIONS_FILE, job)
         params_file = ROOT / Path(pipeline).parent / "params.yaml"
         params = yaml.safe_load(params_file.read_text())
