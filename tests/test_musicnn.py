@@ -37,6 +37,7 @@ from tlflax.models.musicnn import (
 )
 from tlflax.models.tf_checkpoint import _crc32c, read_tf_checkpoint
 from tlflax.models.torch_weights import WeightsFileError
+from tlflax.vision import pooled_after_each_group
 
 REFERENCE = ROOT / "tests" / "data" / "musicnn_reference.npz"
 DRUM_KIT = ROOT / "data" / "raw" / "hydrogen-drumkits" / "The Black Pearl 1.0"
@@ -381,13 +382,33 @@ def test_headless_backbone_loads_every_variable_and_pools_128_features(spectrogr
 def test_cut_backbone_and_classifier_taps(models, spectrograms) -> None:
     backbone = nnx.clone(models["MTT_vgg"])
     backbone.classifier = None
-    classifier = ImageClassifier(backbone, Head(128 * 2, 4, rngs=nnx.Rngs(0)), taps=(2, 4))
+    # Pooled over time, each tap keeps its frequency rows: 24 after block 2, 6 after block 4.
+    classifier = ImageClassifier(backbone, Head((24 + 6) * 128, 4, rngs=nnx.Rngs(0)), taps=(2, 4))
     prefix = classifier.run_prefix(spectrograms, 1)
     np.testing.assert_allclose(
         classifier.from_prefix(prefix, 1), classifier(spectrograms), atol=1e-5
     )
     backbone.keep_groups(3)
     assert backbone.run_groups(spectrograms, 0, None).shape == (3, 23, 12, 128)
+
+
+def test_pooling_averages_time_and_keeps_the_frequency_rows(models, spectrograms) -> None:
+    backbone = models["MTT_vgg"]
+    pooled = pooled_after_each_group(backbone, spectrograms)
+    assert [features.shape for features in pooled] == [
+        (3, rows * 128) for rows in (48, 24, 12, 6, 1)
+    ]
+    after_two = backbone.run_groups(spectrograms, 0, 2)
+    by_row = np.asarray(after_two).mean(axis=1)  # (3, 24 frequency rows, 128 channels)
+    np.testing.assert_allclose(pooled[1], by_row.reshape(3, -1), rtol=1e-5, atol=1e-6)
+    # Rows differ: averaging frequency away as well would lose what the rows tell apart.
+    assert np.abs(by_row - by_row.mean(axis=1, keepdims=True)).max() > 0.1
+    # The last group has one row left: the final features are the last group's time average.
+    np.testing.assert_allclose(pooled[-1], backbone.features(spectrograms), rtol=1e-5, atol=1e-6)
+    half = spectrograms[:, :94]
+    assert [f.shape[1] for f in pooled_after_each_group(backbone, half)] == [
+        f.shape[1] for f in pooled
+    ]
 
 
 def test_the_original_top_needs_3_seconds_and_features_take_any_length(

@@ -100,7 +100,8 @@ def test_only_training_steps_mask_and_only_when_asked(voices) -> None:
 def test_classifier_builds_pretrained_or_random_with_taps(voices) -> None:
     model = sound.build_audio_classifier("musicnn_vgg", 3, HEAD, pretrained=True, taps=(2, 4))
     assert len(model.backbone.group_patterns()) == 4  # cut at its highest tap
-    assert model.head.output.kernel.shape == (2 * 128, 3)
+    # Taps pooled over time keep their frequency rows: 24 after block 2, 6 after block 4.
+    assert model.head.output.kernel.shape == ((24 + 6) * 128, 3)
     packaged = nnx.eval_shape(lambda: type(model.backbone)(rngs=nnx.Rngs(0)))
     load_pretrained(packaged)
     np.testing.assert_array_equal(
@@ -117,7 +118,7 @@ def test_features_are_what_the_cut_classifier_reads(voices) -> None:
     taps, audio = (2, 4), voices["audio"][:6]
     uncut = _classifier()
     pooled = sound.pooled_after_each_group(uncut.backbone, audio)
-    assert [p.shape for p in pooled] == [(6, 128)] * 5
+    assert [p.shape for p in pooled] == [(6, rows * 128) for rows in (48, 24, 12, 6, 1)]
     features = sound.extract_features(uncut.backbone, audio, batch_size=4)
     np.testing.assert_allclose(features, pooled[-1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(

@@ -181,6 +181,7 @@ def extract_features(
 
 
 def pooled_after_each_group(backbone: nnx.Module, waveforms: jax.Array) -> list[jax.Array]:
-    """Globally average-pooled activations (B, C_g) after each layer group of the clips'
-    spectrograms, in forward order: the depth probes of :mod:`tlflax.advisor`."""
+    """Activations after each layer group of the clips' spectrograms, pooled over time by the
+    backbone (frequency rows kept, ``MusicnnVGG.pool``), in forward order: the depth probes
+    of :mod:`tlflax.advisor`."""
     return _pooled_after_each_image_group(backbone, prepare_spectrograms(waveforms))

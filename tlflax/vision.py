@@ -160,7 +160,8 @@ def extract_features(
 
 
 def pooled_after_each_group(backbone: nnx.Module, images: jax.Array) -> list[jax.Array]:
-    """Globally average-pooled activations (B, C_g) after each layer group, in forward order.
+    """Pooled activations (B, D_g) after each layer group, in forward order, pooled by the
+    backbone's ``pool`` (global average for images: D_g = C_g).
 
     One pass through ``run_groups``, group by group (inference mode): the depth probes of
     :mod:`tlflax.advisor` read every depth for the cost of one forward pass.
@@ -168,5 +169,5 @@ def pooled_after_each_group(backbone: nnx.Module, images: jax.Array) -> list[jax
     pooled, activations = [], images
     for group in range(len(backbone.group_patterns())):
         activations = backbone.run_groups(activations, group, group + 1, train=False)
-        pooled.append(jnp.mean(activations, axis=(1, 2)))
+        pooled.append(backbone.pool(activations))
     return pooled

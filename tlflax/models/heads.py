@@ -132,12 +132,13 @@ class ImageClassifier(_BackboneClassifier):
                 activations,
                 start,
                 lambda x, group: self.backbone.run_groups(x, group, group + 1, train=train),
-                # Global average pooling, as the image backbones' own `features` ends.
-                lambda x: jnp.mean(x, axis=(1, 2)),
+                # The backbone's own pooling, as its `features` ends (global average for
+                # images, over time only for spectrograms).
+                self.backbone.pool,
             )
             return self._classify(features, train, dropout_key)
         unpooled = self.backbone.run_groups(activations, start, None, train=train)
-        return self._classify(jnp.mean(unpooled, axis=(1, 2)), train, dropout_key)
+        return self._classify(self.backbone.pool(unpooled), train, dropout_key)
 
 
 class TextClassifier(_BackboneClassifier):

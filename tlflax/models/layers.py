@@ -380,9 +380,14 @@ class PooledConvBackbone(nnx.Module):
             x = group(x)
         return x
 
+    def pool(self, activations: jax.Array) -> jax.Array:
+        """A group's (B, h, w, C) activations as one vector per example: the global average,
+        (B, C). The final features, the taps and the depth probes all pool with it."""
+        return jnp.mean(activations, axis=(1, 2))
+
     def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Globally average-pooled features (B, feature_dim) of NHWC RGB images in [0, 1]."""
-        return jnp.mean(self.run_groups(images, 0, None, train=train), axis=(1, 2))
+        """Pooled features (B, feature_dim) of NHWC RGB images in [0, 1]."""
+        return self.pool(self.run_groups(images, 0, None, train=train))
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """Logits (B, num_classes) with a classifier, else pooled features (B, feature_dim)."""

@@ -48,8 +48,12 @@ class SmallCNN(nnx.Module):
             x = block(x)
         return x
 
+    def pool(self, activations: jax.Array) -> jax.Array:
+        """Global average pooling of a group's (B, h, w, C) activations: (B, C)."""
+        return jnp.mean(activations, axis=(1, 2))
+
     def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        return jnp.mean(self.run_groups(images, 0, None, train=train), axis=(1, 2))
+        return self.pool(self.run_groups(images, 0, None, train=train))
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self.features(images, train=train)
