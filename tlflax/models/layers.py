@@ -345,6 +345,11 @@ def set_batchnorm_modes(
     return trained
 
 
+def global_average_pool(activations: jax.Array) -> jax.Array:
+    """A group's (B, h, w, C) activations averaged over both spatial axes: (B, C)."""
+    return jnp.mean(activations, axis=(1, 2))
+
+
 def check_kept_groups(groups: int, available: int) -> None:
     """A backbone can be cut after 1 to all of its ``available`` layer groups."""
     if not 1 <= groups <= available:
@@ -383,7 +388,7 @@ class PooledConvBackbone(nnx.Module):
     def pool(self, activations: jax.Array) -> jax.Array:
         """A group's (B, h, w, C) activations as one vector per example: the global average,
         (B, C). The final features, the taps and the depth probes all pool with it."""
-        return jnp.mean(activations, axis=(1, 2))
+        return global_average_pool(activations)
 
     def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """Pooled features (B, feature_dim) of NHWC RGB images in [0, 1]."""

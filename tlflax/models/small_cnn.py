@@ -7,10 +7,9 @@ It has the same interface as the pretrained image backbones (``features``, ``run
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from tlflax.models.layers import check_kept_groups
+from tlflax.models.layers import check_kept_groups, global_average_pool
 
 
 class ConvBlock(nnx.Module):
@@ -50,7 +49,7 @@ class SmallCNN(nnx.Module):
 
     def pool(self, activations: jax.Array) -> jax.Array:
         """Global average pooling of a group's (B, h, w, C) activations: (B, C)."""
-        return jnp.mean(activations, axis=(1, 2))
+        return global_average_pool(activations)
 
     def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self.pool(self.run_groups(images, 0, None, train=train))
