@@ -68,11 +68,10 @@ def model_section(inputs: RunInputs, params: Params | None) -> list[str]:
         lines.append(f"- Features the head reads: {taps}.")
     if params is not None:
         head = params.train_head
-        shape = (
-            f"an MLP ({head.hidden_dim} hidden units, dropout {head.dropout:g})"
-            if head.head == "mlp"
-            else f"linear (dropout {head.dropout:g})"
-        )
+        shape = {
+            "mlp": f"an MLP ({head.hidden_dim} hidden units, dropout {head.dropout:g})",
+            "ridge": "linear, fitted in closed form (ridge regression, penalty by leave-one-out)",
+        }.get(head.head, f"linear (dropout {head.dropout:g})")
         lines.append(f"- Head: {shape}, trained first on the frozen backbone's features.")
     if finetune:
         advised = plan.get("advised_strategy")

@@ -366,7 +366,7 @@ def test_group_patterns_cover_every_backbone_variable_once(models) -> None:
     assert sum(sizes) == PARAMETERS_WITH_TOP
 
 
-def test_headless_backbone_loads_every_variable_and_pools_128_features(spectrograms) -> None:
+def test_headless_backbone_loads_every_variable_and_pools_256_features(spectrograms) -> None:
     model = nnx.eval_shape(lambda: MusicnnVGG(include_top=False, rngs=nnx.Rngs(0)))
     report = load_musicnn_weights(model, read_tf_checkpoint(musicnn_checkpoint_path()))
     assert report.unexpected == ["dense/bias", "dense/kernel"] and report.missing == []
@@ -376,14 +376,21 @@ def test_headless_backbone_loads_every_variable_and_pools_128_features(spectrogr
     features = model(spectrograms[..., 0])  # (N, frames, 96) works as well
     assert features.shape == (3, MusicnnVGG.feature_dim)
     split = model.run_groups(model.run_groups(spectrograms, 0, 2), 2, None)
-    np.testing.assert_allclose(jnp.mean(split, axis=(1, 2)), features, rtol=0, atol=1e-5)
+    # One frequency row is left after the last block: its mean and spread over time (the
+    # spread's square root taken of the variance + 1e-6).
+    spread = jnp.sqrt(jnp.var(split, axis=(1, 2)) + 1e-6)
+    expected = jnp.concatenate([jnp.mean(split, axis=(1, 2)), spread], -1)
+    np.testing.assert_allclose(features, expected, rtol=0, atol=1e-4)
 
 
 def test_cut_backbone_and_classifier_taps(models, spectrograms) -> None:
     backbone = nnx.clone(models["MTT_vgg"])
     backbone.classifier = None
-    # Pooled over time, each tap keeps its frequency rows: 24 after block 2, 6 after block 4.
-    classifier = ImageClassifier(backbone, Head((24 + 6) * 128, 4, rngs=nnx.Rngs(0)), taps=(2, 4))
+    # Pooled over time, each tap keeps its frequency rows (24 after block 2, 6 after block 4),
+    # two moments of each.
+    classifier = ImageClassifier(
+        backbone, Head(2 * (24 + 6) * 128, 4, rngs=nnx.Rngs(0)), taps=(2, 4)
+    )
     prefix = classifier.run_prefix(spectrograms, 1)
     np.testing.assert_allclose(
         classifier.from_prefix(prefix, 1), classifier(spectrograms), atol=1e-5
@@ -392,23 +399,40 @@ def test_cut_backbone_and_classifier_taps(models, spectrograms) -> None:
     assert backbone.run_groups(spectrograms, 0, None).shape == (3, 23, 12, 128)
 
 
-def test_pooling_averages_time_and_keeps_the_frequency_rows(models, spectrograms) -> None:
+def test_pooling_summarises_time_and_keeps_the_frequency_rows(models, spectrograms) -> None:
     backbone = models["MTT_vgg"]
     pooled = pooled_after_each_group(backbone, spectrograms)
     assert [features.shape for features in pooled] == [
-        (3, rows * 128) for rows in (48, 24, 12, 6, 1)
+        (3, 2 * rows * 128) for rows in (48, 24, 12, 6, 1)
     ]
-    after_two = backbone.run_groups(spectrograms, 0, 2)
-    by_row = np.asarray(after_two).mean(axis=1)  # (3, 24 frequency rows, 128 channels)
-    np.testing.assert_allclose(pooled[1], by_row.reshape(3, -1), rtol=1e-5, atol=1e-6)
+    after_two = np.asarray(backbone.run_groups(spectrograms, 0, 2), np.float64)
+    # (3, 24 frequency rows, 128 channels) each: numpy's moments over time.
+    by_row, spread = after_two.mean(axis=1), np.sqrt(after_two.var(axis=1) + 1e-6)
+    expected = np.concatenate([by_row.reshape(3, -1), spread.reshape(3, -1)], axis=1)
+    np.testing.assert_allclose(pooled[1], expected, rtol=1e-4, atol=1e-4)
     # Rows differ: averaging frequency away as well would lose what the rows tell apart.
     assert np.abs(by_row - by_row.mean(axis=1, keepdims=True)).max() > 0.1
-    # The last group has one row left: the final features are the last group's time average.
+    # The spread is not the mean again: units that are on as often can come and go
+    # differently over the clip.
+    assert np.corrcoef(by_row.ravel(), spread.ravel())[0, 1] < 0.99
+    # The last group has one row left: the final features are the last group's pooled output.
     np.testing.assert_allclose(pooled[-1], backbone.features(spectrograms), rtol=1e-5, atol=1e-6)
     half = spectrograms[:, :94]
     assert [f.shape[1] for f in pooled_after_each_group(backbone, half)] == [
         f.shape[1] for f in pooled
     ]
+
+
+def test_pooling_has_a_finite_gradient_where_a_unit_never_changes(models) -> None:
+    # Silence through the whole clip: every unit is constant over time, its spread 0.
+    silent = jnp.zeros((2, 40, 96, 1), jnp.float32)
+    backbone = models["MTT_vgg"]
+
+    def spread_sum(spectrograms):
+        return jnp.sum(backbone.pool(backbone.run_groups(spectrograms, 0, 1)))
+
+    gradient = jax.grad(spread_sum)(silent)
+    assert np.all(np.isfinite(np.asarray(gradient)))
 
 
 def test_the_original_top_needs_3_seconds_and_features_take_any_length(
@@ -418,4 +442,4 @@ def test_the_original_top_needs_3_seconds_and_features_take_any_length(
     three_halves_seconds = spectrograms[:, :94]
     with pytest.raises(ValueError, match="takes 187 frames"):
         models["MTT_vgg"](three_halves_seconds)
-    assert models["MTT_vgg"].features(three_halves_seconds).shape == (3, 128)
+    assert models["MTT_vgg"].features(three_halves_seconds).shape == (3, 256)

@@ -100,15 +100,16 @@ def test_only_training_steps_mask_and_only_when_asked(voices) -> None:
 def test_classifier_builds_pretrained_or_random_with_taps(voices) -> None:
     model = sound.build_audio_classifier("musicnn_vgg", 3, HEAD, pretrained=True, taps=(2, 4))
     assert len(model.backbone.group_patterns()) == 4  # cut at its highest tap
-    # Taps pooled over time keep their frequency rows: 24 after block 2, 6 after block 4.
-    assert model.head.output.kernel.shape == ((24 + 6) * 128, 3)
+    # Taps pooled over time keep their frequency rows (24 after block 2, 6 after block 4),
+    # mean and standard deviation of each.
+    assert model.head.output.kernel.shape == (2 * (24 + 6) * 128, 3)
     packaged = nnx.eval_shape(lambda: type(model.backbone)(rngs=nnx.Rngs(0)))
     load_pretrained(packaged)
     np.testing.assert_array_equal(
         model.backbone.blocks[1].conv.kernel.value, packaged.blocks[1].conv.kernel.value
     )
     random = sound.build_audio_classifier("musicnn_vgg_msd", 3, HEAD, pretrained=False)
-    assert random.head.output.kernel.shape == (128, 3) and random.taps is None
+    assert random.head.output.kernel.shape == (256, 3) and random.taps is None
     abstract = sound.abstract_audio_classifier("musicnn_vgg", 3, HEAD, (2, 4))
     assert jax.tree.structure(nnx.state(abstract)) == jax.tree.structure(nnx.state(model))
     assert _logits(model, voices["audio"][:4]).shape == (4, 3)
@@ -118,7 +119,7 @@ def test_features_are_what_the_cut_classifier_reads(voices) -> None:
     taps, audio = (2, 4), voices["audio"][:6]
     uncut = _classifier()
     pooled = sound.pooled_after_each_group(uncut.backbone, audio)
-    assert [p.shape for p in pooled] == [(6, rows * 128) for rows in (48, 24, 12, 6, 1)]
+    assert [p.shape for p in pooled] == [(6, 2 * rows * 128) for rows in (48, 24, 12, 6, 1)]
     features = sound.extract_features(uncut.backbone, audio, batch_size=4)
     np.testing.assert_allclose(features, pooled[-1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(
@@ -128,7 +129,7 @@ def test_features_are_what_the_cut_classifier_reads(voices) -> None:
     stored = joined_numpy([np.asarray(p) for p in pooled], taps)
     expected = np.asarray(model.head(jnp.asarray(stored)))
     np.testing.assert_allclose(_logits(model, audio), expected, rtol=0, atol=TOLERANCE)
-    assert sound.extract_features(uncut.backbone, audio[:0], batch_size=4).shape == (0, 128)
+    assert sound.extract_features(uncut.backbone, audio[:0], batch_size=4).shape == (0, 256)
 
 
 @pytest.mark.parametrize(("taps", "groups"), [(None, 3), ((2, 5), 2)])
@@ -197,7 +198,7 @@ def test_the_task_reads_16_khz_clips_and_refuses_other_rates(tmp_path: Path) -> 
     assert inputs["audio"].shape == (4, 48000) and inputs["audio"].dtype == np.float32
     assert task.class_names() == ["a", "b"]
     backbone = task.build_classifier(2, pretrained=True, seed=0).backbone
-    assert task.extract_features(backbone, inputs, "extract").shape == (4, 128)
+    assert task.extract_features(backbone, inputs, "extract").shape == (4, 256)
     batch = {"audio": jnp.asarray(inputs["audio"])}
     assert len(task.pooled_after_each_group(backbone, batch)) == 5
     with pytest.raises(DataError, match=r"8000 Hz; the audio backbones take 16000 Hz") as error:

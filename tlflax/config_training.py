@@ -92,7 +92,10 @@ class ExtractParams(StrictSection):
 class TrainHeadParams(StrictSection):
     """New head trained on cached backbone features (feature extraction)."""
 
-    head: Literal["linear", "mlp"] = "linear"
+    # ridge: the linear head fitted in closed form (least squares onto one-hot labels,
+    # penalty by leave-one-out on train; tlflax.train.fit_ridge_head): learning_rate,
+    # batch_size, max_epochs and patience are then unused.
+    head: Literal["linear", "mlp", "ridge"] = "linear"
     hidden_dim: PositiveInt = 256
     dropout: Probability = 0.2
     learning_rate: PositiveFloat = 1e-2

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -23,13 +22,11 @@ import numpy as np
 from flax import nnx
 
 from tlflax.data.pipeline import map_batches
+from tlflax.ridge import fit_ridge
 
 # batch -> pooled activations (B, D_g) after each layer group g, in forward order.
 PooledAfterEachGroup = Callable[[nnx.Module, dict[str, jax.Array]], list[jax.Array]]
 
-# Ridge penalties tried by the probe, relative to the mean squared singular value of the
-# features: from nearly unregularised to strongly shrunk.
-RELATIVE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def features_by_depth(
@@ -113,42 +110,18 @@ def ridge_probe(
     validation_labels: np.ndarray,
     num_classes: int,
 ) -> ProbeResult:
-    """Ridge regression onto one-hot labels (a least-squares linear classifier).
+    """Ridge regression onto one-hot labels (a least-squares linear classifier,
+    :func:`tlflax.ridge.fit_ridge`), scored on validation.
 
     The penalty is the one of :data:`RELATIVE_PENALTIES` with the best exact leave-one-out
-    accuracy on the training examples (from one SVD; ties go to the stronger penalty), so
-    validation only scores. Features are not centred - a centring mean would leak each
-    left-out example into the others - but scaled to unit mean square, with a bias column.
+    accuracy on the training examples, so validation only scores.
     """
-    scale = math.sqrt(float(np.mean(np.square(train_features, dtype=np.float64)))) or 1.0
-
-    def design(features: np.ndarray) -> np.ndarray:
-        scaled = features.astype(np.float64) / scale
-        return np.concatenate([scaled, np.ones((len(features), 1))], axis=1)
-
-    train, validation = design(train_features), design(validation_features)
-    targets = np.eye(num_classes)[train_labels]
-    left, singular, right_t = np.linalg.svd(train, full_matrices=False)
-    projected = left.T @ targets
-    best: tuple[float, float] | None = None
-    for relative in RELATIVE_PENALTIES:
-        penalty = relative * float(np.mean(singular**2))
-        shrink = singular**2 / (singular**2 + penalty)
-        fitted = left @ (shrink[:, None] * projected)
-        leverage = np.einsum("ij,j,ij->i", left, shrink, left)[:, None]
-        # Leave-one-out prediction of a linear smoother: (fit - h*y) / (1 - h), exactly.
-        left_out = (fitted - leverage * targets) / (1.0 - leverage)
-        accuracy = float(np.mean(left_out.argmax(axis=1) == train_labels))
-        if best is None or accuracy >= best[0]:
-            best = (accuracy, relative)
-    loo_accuracy, relative = best
-    penalty = relative * float(np.mean(singular**2))
-    weights = right_t.T @ ((singular / (singular**2 + penalty))[:, None] * projected)
-    correct = (validation @ weights).argmax(axis=1) == validation_labels
+    fit = fit_ridge(train_features, train_labels, num_classes)
+    correct = fit.scores(validation_features).argmax(axis=1) == validation_labels
     return ProbeResult(
         validation_accuracy=float(np.mean(correct)),
-        leave_one_out_accuracy=loo_accuracy,
-        relative_penalty=relative,
+        leave_one_out_accuracy=fit.leave_one_out_accuracy,
+        relative_penalty=fit.relative_penalty,
         validation_correct=pack_correct(correct),
         validation_examples=len(correct),
     )

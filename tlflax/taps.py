@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlflax.probes import RELATIVE_PENALTIES, ridge_probe, unpack_correct
+from tlflax.probes import ridge_probe, unpack_correct
+from tlflax.ridge import RELATIVE_PENALTIES
 
 # Every depth's pooled output after normalisation has unit mean square; the epsilon only
 # guards an all-zero vector (e.g. a ReLU depth that is silent for one example).
@@ -73,7 +74,7 @@ def _rms_normalize_numpy(features: np.ndarray) -> np.ndarray:
 
 def _leave_one_out_accuracy(gram: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     """Best exact leave-one-out accuracy of kernel ridge onto one-hot labels over the
-    penalties of :data:`tlflax.probes.RELATIVE_PENALTIES` (one eigendecomposition)."""
+    penalties of :data:`tlflax.ridge.RELATIVE_PENALTIES` (one eigendecomposition)."""
     eigenvalues, vectors = np.linalg.eigh(gram)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     targets = np.eye(num_classes)[labels]

@@ -33,6 +33,7 @@ from tlflax.loop import (
 )
 from tlflax.models.heads import Head
 from tlflax.optim import make_optimizer, warmup_cosine
+from tlflax.ridge import fit_ridge, fit_temperature, mean_cross_entropy
 from tlflax.transfer import parameter_names, resolve_settings
 
 Batch = dict[str, jax.Array]
@@ -227,8 +228,11 @@ def train_head(
       on_epoch_end: called with (epoch, metrics) after each epoch (e.g. dvclive logging).
 
     Returns:
-      The per-epoch history; early stopping watches the validation loss.
+      The per-epoch history; early stopping watches the validation loss. ``head: ridge``
+      is fitted in closed form (:func:`fit_ridge_head`): a history of one epoch.
     """
+    if cfg.head == "ridge":
+        return fit_ridge_head(head, train, validation, balance=balance, on_epoch_end=on_epoch_end)
     trainer = HeadTrainer(head, cfg, len(train["label"]), balance)
     (best_params, _, _), history = fit_epochs(
         trainer.initial,
@@ -246,4 +250,66 @@ def train_head(
         ],
     )
     nnx.update(head, best_params)
+    return history
+
+
+def _ridge_sample_weights(balance: ClassBalance, labels: np.ndarray) -> np.ndarray | None:
+    """Per-example weights of the ridge fit: the class weights of ``weights``, and for
+    ``sampler`` inverse class frequencies (what a class-balanced draw amounts to when
+    every example is seen at once); None otherwise."""
+    class_weights = balance.loss_weights()
+    if class_weights is None and balance.balanced_sampling:
+        counts = np.bincount(labels, minlength=len(balance.class_counts)).astype(np.float64)
+        class_weights = counts.sum() / (len(counts) * counts)
+    return None if class_weights is None else np.asarray(class_weights, np.float64)[labels]
+
+
+def fit_ridge_head(
+    head: Head,
+    train: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+    *,
+    balance: ClassBalance = NO_REMEDY,
+    on_epoch_end: EpochCallback | None = None,
+) -> History:
+    """``train_head.head: ridge``: the linear ``head`` fitted in closed form, in place.
+
+    Ridge regression onto one-hot labels, its penalty chosen by exact leave-one-out on
+    train (:func:`tlflax.ridge.fit_ridge`, the advisor's probe), its scores scaled into
+    logits by the factor that fits the leave-one-out scores best (:func:`fit_temperature`).
+    Validation only scores. Remedies for imbalance: ``weights`` and ``sampler`` weigh the
+    examples in the fit; ``logit_adjustment`` subtracts ``tau * log(prior)`` from the
+    logits afterwards (the post-hoc form of Menon et al., 2021).
+
+    Returns:
+      A history of one epoch: cross-entropy on train and validation, validation accuracy.
+    """
+    if head.kind == "mlp":
+        raise ValueError("a ridge fit needs a linear head")
+    labels = np.asarray(train["label"])
+    num_classes = head.output.kernel.value.shape[1]
+    sample_weights = _ridge_sample_weights(balance, labels)
+    fit = fit_ridge(train["features"], labels, num_classes, sample_weights)
+    factor = fit_temperature(fit.leave_one_out_scores, labels, sample_weights)
+    offsets = balance.loss_logit_offsets()
+    bias = factor * fit.bias - (0.0 if offsets is None else offsets)
+    kernel = head.output.kernel.value
+    head.output.kernel.value = jnp.asarray(factor * fit.weights, kernel.dtype)
+    head.output.bias.value = jnp.asarray(bias, kernel.dtype)
+
+    def logits(features: np.ndarray) -> np.ndarray:
+        return np.asarray(head(jnp.asarray(features, kernel.dtype)), np.float64)
+
+    validation_logits = logits(validation["features"])
+    metrics = {
+        "train_loss": mean_cross_entropy(logits(train["features"]), labels),
+        "validation_loss": mean_cross_entropy(validation_logits, validation["label"]),
+        "validation_accuracy": float(
+            np.mean(validation_logits.argmax(axis=1) == validation["label"])
+        ),
+    }
+    history = History(epochs=[metrics])
+    history.improves(metrics, "validation_loss", 0)
+    if on_epoch_end is not None:
+        on_epoch_end(0, metrics)
     return history

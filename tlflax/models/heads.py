@@ -30,14 +30,18 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Head(nnx.Module):
-    """A linear or one-hidden-layer MLP classifier over pooled backbone features."""
+    """A linear or one-hidden-layer MLP classifier over pooled backbone features.
+
+    ``kind`` ``ridge`` is the linear head, fitted in closed form by
+    :func:`tlflax.train.fit_ridge_head` instead of by gradient steps.
+    """
 
     def __init__(
         self,
         in_features: int,
         num_classes: int,
         *,
-        kind: Literal["linear", "mlp"] = "linear",
+        kind: Literal["linear", "mlp", "ridge"] = "linear",
         hidden_dim: int = 256,
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,

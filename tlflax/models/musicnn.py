@@ -58,6 +58,9 @@ _WEIGHTS_PACKAGE = "musicnn"
 _WEIGHTS_DISTRIBUTION = "musicnn==0.1.0"
 
 MEL_BANDS = 96
+# Added to the variance over time before its square root (activations are O(1) after
+# BatchNorm, so it only matters for a unit that never changes).
+_STD_EPSILON = 1e-6
 TRAINED_FRAMES = 187  # 3 s at 16 kHz with hop 256: the only length the original top accepts
 CHANNELS = 128
 # (window, stride) of each block's VALID max-pool, in (time, frequency).
@@ -146,15 +149,21 @@ class MusicnnVGG(PooledConvBackbone):
     (a trailing channel axis is added to (N, frames, 96)). The last group's output is
     (N, 2, 1, 128) for 187 frames.
 
-    `pool` averages a group's output over time only and keeps its frequency rows: (N, F_g ×
-    128), from 48 × 128 after the first block down to 1 × 128 after the last, whatever the
-    input length. `features` are the last group's output so pooled (128 values), and the
-    classifiers' taps and the advisor's depth probes pool every group the same way
-    (`tlflax.models.heads`, `tlflax.vision.pooled_after_each_group`). Frequency is not
-    averaged away because where in the spectrum a pattern sits is what tells one voice,
+    `pool` summarises a group's output over time only, and keeps its frequency rows: the mean
+    and the standard deviation over time of every (frequency row, channel), side by side,
+    (N, 2 × F_g × 128), from 2 × 48 × 128 after the first block down to 2 × 1 × 128 after the
+    last, whatever the input length. `features` are the last group's output so pooled (256
+    values), and the classifiers' taps and the advisor's depth probes pool every group the
+    same way (`tlflax.models.heads`, `tlflax.vision.pooled_after_each_group`). Frequency is
+    not averaged away because where in the spectrum a pattern sits is what tells one voice,
     language or instrument from another (the envelope MFCCs summarise): on the language
     job's 100 training clips (seed 0) the advisor's ridge probe after block 3 scores 0.98 on
-    validation pooled this way against 0.87 with the global average. The original classifier
+    validation with the time average against 0.87 with the global average. The standard
+    deviation is the statistics pooling of x-vectors (Snyder et al., 2018): how a pattern
+    comes and goes over the clip, which a mean alone cannot tell from a steady one; the
+    MFCC baseline reads both moments too. On the language job (seeds 0-2, ridge probe on the
+    taps of all four lower blocks) it scores 0.950 on validation against 0.947 with the mean
+    alone, and the probe of block 2 0.953 against 0.943. The original classifier
     instead reads the flattened (2 × 1 × 128) last pool, so `__call__` with `include_top`
     needs exactly `TRAINED_FRAMES` frames; `jax.nn.sigmoid` of its logits gives the tag
     probabilities (`MTT_TAGS` or `MSD_TAGS` order).
@@ -168,7 +177,8 @@ class MusicnnVGG(PooledConvBackbone):
       rngs: initialisation randomness.
     """
 
-    feature_dim: int = CHANNELS
+    # `pool`'s width after the last group: mean and standard deviation of 128 channels.
+    feature_dim: int = 2 * CHANNELS
 
     def __init__(self, *, include_top: bool = False, num_classes: int = 50, rngs: nnx.Rngs) -> None:
         self.input_norm = _batch_norm(1, rngs)
@@ -199,17 +209,22 @@ class MusicnnVGG(PooledConvBackbone):
         self.blocks = nnx.List(list(self.blocks)[:groups])
 
     def pool(self, activations: jax.Array) -> jax.Array:
-        """A group's (N, time, frequency, C) output averaged over time: (N, frequency × C),
-        frequency-major."""
-        pooled = jnp.mean(activations, axis=1)
-        return jnp.reshape(pooled, (pooled.shape[0], -1))
+        """A group's (N, time, frequency, C) output as its mean and standard deviation over
+        time: (N, 2 × frequency × C), the means first, each frequency-major."""
+        mean = jnp.mean(activations, axis=1)
+        # The epsilon keeps the gradient of the square root finite where a unit is constant
+        # over the clip (a ReLU silent throughout).
+        spread = jnp.sqrt(jnp.mean(jnp.square(activations - mean[:, None]), axis=1) + _STD_EPSILON)
+        batch = activations.shape[0]
+        return jnp.concatenate([mean.reshape(batch, -1), spread.reshape(batch, -1)], axis=-1)
 
     def features(self, spectrograms: jax.Array, *, train: bool = False) -> jax.Array:
-        """The last group's output averaged over time: (N, 128) (one frequency row left)."""
+        """The last group's output pooled over time: (N, 256), the mean and standard
+        deviation of its 128 channels (one frequency row left)."""
         return super().features(spectrograms, train=train)
 
     def __call__(self, spectrograms: jax.Array, *, train: bool = False) -> jax.Array:
-        """Tag logits (N, num_classes) with the classifier, else pooled features (N, 128).
+        """Tag logits (N, num_classes) with the classifier, else pooled features (N, 256).
 
         Raises:
           ValueError: the classifier is asked for, and the input is not `TRAINED_FRAMES`
