@@ -70,6 +70,9 @@ def test_audio_pipeline_runs_under_dvc(tiny_audio_project: Path) -> None:
         assert 0.0 <= metrics[model]["accuracy"] <= 1.0
     # 30 prompts through the frozen music network and a new head beat guessing (0.2).
     assert metrics["head_only"]["accuracy"] > 0.3, metrics
+    # The audio job's head is the ridge fit (train_head.head: ridge): one closed-form "epoch".
+    head = json.loads((project / "metrics/audio/train_head.json").read_text())
+    assert head["epochs_run"] == 1 and head["best_epoch"] == 0, head
     advice = json.loads((project / "metrics/audio/advice.json").read_text())
     assert advice["strategy"] in {"feature_extraction", "top_k", "full", "scratch"}
     # The vision pipeline at the root is untouched by the audio run.
@@ -89,3 +92,49 @@ def test_audio_pipeline_runs_under_dvc(tiny_audio_project: Path) -> None:
         [sys.executable, "-m", "dvc", "repro", "experiments/audio/dvc.yaml"], project, timeout=300
     )
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_head_probe_compares_heads_and_poolings_on_real_prompts(tmp_path: Path) -> None:
+    """`python -m pipelines.head_probe`: both heads, both moments of musicnn's pooling, per
+    seed, on a real (small) spoken_language folder; nothing written but its output."""
+    prompts = tmp_path / "asterisk"
+    _copy_some_prompts(prompts)
+    params = _merge(yaml.safe_load((ROOT / AUDIO_PARAMS).read_text()), TINY_AUDIO_PARAMS)
+    params["prepare"]["raw_dir"] = str(prompts)
+    params_file, output = tmp_path / "params.yaml", tmp_path / "head_probe.json"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    probe = run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.head_probe",
+            "--params",
+            str(params_file),
+            "--seeds",
+            "0",
+            "--taps",
+            "2",
+            "--output",
+            str(output),
+        ],
+        ROOT,
+        timeout=600,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert {(row["pooling"], row["head"]) for row in rows} == {
+        (pooling, head) for pooling in ("pooled", "first half") for head in ("gradient", "ridge")
+    }
+    for row in rows:
+        assert row["taps"] == [2] and len(row["validation_accuracy"]) == 1
+        assert 0.0 <= row["test_accuracy"][0] <= 1.0
+    ridge = next(r for r in rows if r["head"] == "ridge" and r["pooling"] == "pooled")
+    # 30 training prompts, block 2 of the frozen music network: well above guessing (0.2).
+    assert ridge["validation_accuracy"][0] > 0.4, rows
+    assert "| [2] | pooled | ridge |" in probe.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "asterisk",
+        "head_probe.json",
+        "params.yaml",
+    ]

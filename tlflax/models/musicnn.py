@@ -161,9 +161,9 @@ class MusicnnVGG(PooledConvBackbone):
     validation with the time average against 0.87 with the global average. The standard
     deviation is the statistics pooling of x-vectors (Snyder et al., 2018): how a pattern
     comes and goes over the clip, which a mean alone cannot tell from a steady one; the
-    MFCC baseline reads both moments too. On the language job (seeds 0-2, ridge probe on the
-    taps of all four lower blocks) it scores 0.950 on validation against 0.947 with the mean
-    alone, and the probe of block 2 0.953 against 0.943. The original classifier
+    MFCC baseline reads both moments too. On the language job's validation clips (seeds
+    0-2, ridge head, `python -m pipelines.head_probe`) it is level with the mean alone:
+    0.947 against 0.943 on block 2, 0.933 against 0.947 on blocks 1-4. The original classifier
     instead reads the flattened (2 × 1 × 128) last pool, so `__call__` with `include_top`
     needs exactly `TRAINED_FRAMES` frames; `jax.nn.sigmoid` of its logits gives the tag
     probabilities (`MTT_TAGS` or `MSD_TAGS` order).
