@@ -28,7 +28,6 @@ from tlflax.ridge import fit_ridge
 PooledAfterEachGroup = Callable[[nnx.Module, dict[str, jax.Array]], list[jax.Array]]
 
 
-
 def features_by_depth(
     backbone: nnx.Module,
     pooled_after_each_group: PooledAfterEachGroup,
