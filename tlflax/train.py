@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from tlflax.balance import NO_REMEDY, ClassBalance
+from tlflax.balance import class_weights as inverse_frequency_weights
 from tlflax.config import TrainHeadParams, TransferRule
 from tlflax.data.pipeline import iterate_batches, num_batches
 from tlflax.loop import (
@@ -257,11 +258,10 @@ def _ridge_sample_weights(balance: ClassBalance, labels: np.ndarray) -> np.ndarr
     """Per-example weights of the ridge fit: the class weights of ``weights``, and for
     ``sampler`` inverse class frequencies (what a class-balanced draw amounts to when
     every example is seen at once); None otherwise."""
-    class_weights = balance.loss_weights()
-    if class_weights is None and balance.balanced_sampling:
-        counts = np.bincount(labels, minlength=len(balance.class_counts)).astype(np.float64)
-        class_weights = counts.sum() / (len(counts) * counts)
-    return None if class_weights is None else np.asarray(class_weights, np.float64)[labels]
+    weights = balance.loss_weights()
+    if weights is None and balance.balanced_sampling:
+        weights = inverse_frequency_weights(balance.class_counts)
+    return None if weights is None else np.asarray(weights, np.float64)[labels]
 
 
 def fit_ridge_head(
