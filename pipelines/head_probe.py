@@ -74,11 +74,9 @@ def compare(raw: dict, seeds: Sequence[int], taps_lists: Sequence[Sequence[int]]
         labels = {split: splits[split]["label"] for split in splits}
         heads = {"gradient": params.train_head.model_copy(update={"head": "linear"})}
         heads["ridge"] = params.train_head.model_copy(update={"head": "ridge"})
+        # The same for every list of taps: sliced once per seed.
+        poolings = {split: _poolings(by_split[split], moments) for split in by_split}
         for taps in taps_lists:
-            poolings = {
-                split: _poolings(by_split[split], moments)
-                for split in ("train", "validation", "test")
-            }
             for pooling in poolings["train"]:
                 data = {
                     split: {
