@@ -21,7 +21,13 @@ from sklearn.datasets import load_digits
 from tlflax.data.errors import DataError
 from tlflax.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, read_fashion_mnist
 from tlflax.data.manifest import IMAGE_MANIFEST_SCHEMA, cross_split_matches, image_manifest
-from tlflax.data.pipeline import augment_images, iterate_batches, num_batches, prepare_images
+from tlflax.data.pipeline import (
+    augment_images,
+    erase_random_rectangles,
+    iterate_batches,
+    num_batches,
+    prepare_images,
+)
 from tlflax.data.subsets import split_train_validation, stratified_subset
 from tlflax.data.tfds_store import read_class_names, read_image_split, write_image_dataset
 
@@ -330,6 +336,41 @@ def test_augment_images_shapes_and_per_example_randomness() -> None:
     assert 0 < is_mirrored.sum() < len(images)  # decided per example
     untouched = augment(jax.random.key(2), images, random_crop=False, flip=False)
     np.testing.assert_array_equal(untouched, images)
+
+
+def test_random_erasing_replaces_one_rectangle_in_the_chosen_share_of_images() -> None:
+    # Constant images: an erased pixel is the one that differs from 0.5.
+    images = jnp.full((400, 32, 32, 3), 0.5, jnp.float32)
+    erased = np.asarray(erase_random_rectangles(jax.random.key(0), images, probability=0.5))
+    assert erased.shape == images.shape and float(erased.min()) >= 0 and erased.max() <= 1
+    changed = np.any(erased != 0.5, axis=-1)  # (N, H, W)
+    hit = changed.any(axis=(1, 2))
+    assert 0.4 < hit.mean() < 0.6  # about half the images, decided per image
+    for mask in changed[hit]:
+        rows, columns = np.nonzero(mask)
+        top, bottom, left, right = rows.min(), rows.max(), columns.min(), columns.max()
+        box_area = (bottom - top + 1) * (right - left + 1)
+        # One axis-aligned rectangle (uniform noise may leave a few pixels at 0.5 exactly:
+        # none here in float32), within the paper's 2-40% of the image.
+        assert mask.sum() == box_area
+        assert 0.02 * 1024 * 0.7 <= box_area <= 0.4 * 1024 * 1.3
+    areas = changed[hit].sum(axis=(1, 2))
+    assert len(np.unique(areas)) > 20  # sizes drawn per image
+    assert np.array_equal(
+        np.asarray(erase_random_rectangles(jax.random.key(0), images, 0.0)), np.asarray(images)
+    )
+
+
+def test_augment_images_without_erasing_keeps_its_crops_and_flips() -> None:
+    # Erasing draws from a key of its own: turning it on changes nothing but the rectangles.
+    images = jnp.asarray(np.random.default_rng(1).random((32, 16, 16, 3), dtype=np.float32))
+    plain = augment_images(jax.random.key(3), images, random_crop=True, flip=True)
+    erased = augment_images(
+        jax.random.key(3), images, random_crop=True, flip=True, erasing_probability=1.0
+    )
+    differs = np.asarray(plain) != np.asarray(erased)
+    assert differs.any(axis=(1, 2, 3)).all()  # every image erased at probability 1
+    assert (~differs).mean() > 0.5  # outside the rectangles the pixels are the same
 
 
 # ---------------------------------------------------------------- manifest

@@ -142,7 +142,12 @@ class Params(StrictSection):
                 )
         finetune = self.finetune
         augment = finetune.augment
-        augmented = augment.random_crop or augment.flip or augment.test_time_flip
+        augmented = (
+            augment.random_crop
+            or augment.flip
+            or augment.test_time_flip
+            or augment.random_erasing > 0
+        )
         if (
             modality == "image"
             and finetune.cache_frozen_prefix
@@ -150,7 +155,7 @@ class Params(StrictSection):
         ):
             raise ValueError(
                 "'finetune.cache_frozen_prefix' needs finetune.augment off (random_crop, "
-                "flip and test_time_flip false) and finetune.batchnorm 'frozen': both change "
+                "flip and test_time_flip false, random_erasing 0) and finetune.batchnorm 'frozen': both change "
                 "the frozen layers' outputs from step to step"
             )
         if modality == "audio" and finetune.cache_frozen_prefix and augment.spec_augment:
@@ -167,7 +172,8 @@ def _keys_of_other_modalities(
     """(section name, section, key) of the keys that only another modality reads."""
     extract, augment, validate = params.extract, params.finetune.augment, params.validate_
     image_augment = [
-        ("finetune.augment", augment, key) for key in ("random_crop", "flip", "test_time_flip")
+        ("finetune.augment", augment, key)
+        for key in ("random_crop", "flip", "test_time_flip", "random_erasing")
     ]
     audio_validation = [
         ("validate", validate, key) for key in ("max_silent_fraction", "max_clipped_fraction")

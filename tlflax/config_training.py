@@ -131,6 +131,9 @@ class AugmentParams(StrictSection):
     # Test-time augmentation: validation and test predictions average the class
     # probabilities of each image and its mirror image (images only).
     test_time_flip: bool = False
+    # Random erasing (Zhong et al., 2020): the share of training images in which one random
+    # rectangle (2-40% of the image) is replaced by noise (images only; 0: none).
+    random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0
     # Audio only (random_crop and flip are for images): SpecAugment-style masking (Park et
     # al., 2019) of each training clip's log-mel spectrogram: one random run of up to 20
     # frames (0.32 s) and one of up to 12 of the 96 mel bands are set to silence

@@ -107,7 +107,11 @@ def image_forward(
         if train and key is not None:
             augment_key, dropout_key = jax.random.split(key)
             images = augment_images(
-                augment_key, images, random_crop=augment.random_crop, flip=augment.flip
+                augment_key,
+                images,
+                random_crop=augment.random_crop,
+                flip=augment.flip,
+                erasing_probability=augment.random_erasing,
             )
         if not train and augment.test_time_flip:
             return _mirror_averaged(model, images.astype(compute_dtype))

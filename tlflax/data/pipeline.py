@@ -208,19 +208,22 @@ def augment_images(
     random_crop: bool,
     flip: bool,
     crop_padding: int = 4,
+    erasing_probability: float = 0.0,
 ) -> jax.Array:
-    """Randomly crop and horizontally flip each image independently; shapes are unchanged.
+    """Randomly crop, horizontally flip and erase each image independently; shapes are unchanged.
 
     The crop pads every side by ``crop_padding`` pixels (reflecting the border, so no
     artificial black frame appears) and cuts a window of the original size at a random
-    offset. Pure and jit-friendly (the keyword flags must be static under ``jax.jit``).
+    offset. Pure and jit-friendly (the keyword arguments must be static under ``jax.jit``).
 
     Args:
         rng: a JAX PRNG key.
-        images: float (N, H, W, C).
+        images: float (N, H, W, C) in [0, 1].
         random_crop: apply the padded random crop.
         flip: mirror each image left-right with probability 1/2.
         crop_padding: pixels of padding per side for the crop.
+        erasing_probability: share of images in which one random rectangle is replaced
+            by uniform noise (:func:`erase_random_rectangles`); 0 leaves every image whole.
 
     Returns:
         The augmented images, same shape and dtype as ``images``.
@@ -241,4 +244,61 @@ def augment_images(
     if flip:
         mirror = jax.random.bernoulli(flip_key, 0.5, (batch, 1, 1, 1))
         images = jnp.where(mirror, images[:, :, ::-1, :], images)
+    if erasing_probability > 0:
+        # A key of its own, folded in, so crops and flips stay what they were without it.
+        images = erase_random_rectangles(jax.random.fold_in(rng, 1), images, erasing_probability)
     return images
+
+
+# Random erasing's ranges (Zhong et al., AAAI 2020, the paper's defaults): the rectangle
+# covers 2-40% of the image, with height/width ratio between 0.3 and 1/0.3.
+ERASED_AREA_RANGE = (0.02, 0.4)
+ERASED_ASPECT_RANGE = (0.3, 1 / 0.3)
+
+
+def erase_random_rectangles(rng: jax.Array, images: jax.Array, probability: float) -> jax.Array:
+    """Random erasing: with ``probability``, one rectangle of each image becomes uniform noise.
+
+    Occluding part of the object makes the network use all of it rather than its single most
+    telling patch; on small data this is a regulariser that costs one mask per batch. The
+    rectangle's area and aspect ratio are drawn from :data:`ERASED_AREA_RANGE` and
+    :data:`ERASED_ASPECT_RANGE` (the aspect log-uniformly), its position uniformly among
+    those that keep it inside the image.
+
+    Args:
+        rng: a JAX PRNG key.
+        images: float (N, H, W, C) in [0, 1].
+        probability: the chance that an image is erased at all.
+
+    Returns:
+        The images with their rectangles replaced, same shape and dtype.
+    """
+    batch, height, width, _ = images.shape
+    keys = jax.random.split(rng, 6)
+    area = jax.random.uniform(
+        keys[0], (batch,), minval=ERASED_AREA_RANGE[0], maxval=ERASED_AREA_RANGE[1]
+    ) * (height * width)
+    log_aspect = jax.random.uniform(
+        keys[1],
+        (batch,),
+        minval=jnp.log(ERASED_ASPECT_RANGE[0]),
+        maxval=jnp.log(ERASED_ASPECT_RANGE[1]),
+    )
+    aspect = jnp.exp(log_aspect)
+    rect_height = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, height).astype(jnp.int32)
+    rect_width = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, width).astype(jnp.int32)
+    top = jnp.floor(jax.random.uniform(keys[2], (batch,)) * (height - rect_height + 1))
+    left = jnp.floor(jax.random.uniform(keys[3], (batch,)) * (width - rect_width + 1))
+    top, left = top.astype(jnp.int32), left.astype(jnp.int32)
+    rows = jnp.arange(height)[None, :, None]
+    columns = jnp.arange(width)[None, None, :]
+    inside = (
+        (rows >= top[:, None, None])
+        & (rows < (top + rect_height)[:, None, None])
+        & (columns >= left[:, None, None])
+        & (columns < (left + rect_width)[:, None, None])
+    )
+    erased = jax.random.bernoulli(keys[4], probability, (batch,))
+    mask = (inside & erased[:, None, None])[..., None]
+    noise = jax.random.uniform(keys[5], images.shape, dtype=images.dtype)
+    return jnp.where(mask, noise, images)
