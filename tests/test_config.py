@@ -135,6 +135,27 @@ def test_backbone_must_take_the_datasets_modality():
         ({"prepare": {"validation_fraction": 1.0, "validation_per_class": None}}, "less than 1"),
         ({"prepare": {"dataset": "fine_food"}}, "'prepare.dataset'"),
         ({"finetune": {"cache_frozen_prefix": True}}, "needs finetune.augment off"),
+        (
+            {
+                "finetune": {
+                    "cache_frozen_prefix": True,
+                    "augment": {"random_crop": False, "flip": False, "cutmix": 0.5},
+                }
+            },
+            "random_erasing and cutmix 0",
+        ),
+        (
+            {
+                "prepare": {
+                    "dataset": "spoken_language",
+                    "raw_dir": "data/raw/asterisk",
+                    "test_fraction": 0.5,
+                },
+                "finetune": {"augment": {"cutmix": 0.5}},
+            },
+            "'finetune.augment.cutmix' does not apply",
+        ),
+        ({"finetune": {"augment": {"random_erasing": 1.5}}}, "'finetune.augment.random_erasing'"),
         ({"extract": {"max_length": 1024}}, "'extract.max_length'"),
         (
             {"validate": {"expected_class_weights": [0.5, -1]}},

@@ -23,6 +23,7 @@ from tlflax.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from tlflax.data.manifest import IMAGE_MANIFEST_SCHEMA, cross_split_matches, image_manifest
 from tlflax.data.pipeline import (
     augment_images,
+    cutmix_images,
     erase_random_rectangles,
     iterate_batches,
     num_batches,
@@ -371,6 +372,36 @@ def test_augment_images_without_erasing_keeps_its_crops_and_flips() -> None:
     differs = np.asarray(plain) != np.asarray(erased)
     assert differs.any(axis=(1, 2, 3)).all()  # every image erased at probability 1
     assert (~differs).mean() > 0.5  # outside the rectangles the pixels are the same
+
+
+def test_cutmix_pastes_a_box_of_a_real_partner_and_shares_the_label_by_its_area() -> None:
+    # Every image a constant equal to its row index: a pixel says where it came from.
+    batch = 64
+    images = jnp.broadcast_to(
+        jnp.arange(batch, dtype=jnp.uint8)[:, None, None, None], (batch, 20, 20, 1)
+    )
+    mask = jnp.asarray([1.0] * 56 + [0.0] * 8)  # the last 8 rows are padding
+    mixed, partner, share = (
+        np.asarray(a) for a in cutmix_images(jax.random.key(0), images, mask, probability=1.0)
+    )
+    assert mixed.shape == images.shape and mixed.dtype == np.uint8
+    real = np.arange(56)
+    assert set(partner[real]) <= set(real)  # never a padding row
+    assert len(set(partner[real])) == 56  # a permutation of the real rows
+    for row in real:
+        from_partner = mixed[row, ..., 0] == partner[row]
+        if partner[row] != row:
+            # The share is exactly the pasted area, and the rest is the image's own pixels.
+            assert from_partner.mean() == pytest.approx(share[row])
+            assert np.all(mixed[row, ..., 0][~from_partner] == row)
+            rows, columns = np.nonzero(from_partner)
+            if len(rows):  # one box
+                box = (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)
+                assert box == from_partner.sum()
+    assert np.all(share[56:] == 0) and np.array_equal(mixed[56:], np.asarray(images)[56:])
+    assert 0.2 < share[real].mean() < 0.7  # areas uniform over (0, 1), clipped at the borders
+    untouched, _, no_share = cutmix_images(jax.random.key(0), images, mask, probability=0.0)
+    assert np.array_equal(np.asarray(untouched), np.asarray(images)) and not np.any(no_share)
 
 
 # ---------------------------------------------------------------- manifest

@@ -147,6 +147,7 @@ class Params(StrictSection):
             or augment.flip
             or augment.test_time_flip
             or augment.random_erasing > 0
+            or augment.cutmix > 0
         )
         if (
             modality == "image"
@@ -155,7 +156,7 @@ class Params(StrictSection):
         ):
             raise ValueError(
                 "'finetune.cache_frozen_prefix' needs finetune.augment off (random_crop, "
-                "flip and test_time_flip false, random_erasing 0) and finetune.batchnorm 'frozen': both change "
+                "flip and test_time_flip false, random_erasing and cutmix 0) and finetune.batchnorm 'frozen': both change "
                 "the frozen layers' outputs from step to step"
             )
         if modality == "audio" and finetune.cache_frozen_prefix and augment.spec_augment:
@@ -173,7 +174,7 @@ def _keys_of_other_modalities(
     extract, augment, validate = params.extract, params.finetune.augment, params.validate_
     image_augment = [
         ("finetune.augment", augment, key)
-        for key in ("random_crop", "flip", "test_time_flip", "random_erasing")
+        for key in ("random_crop", "flip", "test_time_flip", "random_erasing", "cutmix")
     ]
     audio_validation = [
         ("validate", validate, key) for key in ("max_silent_fraction", "max_clipped_fraction")

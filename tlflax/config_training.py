@@ -134,6 +134,10 @@ class AugmentParams(StrictSection):
     # Random erasing (Zhong et al., 2020): the share of training images in which one random
     # rectangle (2-40% of the image) is replaced by noise (images only; 0: none).
     random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # CutMix (Yun et al., 2019): the share of training images that get a box of another
+    # training image of the batch pasted in (its area uniform), the target mixed by area
+    # (images only; 0: none).
+    cutmix: Annotated[float, Field(ge=0, le=1)] = 0.0
     # Audio only (random_crop and flip are for images): SpecAugment-style masking (Park et
     # al., 2019) of each training clip's log-mel spectrogram: one random run of up to 20
     # frames (0.32 s) and one of up to 12 of the 96 mel bands are set to silence

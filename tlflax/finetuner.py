@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import FinetuneParams, ParamsError
-from tlflax.data.pipeline import iterate_batches, num_batches
+from tlflax.data.pipeline import cutmix_images, iterate_batches, num_batches
 from tlflax.distributed import process_shard, put_replicated
 from tlflax.loop import (
     Callback,
@@ -45,6 +45,7 @@ from tlflax.train import (
     ema_decay_at,
     finish_counts,
     masked_cross_entropy,
+    mixed_cross_entropy,
 )
 from tlflax.transfer import ParamSetting, model_settings, trainable_filter
 
@@ -184,18 +185,34 @@ class Finetuner:
         # master weights; gradients, the optimizer and the loss stay float32.
         model = self._merge(*self._for_compute((trainable, frozen, rest)))
 
+        loss_options = {
+            "label_smoothing": self.cfg.label_smoothing,
+            "class_weights": self.class_weights,
+            # The reported train_loss is on adjusted logits under logit_adjustment;
+            # _eval_step (validation, early stopping) scores the plain logits.
+            "logit_offsets": self.logit_offsets,
+        }
+        cutmix = self.cfg.augment.cutmix
+        if cutmix:
+            # Images only (the params refuse it for other data); a key of its own, so the
+            # forward pass's augmentation and dropout draw what they drew without it.
+            mixed, partner, partner_share = cutmix_images(
+                jax.random.fold_in(key, 1), batch["image"], batch["mask"], cutmix
+            )
+            batch = {**batch, "image": mixed}
+
         def loss_fn(model):
             logits = self.forward(model, batch, True, key).astype(jnp.float32)
-            return masked_cross_entropy(
-                logits,
-                batch["label"],
-                batch["mask"],
-                self.cfg.label_smoothing,
-                class_weights=self.class_weights,
-                # The reported train_loss is on adjusted logits under logit_adjustment;
-                # _eval_step (validation, early stopping) scores the plain logits.
-                logit_offsets=self.logit_offsets,
-            )
+            if cutmix:
+                return mixed_cross_entropy(
+                    logits,
+                    batch["label"],
+                    batch["label"][partner],
+                    partner_share,
+                    batch["mask"],
+                    **loss_options,
+                )
+            return masked_cross_entropy(logits, batch["label"], batch["mask"], **loss_options)
 
         # nnx.value_and_grad with a DiffState filter differentiates the trainable variables
         # only, and lets stateful layers (dropout RNG counters, BatchNorm statistics) update.

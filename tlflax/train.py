@@ -68,6 +68,31 @@ def masked_cross_entropy(
     the logit-adjusted loss of Menon et al. (2021); predictions keep the plain logits. None
     for either leaves the arithmetic exactly as without it.
     """
+    losses = _example_losses(logits, labels, label_smoothing, class_weights, logit_offsets)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def mixed_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    partner_labels: jax.Array,
+    partner_share: jax.Array,
+    mask: jax.Array,
+    label_smoothing: float = 0.0,
+    class_weights: jax.Array | None = None,
+    logit_offsets: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`masked_cross_entropy` for mixed examples (CutMix): row i's target is
+    ``(1 - partner_share[i])`` of its label and ``partner_share[i]`` of its partner's. Cross-
+    entropy is linear in the target, so this is the same mix of the two labels' losses, each
+    with its own class weight."""
+    own = _example_losses(logits, labels, label_smoothing, class_weights, logit_offsets)
+    other = _example_losses(logits, partner_labels, label_smoothing, class_weights, logit_offsets)
+    losses = (1.0 - partner_share) * own + partner_share * other
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _example_losses(logits, labels, label_smoothing, class_weights, logit_offsets) -> jax.Array:
     if logit_offsets is not None:
         logits = logits + jnp.asarray(logit_offsets, dtype=logits.dtype)
     if label_smoothing:
@@ -77,7 +102,7 @@ def masked_cross_entropy(
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     if class_weights is not None:
         losses = losses * jnp.asarray(class_weights)[labels]
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return losses
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:

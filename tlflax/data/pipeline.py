@@ -302,3 +302,55 @@ def erase_random_rectangles(rng: jax.Array, images: jax.Array, probability: floa
     mask = (inside & erased[:, None, None])[..., None]
     noise = jax.random.uniform(keys[5], images.shape, dtype=images.dtype)
     return jnp.where(mask, noise, images)
+
+
+def cutmix_images(
+    rng: jax.Array, images: jax.Array, mask: jax.Array, probability: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """CutMix (Yun et al., ICCV 2019): paste a box of another image of the batch into each
+    image with ``probability``; the target becomes a mix of both labels by area.
+
+    The box covers a share of the image drawn uniformly (the paper's Beta(1, 1)), with the
+    image's aspect ratio, centred uniformly and clipped at the borders; the label share is
+    the area actually pasted. Partners are drawn among the batch's real rows (``mask`` > 0)
+    only, so no padding row is pasted into a real one. Works on any dtype (the raw uint8
+    images before resizing: pasting copies pixels, it never blends them).
+
+    Args:
+        rng: a JAX PRNG key.
+        images: (N, H, W, C).
+        mask: (N,) 1 for real rows, 0 for padding.
+        probability: the chance that an image receives a box at all.
+
+    Returns:
+        (mixed images, each row's partner index, each row's partner share in [0, 1)); the
+        training target of row i is (1 - share) * its label + share * its partner's label.
+    """
+    batch, height, width, _ = images.shape
+    keys = jax.random.split(rng, 5)
+    # Real rows first, in random order; row i's partner is the real row at i's rank among
+    # the real rows, which is a permutation of them.
+    shuffled = jnp.argsort(jax.random.uniform(keys[0], (batch,)) + 2.0 * (mask <= 0))
+    rank = jnp.clip(jnp.cumsum(mask > 0) - 1, 0, batch - 1)
+    partner = shuffled[rank]
+    side = jnp.sqrt(jax.random.uniform(keys[1], (batch,)))
+    box_height, box_width = side * height, side * width
+    centre_row = jax.random.uniform(keys[2], (batch,)) * height
+    centre_column = jax.random.uniform(keys[3], (batch,)) * width
+    top = jnp.clip(jnp.round(centre_row - box_height / 2), 0, height).astype(jnp.int32)
+    bottom = jnp.clip(jnp.round(centre_row + box_height / 2), 0, height).astype(jnp.int32)
+    left = jnp.clip(jnp.round(centre_column - box_width / 2), 0, width).astype(jnp.int32)
+    right = jnp.clip(jnp.round(centre_column + box_width / 2), 0, width).astype(jnp.int32)
+    pasted = jax.random.bernoulli(keys[4], probability, (batch,)) & (mask > 0)
+    rows = jnp.arange(height)[None, :, None]
+    columns = jnp.arange(width)[None, None, :]
+    inside = (
+        (rows >= top[:, None, None])
+        & (rows < bottom[:, None, None])
+        & (columns >= left[:, None, None])
+        & (columns < right[:, None, None])
+        & pasted[:, None, None]
+    )
+    mixed = jnp.where(inside[..., None], images[partner], images)
+    share = inside.sum(axis=(1, 2)).astype(jnp.float32) / (height * width)
+    return mixed, partner, share
