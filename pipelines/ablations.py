@@ -279,6 +279,9 @@ def run_ablations(
     is_taken = taken_names(project)
     try:
         for name, settings in rows.items():
+            # `dvc exp run` leaves the run's params file in the workspace: without this, a
+            # row would also run with every setting of the rows before it.
+            restore_bytes(params_path, original_params)
             runs = _run_row(
                 project, pipeline_file, seed_keys, paths, name, settings, seeds, is_taken
             )

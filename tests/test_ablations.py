@@ -135,7 +135,11 @@ def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
     if not RAW_FASHION_MNIST.exists():
         pytest.fail(f"{RAW_FASHION_MNIST} is missing: run `make assets` (scripts/fetch_assets.sh)")
     project = make_project_copy(tmp_path / "project", SMALL_PARAMS)
-    rows = {"reference": {}, "smoothed": {"finetune.label_smoothing": 0.3}}
+    rows = {
+        "reference": {},
+        "smoothed": {"finetune.label_smoothing": 0.3},
+        "decayed": {"finetune.weight_decay": 0.01},
+    }
     (project / ABLATIONS_FILE).write_text(
         yaml.safe_dump({"vision": {"pipeline": "dvc.yaml", "rows": rows}})
     )
@@ -149,18 +153,33 @@ def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
     result = run(command, cwd=project, timeout=RUN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((project / "metrics/vision/ablations.json").read_text())
-    assert list(report["rows"]) == ["reference", "smoothed"]
+    assert sorted(report["rows"]) == ["decayed", "reference", "smoothed"]
     assert report["rows"]["smoothed"]["set"] == {"finetune.label_smoothing": 0.3}
     for row in report["rows"].values():
         assert set(row["runs"]) == {"0"}
         assert {"finetune", "baseline", "head_only"} <= set(row["test"])
     # The smoothed row really trained with smoothing: its runs differ from the reference's.
     assert report["rows"]["smoothed"]["runs"] != report["rows"]["reference"]["runs"]
-    assert report["kept"] == (
-        ["smoothed"]
-        if report["rows"]["smoothed"]["validation_accuracy_mean"]
-        > report["rows"]["reference"]["validation_accuracy_mean"]
-        else []
+    reference_accuracy = report["rows"]["reference"]["validation_accuracy_mean"]
+    assert report["kept"] == [
+        name
+        for name in ("smoothed", "decayed")
+        if report["rows"][name]["validation_accuracy_mean"] > reference_accuracy
+    ]
+    # Each row runs with its own settings alone, never with those of the rows before it.
+    decayed_run = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        cwd=project, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    decayed_ref = next(ref for ref in decayed_run if ref.endswith("/vision-decayed-seed0"))
+    decayed_params = yaml.safe_load(
+        subprocess.run(["git", "show", f"{decayed_ref}:params.yaml"],
+                       cwd=project, check=True, capture_output=True, text=True).stdout
+    )  # fmt: skip
+    original = yaml.safe_load(params_before)
+    assert decayed_params["finetune"]["weight_decay"] == 0.01
+    assert decayed_params["finetune"].get("label_smoothing") == original["finetune"].get(
+        "label_smoothing"
     )
     assert "| smoothed | `finetune.label_smoothing: 0.3` |" in result.stdout
     assert (project / "params.yaml").read_bytes() == params_before
