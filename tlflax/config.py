@@ -156,8 +156,9 @@ class Params(StrictSection):
         ):
             raise ValueError(
                 "'finetune.cache_frozen_prefix' needs finetune.augment off (random_crop, "
-                "flip and test_time_flip false, random_erasing and cutmix 0) and finetune.batchnorm 'frozen': both change "
-                "the frozen layers' outputs from step to step"
+                "flip and test_time_flip false, random_erasing and cutmix 0) and "
+                "finetune.batchnorm 'frozen': both change the frozen layers' outputs from "
+                "step to step"
             )
         if modality == "audio" and finetune.cache_frozen_prefix and augment.spec_augment:
             raise ValueError(

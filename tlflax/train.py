@@ -69,7 +69,7 @@ def masked_cross_entropy(
     for either leaves the arithmetic exactly as without it.
     """
     losses = _example_losses(logits, labels, label_smoothing, class_weights, logit_offsets)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return _mean_over_real_rows(losses, mask)
 
 
 def mixed_cross_entropy(
@@ -89,6 +89,10 @@ def mixed_cross_entropy(
     own = _example_losses(logits, labels, label_smoothing, class_weights, logit_offsets)
     other = _example_losses(logits, partner_labels, label_smoothing, class_weights, logit_offsets)
     losses = (1.0 - partner_share) * own + partner_share * other
+    return _mean_over_real_rows(losses, mask)
+
+
+def _mean_over_real_rows(losses: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 

@@ -256,6 +256,21 @@ ERASED_AREA_RANGE = (0.02, 0.4)
 ERASED_ASPECT_RANGE = (0.3, 1 / 0.3)
 
 
+def _box_masks(
+    height: int, width: int, top: jax.Array, bottom: jax.Array, left: jax.Array, right: jax.Array
+) -> jax.Array:
+    """(N, height, width) bool: True inside each image's box, rows ``top`` to ``bottom`` and
+    columns ``left`` to ``right`` (each (N,), ends excluded)."""
+    rows = jnp.arange(height)[None, :, None]
+    columns = jnp.arange(width)[None, None, :]
+    return (
+        (rows >= top[:, None, None])
+        & (rows < bottom[:, None, None])
+        & (columns >= left[:, None, None])
+        & (columns < right[:, None, None])
+    )
+
+
 def erase_random_rectangles(rng: jax.Array, images: jax.Array, probability: float) -> jax.Array:
     """Random erasing: with ``probability``, one rectangle of each image becomes uniform noise.
 
@@ -290,14 +305,7 @@ def erase_random_rectangles(rng: jax.Array, images: jax.Array, probability: floa
     top = jnp.floor(jax.random.uniform(keys[2], (batch,)) * (height - rect_height + 1))
     left = jnp.floor(jax.random.uniform(keys[3], (batch,)) * (width - rect_width + 1))
     top, left = top.astype(jnp.int32), left.astype(jnp.int32)
-    rows = jnp.arange(height)[None, :, None]
-    columns = jnp.arange(width)[None, None, :]
-    inside = (
-        (rows >= top[:, None, None])
-        & (rows < (top + rect_height)[:, None, None])
-        & (columns >= left[:, None, None])
-        & (columns < (left + rect_width)[:, None, None])
-    )
+    inside = _box_masks(height, width, top, top + rect_height, left, left + rect_width)
     erased = jax.random.bernoulli(keys[4], probability, (batch,))
     mask = (inside & erased[:, None, None])[..., None]
     noise = jax.random.uniform(keys[5], images.shape, dtype=images.dtype)
@@ -342,15 +350,7 @@ def cutmix_images(
     left = jnp.clip(jnp.round(centre_column - box_width / 2), 0, width).astype(jnp.int32)
     right = jnp.clip(jnp.round(centre_column + box_width / 2), 0, width).astype(jnp.int32)
     pasted = jax.random.bernoulli(keys[4], probability, (batch,)) & (mask > 0)
-    rows = jnp.arange(height)[None, :, None]
-    columns = jnp.arange(width)[None, None, :]
-    inside = (
-        (rows >= top[:, None, None])
-        & (rows < bottom[:, None, None])
-        & (columns >= left[:, None, None])
-        & (columns < right[:, None, None])
-        & pasted[:, None, None]
-    )
+    inside = _box_masks(height, width, top, bottom, left, right) & pasted[:, None, None]
     mixed = jnp.where(inside[..., None], images[partner], images)
     share = inside.sum(axis=(1, 2)).astype(jnp.float32) / (height * width)
     return mixed, partner, share
