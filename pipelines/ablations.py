@@ -21,7 +21,7 @@ Writes ``metrics/<experiment>/ablations.json`` when every run has finished::
 Rows of an earlier ``ablations.json`` that this run does not repeat are kept only when its
 reference row is the same, seed for seed, as the one just run (same seeds, same code: the
 numbers are comparable); otherwise they are dropped and named. So rows can be added one at a
-time (``--rows weight_ema_0.99``) without re-running the others.
+time (``--rows cutmix_0.5``) without re-running the others.
 
 and prints the table the README shows. The workspace ends as it began: params file bytes
 restored, then ``dvc repro`` (from the run cache where the reference row ran the file's seed).
