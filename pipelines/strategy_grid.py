@@ -1,15 +1,19 @@
-"""The strategy grid: does the advisor pick the best way to transfer? (issue #9)
+"""The strategy grid: does the advisor pick the best way to transfer?
 
 Every strategy - feature extraction, fine-tuning the top k layer groups, full fine-tuning,
 training from scratch - is trained on two datasets (Fashion-MNIST with EfficientNet-Lite0,
 fine-food reviews with MiniLM-L6) at two training-set sizes, each cell under one step
-budget; the advisor (:mod:`tlflax.advisor`) measures the same data, and its pick is compared
-with the best strategy found on the test subset. The library is called directly (no DVC),
-through the same code the pipeline runs (``apply_advice``, ``Finetuner``, the prefix cache),
-seeded end to end::
+budget and under every seed (the seed draws the training and validation examples and seeds
+every initialisation and order). Per seed, the advisor (:mod:`tlflax.advisor`) measures the
+same data as the advise stage does - depth probes, then the taps the head reads - and every
+strategy runs as the pipeline's models do with ``extract.taps: auto``: the head on the
+joined taps, the network cut after the highest. The advisor's picks, one per seed, are
+scored by their mean test accuracy against the best strategy's mean. The library is called
+directly (no DVC), through the same code the pipeline runs (``apply_advice``,
+``resolve_plan``, ``Finetuner``, the prefix cache), seeded end to end::
 
-    python -m pipelines.strategy_grid                 # the README's grid, ~30 min on 2 cores
-    python -m pipelines.strategy_grid --sizes 10 --datasets vision --steps 40   # a quick look
+    python -m pipelines.strategy_grid                 # the README's grid: 4 cells, 3 seeds
+    python -m pipelines.strategy_grid --sizes 10 --datasets vision --seeds 0 --steps 40
 
 Writes ``metrics/strategy_grid.json``, ``plots/strategy_grid.png`` and
 ``reports/strategy_grid.md`` (the README table).
@@ -18,6 +22,7 @@ Writes ``metrics/strategy_grid.json``, ``plots/strategy_grid.png`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
@@ -28,13 +33,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pipelines.seed_statistics import mean_and_spread
 from pipelines.stages.common import ExperimentPaths, enable_compilation_cache
 
 # LABELS stays importable from here, as before the outputs had a module of their own.
 from pipelines.strategy_grid_report import LABELS, markdown_table, plot_grid  # noqa: F401
 from pipelines.strategy_grid_setup import (
     DATASETS,
-    SEED,
     STRATEGIES,
     CellData,
     GridDataset,
@@ -50,6 +55,7 @@ from tlflax.fit import build_scratch_classifier, cache_frozen_prefix
 from tlflax.io import atomic_path, write_json
 from tlflax.loop import History
 from tlflax.plan import TrainingPlan, resolve_plan
+from tlflax.taps import joined_numpy, probe_taps
 from tlflax.tasks import Task, class_probabilities, task_for
 from tlflax.train import create_head, train_head
 
@@ -61,6 +67,9 @@ TARGET_GAP = 0.01
 # Steps per strategy: BiT-HyperRule's 500 for < 20k examples where the CPU allows it; a
 # text step costs ~10x an image step here (MiniLM at 64 tokens, EfficientNet at 32 px).
 DEFAULT_STEPS = {"vision": 500, "text": 150}
+DEFAULT_SEEDS = (0, 1, 2)
+# The params sections whose `seed` a grid seed sets (as pipelines.seeds sets every one).
+SEEDED_SECTIONS = ("prepare", "train_head", "finetune", "train_scratch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,18 +77,37 @@ DEFAULT_STEPS = {"vision": 500, "text": 150}
 # --------------------------------------------------------------------------------------------
 
 
-def run_advisor(task: Task, params: Params, data: CellData, num_classes: int):
-    """The advise stage's measurements and advice on this cell, and the top features."""
+def run_advisor(
+    task: Task, params: Params, data: CellData, num_classes: int
+) -> tuple[Advice, dict[str, np.ndarray]]:
+    """The advise stage's measurements, advice and taps on this cell, and the head's
+    features of train and validation: the joined pooled outputs of the advised taps."""
     evidence, features = measure(
-        task.build_classifier(num_classes, pretrained=True, seed=SEED).backbone,
+        task.build_classifier(num_classes, pretrained=True, seed=params.prepare.seed).backbone,
         task.pooled_after_each_group,
         data.train,
         data.validation,
         num_classes=num_classes,
         batch_size=params.extract.batch_size,
     )
-    top = {name: by_depth[-1] for name, by_depth in features.items()}
-    return recommend(evidence, params.advise), top
+    taps = probe_taps(
+        features["train"],
+        data.train["label"],
+        features["validation"],
+        data.validation["label"],
+        num_classes=num_classes,
+        max_taps=params.advise.max_taps,
+        min_gain=params.advise.min_tap_gain,
+    )
+    advice = dataclasses.replace(recommend(evidence, params.advise), taps=taps)
+    head_features = {name: joined_numpy(by_depth, taps.taps) for name, by_depth in features.items()}
+    return advice, head_features
+
+
+def advised_taps(advice: Advice) -> list[int]:
+    """The depths every model of the cell reads (``extract.taps: auto``)."""
+    assert advice.taps is not None, "run_advisor sets the taps"
+    return list(advice.taps.taps)
 
 
 def _repeat(arrays: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
@@ -105,7 +133,8 @@ def _strategy_plan(
     # The cell's step budget replaces the advised schedule's length (written settings win).
     epochs = max(1, math.ceil(steps / num_batches(epoch_examples, params.finetune.batch_size)))
     requested = params.finetune.model_copy(update={"strategy": strategy, "epochs": epochs})
-    abstract = task.abstract_classifier(num_classes)
+    # The network cut after the highest tap: its groups are the ones a strategy can train.
+    abstract = task.abstract_classifier(num_classes, advised_taps(advice))
     group_patterns = abstract.backbone.group_patterns()
     plan = resolve_plan(
         requested,
@@ -113,18 +142,19 @@ def _strategy_plan(
         advice,
         model=abstract,
         num_train_examples=epoch_examples,
+        taps=advised_taps(advice),
     )
     return plan.finetune, repeats, group_patterns
 
 
 def _starting_model(
-    task: Task, cfg: TrainingPlan, head_state: nnx.State, num_classes: int
+    task: Task, cfg: TrainingPlan, head_state: nnx.State, num_classes: int, taps: list[int]
 ) -> nnx.Module:
-    """The model ``cfg``'s strategy starts from: untrained for scratch, else pretrained with
-    the cell's trained head."""
+    """The model ``cfg``'s strategy starts from, reading ``taps``: untrained for scratch,
+    else pretrained with the cell's trained head."""
     if cfg.strategy == "scratch":
-        return build_scratch_classifier(task, num_classes, cfg.seed)
-    model = task.build_classifier(num_classes, pretrained=True, seed=cfg.seed)
+        return build_scratch_classifier(task, num_classes, cfg.seed, taps)
+    model = task.build_classifier(num_classes, pretrained=True, seed=cfg.seed, taps=taps)
     nnx.update(model.head, head_state)
     return model
 
@@ -199,7 +229,7 @@ def train_strategy(
         steps=steps,
         num_classes=num_classes,
     )
-    model = _starting_model(task, cfg, head_state, num_classes)
+    model = _starting_model(task, cfg, head_state, num_classes, advised_taps(advice))
     train, validation, forward = _training_inputs(
         task, model, cfg, data, repeats, params.extract.batch_size
     )
@@ -234,14 +264,15 @@ def train_strategy(
 
 
 def _train_shared_head(
-    params: Params, top_features: dict[str, Any], data: CellData, num_classes: int
+    params: Params, features: dict[str, np.ndarray], data: CellData, num_classes: int
 ) -> nnx.State:
-    """A head trained on the cell's top frozen features; its parameters, as host arrays."""
-    head = create_head(top_features["train"].shape[1], num_classes, params.train_head)
+    """A head trained on the cell's frozen features (the advised taps joined); its
+    parameters, as host arrays."""
+    head = create_head(features["train"].shape[1], num_classes, params.train_head)
     train_head(
         head,
-        {"features": top_features["train"], "label": data.train["label"]},
-        {"features": top_features["validation"], "label": data.validation["label"]},
+        {"features": features["train"], "label": data.train["label"]},
+        {"features": features["validation"], "label": data.validation["label"]},
         params.train_head,
     )
     # Host copies: fine-tuning donates its device buffers, and every strategy starts here.
@@ -254,6 +285,8 @@ def _advice_record(advice: Advice, seconds: float) -> dict[str, Any]:
         "strategy": advice.strategy,
         "unfreeze_groups": advice.unfreeze_groups,
         "num_groups": advice.evidence.num_groups,
+        "taps": advised_taps(advice),
+        "taps_probe_accuracy": advice.taps.validation_accuracy if advice.taps else None,
         "size_regime": advice.size_regime,
         "similarity": advice.similarity,
         "reasons": list(advice.reasons),
@@ -262,27 +295,40 @@ def _advice_record(advice: Advice, seconds: float) -> dict[str, Any]:
     }
 
 
-def run_cell(dataset: GridDataset, per_class: int, raw, *, steps: int) -> dict[str, Any]:
-    """Advisor + every strategy on one (dataset, training size) cell."""
-    started = time.perf_counter()
-    params = parse_params(
-        {**dataset.params, "prepare": {**dataset.params["prepare"], "train_per_class": per_class}},
-        source=f"strategy grid ({dataset.name})",
+def cell_params(dataset: GridDataset, per_class: int, seed: int) -> Params:
+    """The cell's params under ``seed``: its size, and ``seed`` in every seeded section."""
+    sections = {
+        name: dict(values) for name, values in dataset.params.items() if name != "experiment"
+    }
+    sections["prepare"]["train_per_class"] = per_class
+    for name in SEEDED_SECTIONS:
+        sections[name] = {**sections.get(name, {}), "seed": seed}
+    return parse_params(
+        {"experiment": dataset.params["experiment"], **sections},
+        source=f"strategy grid ({dataset.name}, seed {seed})",
     )
+
+
+def run_cell_seed(
+    dataset: GridDataset, per_class: int, raw, *, seed: int, steps: int
+) -> dict[str, Any]:
+    """Advisor + every strategy on one (dataset, training size) cell under one seed."""
+    started = time.perf_counter()
+    params = cell_params(dataset, per_class, seed)
     task = task_for(params, ExperimentPaths(params.experiment).dataset_dir)
     num_classes = int(raw[1].max()) + 1
-    data = cell_data(task, dataset, per_class, raw)
-    advice, top_features = run_advisor(task, params, data, num_classes)
+    data = cell_data(task, dataset, per_class, raw, seed=seed)
+    advice, head_features = run_advisor(task, params, data, num_classes)
     advised_seconds = time.perf_counter() - started
     print(
-        f"{dataset.name} {per_class}/class: advisor picks {advice.strategy} "
-        f"(top {advice.unfreeze_groups} of {advice.evidence.num_groups} groups) "
-        f"in {advised_seconds:.0f} s",
+        f"{dataset.name} {per_class}/class, seed {seed}: advisor picks {advice.strategy} "
+        f"(top {advice.unfreeze_groups} of {advice.evidence.num_groups} groups), taps "
+        f"{advised_taps(advice)}, in {advised_seconds:.0f} s",
         flush=True,
     )
     # Every pretrained strategy starts from the same head, trained on the frozen features
     # (the pipeline's train_head).
-    head_state = _train_shared_head(params, top_features, data, num_classes)
+    head_state = _train_shared_head(params, head_features, data, num_classes)
     results = {
         strategy: train_strategy(
             task,
@@ -296,22 +342,58 @@ def run_cell(dataset: GridDataset, per_class: int, raw, *, steps: int) -> dict[s
         )
         for strategy in STRATEGIES
     }
-    best_test = max(results, key=lambda s: results[s]["test_accuracy"])
-    best_validation = max(results, key=lambda s: results[s]["validation_accuracy"])
-    gap = results[best_test]["test_accuracy"] - results[advice.strategy]["test_accuracy"]
     return {
-        "dataset": dataset.name,
+        "seed": seed,
         "backbone": params.extract.backbone,
-        "train_per_class": per_class,
         "train_examples": len(data.train["label"]),
         "validation_examples": len(data.validation["label"]),
         "test_examples": len(data.test["label"]),
         "advice": _advice_record(advice, advised_seconds),
         "results": results,
+    }
+
+
+def summarize_cell(dataset: str, per_class: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell over its seeds' runs (:func:`run_cell_seed`): each strategy's mean and sample
+    spread, the advisor's picks and the mean test accuracy of what it picked, against the
+    strategy with the best mean test accuracy."""
+    results = {
+        strategy: {
+            **mean_and_spread(
+                [run["results"][strategy] for run in runs],
+                ("test_accuracy", "validation_accuracy"),
+            ),
+            "unfreeze_groups": [run["results"][strategy]["unfreeze_groups"] for run in runs],
+        }
+        for strategy in STRATEGIES
+    }
+    picks = [run["advice"]["strategy"] for run in runs]
+    advised = mean_and_spread(
+        [
+            {"test_accuracy": run["results"][run["advice"]["strategy"]]["test_accuracy"]}
+            for run in runs
+        ],
+        ("test_accuracy",),
+    )
+    best_test = max(STRATEGIES, key=lambda s: results[s]["test_accuracy_mean"])
+    best_validation = max(STRATEGIES, key=lambda s: results[s]["validation_accuracy_mean"])
+    gap = results[best_test]["test_accuracy_mean"] - advised["test_accuracy_mean"]
+    first = runs[0]
+    return {
+        "dataset": dataset,
+        "backbone": first["backbone"],
+        "train_per_class": per_class,
+        "train_examples": first["train_examples"],
+        "validation_examples": first["validation_examples"],
+        "test_examples": first["test_examples"],
+        "seeds": [run["seed"] for run in runs],
+        "advisor": {"picks": picks, **advised},
+        "results": results,
         "best_by_test": best_test,
         "best_by_validation": best_validation,
         "advisor_gap": gap,
         "within_target": gap <= TARGET_GAP,
+        "runs": {str(run["seed"]): run for run in runs},
     }
 
 
@@ -326,6 +408,13 @@ def main() -> None:
         help="training steps per strategy (default: 500 for vision, the BiT-HyperRule budget "
         "for < 20k examples; 150 for text, to fit the CPU budget)",
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_SEEDS),
+        help="every cell runs under each (default: 0 1 2)",
+    )
     parser.add_argument("--output", default="metrics/strategy_grid.json")
     parser.add_argument("--plot", default="plots/strategy_grid.png")
     parser.add_argument("--table", default="reports/strategy_grid.md")
@@ -338,8 +427,14 @@ def main() -> None:
         raw = raw_splits(dataset)
         steps = arguments.steps or DEFAULT_STEPS[name]
         for per_class in arguments.sizes:
-            cells.append(run_cell(dataset, per_class, raw, steps=steps))
+            runs = [
+                run_cell_seed(dataset, per_class, raw, seed=seed, steps=steps)
+                for seed in arguments.seeds
+            ]
+            cells.append(summarize_cell(name, per_class, runs))
     summary = {
+        "seeds": arguments.seeds,
+        "std_ddof": 1,
         "cells": cells,
         "steps": {name: arguments.steps or DEFAULT_STEPS[name] for name in arguments.datasets},
         "target_gap": TARGET_GAP,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +17,49 @@ LABELS = {
 }
 
 
+def _picks(picks: list[str]) -> str:
+    """The advisor's picks over the seeds, most frequent first: "top-k fine-tune ×2, full"."""
+    counts = Counter(picks)
+    return ", ".join(
+        LABELS[strategy] + (f" ×{count}" if count > 1 else "")
+        for strategy, count in counts.most_common()
+    )
+
+
 def markdown_table(cells: list[dict[str, Any]]) -> str:
+    """Each cell's strategies (mean ± sample std of test accuracy over its seeds), the
+    advisor's picks and their mean, the best strategy and the gap."""
     header = (
         "| dataset | train / class | "
         + " | ".join(LABELS[s] for s in STRATEGIES)
-        + " | advisor's pick | best | gap | within 1 pt |"
+        + " | advisor's picks | advisor (mean) | best | gap | within 1 pt |"
     )
-    lines = [header, "|" + "---|" * (len(STRATEGIES) + 6)]
+    lines = [header, "|" + "---|" * (len(STRATEGIES) + 7)]
     for cell in cells:
         results = cell["results"]
-        pick = cell["advice"]["strategy"]
         figures = []
         for strategy in STRATEGIES:
-            figure = f"{results[strategy]['test_accuracy']:.3f}"
+            result = results[strategy]
+            figure = f"{result['test_accuracy_mean']:.3f} ± {result['test_accuracy_std']:.3f}"
             if strategy == "top_k":
-                figure += f" (k={results[strategy]['unfreeze_groups']})"
+                figure += f" (k={'/'.join(map(str, result['unfreeze_groups']))})"
             if strategy == cell["best_by_test"]:
                 figure = f"**{figure}**"
             figures.append(figure)
+        advisor = cell["advisor"]
         lines.append(
             f"| {cell['dataset']} | {cell['train_per_class']} | "
             + " | ".join(figures)
-            + f" | {LABELS[pick]} | {LABELS[cell['best_by_test']]} | "
-            f"{cell['advisor_gap']:.3f} | {'yes' if cell['within_target'] else 'no'} |"
+            + f" | {_picks(advisor['picks'])} | {advisor['test_accuracy_mean']:.3f} | "
+            f"{LABELS[cell['best_by_test']]} | {cell['advisor_gap']:.3f} | "
+            f"{'yes' if cell['within_target'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_grid(cells: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: test accuracy of each strategy per cell; the advisor's pick hatched."""
+    """Grouped bars: each strategy's mean test accuracy per cell with its spread over the
+    seeds; a black diamond: the mean test accuracy of the advisor's picks."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -55,22 +70,31 @@ def plot_grid(cells: list[dict[str, Any]], path: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for position, cell in enumerate(cells):
         for index, strategy in enumerate(STRATEGIES):
-            picked = strategy == cell["advice"]["strategy"]
+            result = cell["results"][strategy]
             axes.bar(
                 position + (index - (len(STRATEGIES) - 1) / 2) * width,
-                cell["results"][strategy]["test_accuracy"],
+                result["test_accuracy_mean"],
                 width,
+                yerr=result["test_accuracy_std"],
+                capsize=2,
                 color=colours[index],
-                hatch="//" if picked else None,
-                edgecolor="black" if picked else colours[index],
                 label=LABELS[strategy] if position == 0 else None,
             )
+        axes.plot(
+            position,
+            cell["advisor"]["test_accuracy_mean"],
+            marker="D",
+            color="black",
+            linestyle="none",
+            label="advisor's picks (mean)" if position == 0 else None,
+        )
     axes.set_xticks(
         range(len(cells)), [f"{c['dataset']}\n{c['train_per_class']}/class" for c in cells]
     )
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0.3, 1.0)
-    axes.set_title("Strategy grid (hatched: the advisor's pick)")
+    seeds = len(cells[0]["seeds"]) if cells else 0
+    axes.set_title(f"Strategy grid: mean of {seeds} seeds, bars ± sample std")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=8, ncols=2)
     figure.tight_layout()

@@ -19,7 +19,9 @@ from tlflax.data.subsets import stratified_subset
 from tlflax.tasks import Task
 
 STRATEGIES = ("feature_extraction", "top_k", "full", "scratch")
-SEED = 0
+# The test subset is drawn once, with this seed: every seed's models are scored on the same
+# images, so the spread over seeds is the training draw's and the training run's alone.
+TEST_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -107,18 +109,20 @@ class CellData:
     test: dict[str, np.ndarray]
 
 
-def cell_data(task: Task, dataset: GridDataset, per_class: int, raw) -> CellData:
+def cell_data(task: Task, dataset: GridDataset, per_class: int, raw, *, seed: int) -> CellData:
+    """Train and validation drawn from the pool with ``seed`` (as ``prepare.seed`` draws
+    them), test the fixed subset of :data:`TEST_SEED`."""
     pool, pool_labels, test, test_labels = raw
     validation_index = stratified_subset(
-        pool_labels, per_class=dataset.validation_per_class, seed=SEED
+        pool_labels, per_class=dataset.validation_per_class, seed=seed
     )
     train_index = stratified_subset(
-        pool_labels, per_class=per_class, seed=SEED, exclude=validation_index
+        pool_labels, per_class=per_class, seed=seed, exclude=validation_index
     )
     test_index = np.arange(len(test_labels))
     if dataset.test_examples < len(test_labels):
         fraction = dataset.test_examples / len(test_labels)
-        test_index = stratified_subset(test_labels, fraction=fraction, seed=SEED)
+        test_index = stratified_subset(test_labels, fraction=fraction, seed=TEST_SEED)
 
     def inputs(records, labels, index):
         return {**task.model_inputs(records[index]), "label": labels[index]}

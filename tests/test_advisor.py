@@ -21,6 +21,7 @@ from tlflax.advisor import (
     Evidence,
     apply_advice,
     bit_hyperrule_schedule,
+    groups_above_the_frozen_bottom,
     recommend,
     recommended_layer_lr_decay,
     strategy_rules,
@@ -79,7 +80,7 @@ def _evidence_of(pretrained, *, per_class, random_init=None):
 
 
 def _evidence(curve, *, per_class, random_curve=None, validation_examples=10_000):
-    """Evidence with the given probe accuracy after each group (a 6-group backbone)."""
+    """Evidence with the given probe accuracy after each group (one entry per group)."""
     return _evidence_of(
         _nested(curve, validation_examples),
         per_class=per_class,
@@ -333,7 +334,13 @@ def _classifier() -> ImageClassifier:
     return ImageClassifier(backbone, Head(8, 3, rngs=rngs))
 
 
-def _advice(strategy_curve=PEAKED) -> Advice:
+# The probe curves of a 4-group backbone, as _classifier's: the advice counts the groups of
+# the backbone it probed. Peaked: retrain the top 3, keep the bottom 1 frozen.
+PEAKED_4 = [0.755, 0.758, 0.76, 0.62]
+RISING_4 = [0.40, 0.60, 0.72, 0.82]
+
+
+def _advice(strategy_curve=PEAKED_4) -> Advice:
     return recommend(_evidence(strategy_curve, per_class=10), THRESHOLDS)
 
 
@@ -365,7 +372,7 @@ def test_explicit_settings_win_over_the_advice():
     assert explicit.strategy == "rules"
     assert [rule.pattern for rule in explicit.finetune.rules] == ["^head/", ".*"]
 
-    chosen = _apply({"strategy": "top_k", "unfreeze_groups": 1}, _advice(RISING))
+    chosen = _apply({"strategy": "top_k", "unfreeze_groups": 1}, _advice(RISING_4))
     assert chosen.strategy == "top_k"
     assert frozen_prefix_groups(_classifier(), chosen.finetune.rules) == 3
 
@@ -373,15 +380,26 @@ def test_explicit_settings_win_over_the_advice():
     assert frozen_prefix_groups(_classifier(), full.finetune.rules) == 0
 
 
-def test_advised_top_k_wider_than_a_cut_network_trains_all_of_it():
-    # The advice counts the whole 4-group backbone (top 3 train); a network cut after its
-    # second group (extract.taps) has 2 groups, and then both train.
+def test_advised_top_k_keeps_the_frozen_bottom_of_a_cut_network():
+    # The advice counts the whole 4-group backbone: top 3 train, the bottom 1 stays frozen.
+    # A network cut after its third group (extract.taps) keeps that bottom frozen and trains
+    # the 2 above it; cut after its second, the one above it.
     advice = _advice()
     assert (advice.strategy, advice.unfreeze_groups) == ("top_k", 3)
     params = parse_params({"finetune": {"strategy": "auto"}})
-    patterns = _classifier().backbone.group_patterns()[:2]
-    applied = apply_advice(params.finetune, advice, group_patterns=patterns, num_train_examples=100)
-    assert [rule.pattern for rule in applied.finetune.rules] == ["^head/", "^backbone/"]
+    model = _classifier()
+    for cut, trained in ((4, 3), (3, 2), (2, 1)):
+        patterns = model.backbone.group_patterns()[:cut]
+        applied = apply_advice(
+            params.finetune, advice, group_patterns=patterns, num_train_examples=100
+        )
+        assert applied.finetune.rules == strategy_rules("top_k", trained, patterns)
+        assert frozen_prefix_groups(model, applied.finetune.rules) == 1
+    # Cut at or below the frozen bottom, the cut network's top group still trains.
+    assert groups_above_the_frozen_bottom(3, num_groups=4, cut_groups=1) == 1
+    assert groups_above_the_frozen_bottom(2, num_groups=18, cut_groups=14) == 1
+    assert groups_above_the_frozen_bottom(12, num_groups=18, cut_groups=11) == 5
+    patterns = model.backbone.group_patterns()[:2]
     # A number written by hand is the user's: too many groups is an error naming the key.
     written = parse_params({"finetune": {"strategy": "top_k", "unfreeze_groups": 3}})
     with pytest.raises(ParamsError, match=r"'finetune.unfreeze_groups' is 3; .* 2 layer groups"):
@@ -399,7 +417,7 @@ def test_advised_top_k_wider_than_a_cut_network_trains_all_of_it():
 def test_a_strategy_picked_by_hand_keeps_layer_wise_decay_over_its_own_groups(
     finetune, trained_groups
 ):
-    # The advice is top_k over 3 groups (PEAKED); each hand pick decays over its own groups.
+    # The advice is top_k over 3 groups (PEAKED_4); each hand pick decays over its own groups.
     applied = _apply(finetune, _advice())
     assert "layer_lr_decay" in applied.from_advice
     decay = applied.finetune.layer_lr_decay

@@ -121,6 +121,21 @@ class AppliedStrategy:
     from_advice: tuple[str, ...]
 
 
+def groups_above_the_frozen_bottom(advised: int, num_groups: int, cut_groups: int) -> int:
+    """How many of a cut network's top groups train under advice to retrain the top
+    ``advised`` of the whole backbone's ``num_groups``.
+
+    The advice keeps the bottom ``num_groups - advised`` groups frozen: they hold what this
+    task can use as it is (below the probe's plateau). A network cut after its highest tap
+    (``extract.taps``) loses groups from the top, never from the bottom, so the same bottom
+    stays frozen and the groups between it and the cut train; at least the top one, where
+    the cut falls at or below the plateau. (For `full` nothing is frozen and the advised
+    decay stays: on the default job's validation images it beat the decay recomputed for
+    the cut network, 0.925 against 0.910.)
+    """
+    return max(1, cut_groups - (num_groups - advised))
+
+
 def apply_advice(
     cfg: FinetuneParams,
     advice: Advice,
@@ -145,12 +160,10 @@ def apply_advice(
         if strategy == "top_k" and unfreeze is None:
             # The advice picked another strategy; its plateau still says where to cut.
             unfreeze = max(1, advice.evidence.num_groups - advice.plateau_depth)
-        if strategy == "top_k" and unfreeze is not None and unfreeze > len(group_patterns):
-            # The advice counts the groups of the whole backbone; a network cut after its
-            # highest tap (extract.taps) has fewer, and then every one of them trains. (For
-            # `full` the advised decay stays: on the default job's validation images it
-            # beat the decay recomputed for the cut network, 0.925 against 0.910.)
-            unfreeze = len(group_patterns)
+        if strategy == "top_k" and unfreeze is not None:
+            unfreeze = groups_above_the_frozen_bottom(
+                unfreeze, advice.evidence.num_groups, len(group_patterns)
+            )
     update: dict[str, Any] = {}
     if cfg.is_explicit("rules"):
         strategy = "rules"
