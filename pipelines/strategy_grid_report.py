@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,12 @@ def plot_grid(cells: list[dict[str, Any]], path: Path) -> None:
         range(len(cells)), [f"{c['dataset']}\n{c['train_per_class']}/class" for c in cells]
     )
     axes.set_ylabel("test accuracy")
-    axes.set_ylim(0.3, 1.0)
+    # From a tenth below the lowest bar: a from-scratch model near chance stays visible.
+    lowest = min(
+        (cell["results"][s]["test_accuracy_mean"] for cell in cells for s in STRATEGIES),
+        default=0.3,
+    )
+    axes.set_ylim(max(0.0, math.floor(lowest * 10) / 10 - 0.1), 1.0)
     seeds = len(cells[0]["seeds"]) if cells else 0
     axes.set_title(f"Strategy grid: mean of {seeds} seeds, bars ± sample std")
     axes.grid(axis="y", alpha=0.3)
