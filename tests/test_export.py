@@ -159,6 +159,21 @@ class DepthwiseNet(nnx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+def test_a_test_time_flip_model_exports_to_matching_forms(project):
+    # The mirror-image averaging is inside the graph: both forms average as Flax does.
+    task = task_for(parse_params(VISION_PARAMS), project / ExperimentPaths("vision").dataset_dir)
+    model, _ = task.load_classifier(10, project / "models/vision/finetune/model")
+    forward = task.forward(test_time_flip=True)
+    images = task.read_split("test")[0][:12]
+    reference = np.asarray(forward(model, {"image": images}, False, None))
+    plain = np.asarray(task.forward()(model, {"image": images}, False, None))
+    assert not np.allclose(reference, plain)  # the flip changes the logits
+    program = inference_program(model, forward, {"image": images[:1]})
+    assert_same_logits(np.asarray(load_stablehlo(export_stablehlo(program))(images)), reference)
+    model_bytes = export_onnx_program(program).SerializeToString()
+    assert_same_logits(onnx_logits(model_bytes, {"image": images}), reference)
+
+
 def test_depthwise_network_exports_to_matching_forms():
     # Built and run jitted: eagerly, each initializer and layer compiles on its own (seconds).
     model = nnx.jit(lambda: DepthwiseNet(nnx.Rngs(0)))()

@@ -123,7 +123,9 @@ def image_forward(
 def _mirror_averaged(model: nnx.Module, images: jax.Array) -> jax.Array:
     """Log of the mean class probabilities of each image and its mirror image: logits whose
     softmax is the averaged prediction (so loss, accuracy and calibration read it as is)."""
-    both = jnp.concatenate([images, images[:, :, ::-1, :]])
+    # lax.rev, not images[:, :, ::-1]: with a symbolic batch (jax.export) indexing with a
+    # negative step becomes a gather, which the ONNX translation has no rule for.
+    both = jnp.concatenate([images, jnp.flip(images, axis=2)])
     log_probabilities = jax.nn.log_softmax(
         model(both, train=False, dropout_key=None).astype(jnp.float32)
     )
