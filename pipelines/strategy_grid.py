@@ -286,7 +286,7 @@ def _advice_record(advice: Advice, seconds: float) -> dict[str, Any]:
         "unfreeze_groups": advice.unfreeze_groups,
         "num_groups": advice.evidence.num_groups,
         "taps": advised_taps(advice),
-        "taps_probe_accuracy": advice.taps.validation_accuracy if advice.taps else None,
+        "taps_probe_accuracy": advice.taps.validation_accuracy,
         "size_regime": advice.size_regime,
         "similarity": advice.similarity,
         "reasons": list(advice.reasons),
