@@ -52,11 +52,15 @@ assets: install web/node_modules/.package-lock.json
 run: assets
 	$(PYTHON) -m pipelines.flows
 
-# Lint first: seconds, and a style slip fails before half an hour of tests.
+# Lint first: seconds, and a style slip fails before the tests. Two pytest workers (xdist),
+# each test file on one worker so that its module fixtures are built once: most of a
+# pipeline test's time is single-threaded (process starts, imports, DVC, XLA compilation),
+# so two of them share two cores well. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: install-test assets
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-test
 	$(PYTHON) -m ruff check .

@@ -14,15 +14,22 @@ directly (no DVC), through the same code the pipeline runs (``apply_advice``,
 
     python -m pipelines.strategy_grid                 # the README's grid: 4 cells, 3 seeds
     python -m pipelines.strategy_grid --sizes 10 --datasets vision --seeds 0 --steps 40
+    python -m pipelines.strategy_grid --resume        # go on where a stopped grid ended
 
 Writes ``metrics/strategy_grid.json``, ``plots/strategy_grid.png`` and
-``reports/strategy_grid.md`` (the README table).
+``reports/strategy_grid.md`` (the README table). Each (cell, seed) run is kept in
+``metrics/strategy_grid_runs/`` as it ends, and the summary rewritten (``"complete":
+false`` until the last): a stopped grid keeps what it measured, and ``--resume`` runs only
+what is missing - reusing a run only where this very code made it (a hash of every file
+the grid imports), so a grid can be run a part at a time and come out whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -34,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from pipelines.seed_statistics import mean_and_spread
+from pipelines.stage_deps import ROOT, import_closure
 from pipelines.stages.common import ExperimentPaths, enable_compilation_cache
 
 # LABELS stays importable from here, as before the outputs had a module of their own.
@@ -397,6 +405,53 @@ def summarize_cell(dataset: str, per_class: int, runs: list[dict[str, Any]]) -> 
     }
 
 
+def code_fingerprint() -> str:
+    """A hash of every project file this grid can execute (its import closure): a run is
+    reused by ``--resume`` only when it was made by exactly this code."""
+    digest = hashlib.sha256()
+    for relative in import_closure("pipelines.strategy_grid"):
+        digest.update(relative.encode())
+        digest.update((ROOT / relative).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_path(runs_dir: Path, dataset: str, per_class: int, seed: int, steps: int) -> Path:
+    """Where one (cell, seed) run of the grid is kept."""
+    return runs_dir / f"{dataset}-{per_class}-seed{seed}-steps{steps}.json"
+
+
+def earlier_run(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The run kept in ``path`` where the code of ``fingerprint`` made it; else None."""
+    if not path.exists():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"strategy grid: {path} is not JSON ({error}); delete it to run that seed again"
+        ) from None
+    return run if isinstance(run, dict) and run.get("code") == fingerprint else None
+
+
+def grid_summary(
+    cells: list[dict[str, Any]], *, seeds: list[int], steps: dict[str, int], complete: bool
+) -> dict[str, Any]:
+    """``metrics/strategy_grid.json``: the cells, the target and how many cells meet it.
+    ``complete`` is false while a run is under way (the file is rewritten after every
+    seed of every cell, so a stopped grid keeps what it measured); ``seconds`` adds up the
+    runs' own times, reused ones included."""
+    return {
+        "seeds": seeds,
+        "std_ddof": 1,
+        "complete": complete,
+        "cells": cells,
+        "steps": steps,
+        "target_gap": TARGET_GAP,
+        "cells_within_target": sum(cell["within_target"] for cell in cells),
+        "seconds": round(sum(run["seconds"] for cell in cells for run in cell["runs"].values()), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.strategy_grid", description=__doc__)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -415,32 +470,48 @@ def main() -> None:
         default=list(DEFAULT_SEEDS),
         help="every cell runs under each (default: 0 1 2)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs kept in --runs-dir that this very code made (same files, same "
+        "steps); run only the (cell, seed) pairs missing",
+    )
     parser.add_argument("--output", default="metrics/strategy_grid.json")
+    parser.add_argument("--runs-dir", default="metrics/strategy_grid_runs", type=Path)
     parser.add_argument("--plot", default="plots/strategy_grid.png")
     parser.add_argument("--table", default="reports/strategy_grid.md")
     arguments = parser.parse_args()
     enable_compilation_cache()
-    started = time.perf_counter()
-    cells = []
+    fingerprint = code_fingerprint()
+    steps = {name: arguments.steps or DEFAULT_STEPS[name] for name in arguments.datasets}
+    cells: list[dict[str, Any]] = []
     for name in arguments.datasets:
         dataset = DATASETS[name]
         raw = raw_splits(dataset)
-        steps = arguments.steps or DEFAULT_STEPS[name]
         for per_class in arguments.sizes:
-            runs = [
-                run_cell_seed(dataset, per_class, raw, seed=seed, steps=steps)
-                for seed in arguments.seeds
-            ]
+            runs: list[dict[str, Any]] = []
+            for seed in arguments.seeds:
+                path = run_path(arguments.runs_dir, name, per_class, seed, steps[name])
+                run = earlier_run(path, fingerprint) if arguments.resume else None
+                if run is None:
+                    started = time.perf_counter()
+                    run = run_cell_seed(dataset, per_class, raw, seed=seed, steps=steps[name])
+                    run.update(
+                        code=fingerprint,
+                        steps=steps[name],
+                        seconds=round(time.perf_counter() - started, 1),
+                    )
+                    write_json(path, run)
+                else:
+                    print(f"{name} {per_class}/class, seed {seed}: reused {path}")
+                runs.append(run)
+                partial = [*cells, summarize_cell(name, per_class, runs)]
+                write_json(
+                    arguments.output,
+                    grid_summary(partial, seeds=arguments.seeds, steps=steps, complete=False),
+                )
             cells.append(summarize_cell(name, per_class, runs))
-    summary = {
-        "seeds": arguments.seeds,
-        "std_ddof": 1,
-        "cells": cells,
-        "steps": {name: arguments.steps or DEFAULT_STEPS[name] for name in arguments.datasets},
-        "target_gap": TARGET_GAP,
-        "cells_within_target": sum(cell["within_target"] for cell in cells),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    summary = grid_summary(cells, seeds=arguments.seeds, steps=steps, complete=True)
     write_json(arguments.output, summary)
     plot_grid(cells, Path(arguments.plot))
     table = markdown_table(cells)
@@ -449,7 +520,7 @@ def main() -> None:
     print(table)
     print(
         f"{summary['cells_within_target']} of {len(cells)} cells within {TARGET_GAP} of the "
-        f"best; {summary['seconds']:.0f} s"
+        f"best; {summary['seconds']:.0f} s of runs"
     )
 
 

@@ -7,15 +7,26 @@ seeds that scores the advisor, the README table and the plot.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipelines.stages.common import ExperimentPaths
-from pipelines.strategy_grid import cell_params, summarize_cell
+from pipelines.strategy_grid import (
+    cell_params,
+    code_fingerprint,
+    earlier_run,
+    run_path,
+    summarize_cell,
+)
 from pipelines.strategy_grid_report import markdown_table, plot_grid
 from pipelines.strategy_grid_setup import DATASETS, STRATEGIES, cell_data, raw_splits
 from tests.conftest import ROOT
+from tlflax.io import write_json
 from tlflax.tasks import task_for
 
 
@@ -103,3 +114,38 @@ def test_a_cell_scores_the_advisor_by_the_mean_of_its_picks(tmp_path):
         pixels = np.asarray(image.convert("RGB"))
     # Drawn, not blank: the bars' colours cover a good part of the figure.
     assert (pixels.std(axis=2) > 20).mean() > 0.05
+
+
+def test_resume_reuses_the_runs_this_code_made_and_runs_the_rest(tmp_path):
+    runs_dir = tmp_path / "runs"
+    fingerprint = code_fingerprint()
+    scores = {"feature_extraction": 0.70, "top_k": 0.76, "full": 0.75, "scratch": 0.2}
+    for seed in (0, 1):
+        kept = {**_run(seed, "top_k", scores), "code": fingerprint, "steps": 7, "seconds": 60.0}
+        write_json(run_path(runs_dir, "vision", 10, seed, 7), kept)
+    output = tmp_path / "grid.json"
+    command = [sys.executable, "-m", "pipelines.strategy_grid", "--datasets", "vision",
+               "--sizes", "10", "--seeds", "0", "1", "--steps", "7", "--resume",
+               "--runs-dir", str(runs_dir), "--output", str(output),
+               "--plot", str(tmp_path / "grid.png"), "--table", str(tmp_path / "grid.md")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("reused") == 2  # nothing trained
+    grid = json.loads(output.read_text())
+    assert grid["complete"] and grid["seeds"] == [0, 1]
+    (cell,) = grid["cells"]
+    assert cell["results"]["top_k"]["test_accuracy_mean"] == pytest.approx(0.76)
+    assert grid["seconds"] == pytest.approx(120.0)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+    # Another code's run, another step budget, or no run at all: not reused, run again.
+    stale = {**_run(2, "top_k", scores), "code": "0" * 16, "steps": 7, "seconds": 1.0}
+    write_json(run_path(runs_dir, "vision", 10, 2, 7), stale)
+    assert earlier_run(run_path(runs_dir, "vision", 10, 2, 7), fingerprint) is None
+    assert earlier_run(run_path(runs_dir, "vision", 10, 0, 8), fingerprint) is None
+    assert earlier_run(run_path(runs_dir, "vision", 10, 0, 7), fingerprint)["seed"] == 0
+    # A damaged run file stops the grid with its name, and how to go on.
+    damaged = run_path(runs_dir, "vision", 10, 1, 7)
+    damaged.write_text("{")
+    with pytest.raises(SystemExit, match=f"{damaged}.*delete it"):
+        earlier_run(damaged, fingerprint)
