@@ -272,10 +272,12 @@ def run_ablations(
     project = Path(project_dir).resolve()
     pipeline_file, rows = load_rows(project / ABLATIONS_FILE, job)
     rows = _selected_rows(rows, only, job)
+    rows = {REFERENCE_ROW: rows[REFERENCE_ROW], **rows}  # first: the others are judged by it
     seed_params = read_seed_params(project, pipeline_file)
     params_path, original_params = seed_params.path, seed_params.original
     seed_keys, paths = seed_params.seed_keys, ExperimentPaths(seed_params.experiment)
     results: dict[str, dict] = {}
+    report: dict[str, Any] = {}
     is_taken = taken_names(project)
     try:
         for name, settings in rows.items():
@@ -286,10 +288,14 @@ def run_ablations(
                 project, pipeline_file, seed_keys, paths, name, settings, seeds, is_taken
             )
             results[name] = summarize_row(settings, runs)
-        report = _write_report(project, paths, seeds, results)
+            # Written after every row (the reference runs first): a row that fails, or a
+            # stopped run, keeps the rows that finished.
+            if REFERENCE_ROW in results:
+                report = _write_report(project, paths, seeds, results)
     finally:
         restore_bytes(params_path, original_params)
-    status, output = run_dvc(["repro", pipeline_file], project)
+        # The workspace ends as it began, after a failed row too.
+        status, output = run_dvc(["repro", pipeline_file], project)
     if status != 0:
         raise PipelineError(f"restoring the workspace: `dvc repro` failed: {(output or ['?'])[-1]}")
     return report

@@ -128,7 +128,7 @@ def test_earlier_rows_are_kept_only_beside_the_same_reference() -> None:
 
 
 @pytest.mark.slow
-def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
+def test_rows_run_under_every_seed_and_a_failed_row_keeps_the_finished_ones(
     tmp_path: Path,
     dvc_site_cache: None,  # noqa: F811
 ) -> None:
@@ -139,6 +139,8 @@ def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
         "reference": {},
         "smoothed": {"finetune.label_smoothing": 0.3},
         "decayed": {"finetune.weight_decay": 0.01},
+        # Refused by the params schema in the first stage it reaches: the run fails.
+        "broken": {"finetune.learning_rate": -1.0},
     }
     (project / ABLATIONS_FILE).write_text(
         yaml.safe_dump({"vision": {"pipeline": "dvc.yaml", "rows": rows}})
@@ -151,7 +153,10 @@ def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
     # One seed keeps it short; the statistics over seeds are checked on made-up figures above.
     command = [sys.executable, "-m", "pipelines.ablations", "--job", "vision", "--seeds", "0"]
     result = run(command, cwd=project, timeout=RUN_TIMEOUT_SECONDS)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The broken row ends the command with one line, after the rows before it were written.
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ablations: broken, seed 0" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("ablations: ")
     report = json.loads((project / "metrics/vision/ablations.json").read_text())
     assert sorted(report["rows"]) == ["decayed", "reference", "smoothed"]
     assert report["rows"]["smoothed"]["set"] == {"finetune.label_smoothing": 0.3}
@@ -181,6 +186,6 @@ def test_rows_run_under_every_seed_and_the_workspace_ends_as_it_began(
     assert decayed_params["finetune"].get("label_smoothing") == original["finetune"].get(
         "label_smoothing"
     )
-    assert "| smoothed | `finetune.label_smoothing: 0.3` |" in result.stdout
+    assert "| smoothed | `finetune.label_smoothing: 0.3` |" in format_table(report)
     assert (project / "params.yaml").read_bytes() == params_before
     assert "Data and pipelines are up to date." in dvc(project, "status", "dvc.yaml")
