@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.seeds import SeedParams, experiment_names, restore_bytes, run_seed
+from pipelines.flows import PipelineError
+from pipelines.seeds import SeedParams, experiment_names, restore_bytes, run_dvc, run_seed
 
 # (variant, seed, that run's evaluate.json, its wall seconds) -> None, after each run.
 OnRun = Callable[[str, int, dict[str, Any], float], None]
@@ -30,10 +31,13 @@ def run_variants(
     on_run: OnRun,
 ) -> None:
     """Run every variant under every seed, in order, calling ``on_run`` after each run; the
-    params file gets its original bytes back at the end, after a failure too.
+    params file gets its original bytes back at the end, after a failure too, and ``dvc
+    repro`` then brings the workspace back to that params file's run (mostly from the run
+    cache): its outputs and lock, not the last variant's.
 
     Raises:
       SeedRunFailed: a run failed, or wrote no usable ``evaluation_file``.
+      PipelineError: restoring the workspace with ``dvc repro`` failed.
     """
     try:
         for variant, overrides in variants.items():
@@ -53,3 +57,6 @@ def run_variants(
                 on_run(variant, seed, evaluation, time.perf_counter() - started)
     finally:
         restore_bytes(seed_params.path, seed_params.original)
+        status, output = run_dvc(["repro", pipeline_file], project)
+    if status != 0:
+        raise PipelineError(f"restoring the workspace: `dvc repro` failed: {(output or ['?'])[-1]}")

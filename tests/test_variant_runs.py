@@ -76,4 +76,7 @@ def test_each_variant_runs_under_each_seed_and_the_params_come_back(tmp_path):
         check=True,
     ).stdout.split()
     assert sorted(listed) == ["toy-fast-seed1", "toy-slow-seed1"]
-    assert json.loads((project / "evaluate.json").read_text())["finetune"]["accuracy"] == 0.76
+    # The workspace is back to the params file's own run, not the last variant's.
+    assert json.loads((project / "evaluate.json").read_text())["finetune"]["accuracy"] == 0.1
+    status = run([sys.executable, "-m", "dvc", "status"], cwd=project)
+    assert "Data and pipelines are up to date." in status.stdout
