@@ -143,7 +143,8 @@ def test_rows_run_under_every_seed_and_a_failed_row_keeps_the_finished_ones(
         "broken": {"finetune.learning_rate": -1.0},
     }
     (project / ABLATIONS_FILE).write_text(
-        yaml.safe_dump({"vision": {"pipeline": "dvc.yaml", "rows": rows}})
+        # In this order (not sorted): the decayed row follows the smoothed one, the broken last.
+        yaml.safe_dump({"vision": {"pipeline": "dvc.yaml", "rows": rows}}, sort_keys=False)
     )
     for command in (["add", "-A"], ["commit", "-qm", "two rows"]):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command],
