@@ -45,9 +45,9 @@ from pipelines.seeds import (
     first_free_name,
     read_seed_params,
     restore_bytes,
-    run_dvc,
     run_or_exit,
     run_seed,
+    workspace_restored,
 )
 from pipelines.stages.common import ExperimentPaths
 from tlflax.io import write_json
@@ -277,9 +277,9 @@ def run_ablations(
     params_path, original_params = seed_params.path, seed_params.original
     seed_keys, paths = seed_params.seed_keys, ExperimentPaths(seed_params.experiment)
     results: dict[str, dict] = {}
-    report: dict[str, Any] = {}
     is_taken = taken_names(project)
-    try:
+    # The workspace ends as it began (params bytes, outputs, dvc.lock), after a failed row too.
+    with workspace_restored(project, pipeline_file, seed_params):
         for name, settings in rows.items():
             # `dvc exp run` leaves the run's params file in the workspace: without this, a
             # row would also run with every setting of the rows before it.
@@ -290,14 +290,7 @@ def run_ablations(
             results[name] = summarize_row(settings, runs)
             # Written after every row (the reference runs first): a row that fails, or a
             # stopped run, keeps the rows that finished.
-            if REFERENCE_ROW in results:
-                report = _write_report(project, paths, seeds, results)
-    finally:
-        restore_bytes(params_path, original_params)
-        # The workspace ends as it began, after a failed row too.
-        status, output = run_dvc(["repro", pipeline_file], project)
-    if status != 0:
-        raise PipelineError(f"restoring the workspace: `dvc repro` failed: {(output or ['?'])[-1]}")
+            report = _write_report(project, paths, seeds, results)
     return report
 
 

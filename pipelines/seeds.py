@@ -40,11 +40,12 @@ back to the original params (from the run cache where it can).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -271,6 +272,42 @@ def restore_bytes(path: Path, original: bytes) -> None:
             temporary.write_bytes(original)
 
 
+def repro_failure(project: Path, pipeline_file: str) -> str | None:
+    """``dvc repro`` the pipeline, bringing outputs and dvc.lock back in line with its params
+    file (mostly from the run cache): None where it succeeded, else why it failed."""
+    status, output = run_dvc(["repro", pipeline_file], project)
+    if status == 0:
+        return None
+    errors = [line for line in output if line.startswith("ERROR")]
+    reason = (errors or output or ["no output"])[0]
+    return f"restoring the workspace: `dvc repro` failed: {reason}"
+
+
+@contextlib.contextmanager
+def workspace_restored(
+    project: Path, pipeline_file: str, seed_params: SeedParams
+) -> Iterator[None]:
+    """Run the body, then give the params file its original bytes back and ``dvc repro`` the
+    pipeline: the workspace ends as the params file's own run, not as the body's last ``dvc
+    exp run`` left it - after a failure of the body too.
+
+    Raises:
+      PipelineError: the body ended normally and ``dvc repro`` failed. After a failure of the
+        body, that failure propagates, and a failed ``dvc repro`` is only printed.
+    """
+    body_failed = True
+    try:
+        yield
+        body_failed = False
+    finally:
+        restore_bytes(seed_params.path, seed_params.original)
+        failure = repro_failure(project, pipeline_file)
+        if failure and body_failed:
+            print(failure, file=sys.stderr)
+        elif failure:
+            raise PipelineError(failure)
+
+
 def refresh_report(project: Path, pipeline_file: str) -> None:
     """Re-run the pipeline's ``report`` stage, which shows seeds.json but cannot depend on it
     (a pipeline does not write it). A pipeline without that stage is left as it is."""
@@ -321,11 +358,9 @@ def run_seeds(project_dir: str, pipeline_file: str, seeds: Sequence[int]) -> dic
             # so that outputs and dvc.lock match the params file again.
             restore_bytes(params_path, original_params)
             print(f"seeds: back to {params_file_of(pipeline_file)}: dvc repro {pipeline_file}")
-            status, output = run_dvc(["repro", pipeline_file], project)
-            if status != 0:
-                errors = [line for line in output if line.startswith("ERROR")]
-                reason = (errors or output or ["no output"])[0]
-                raise PipelineError(f"restoring the workspace: `dvc repro` failed: {reason}")
+            failure = repro_failure(project, pipeline_file)
+            if failure:
+                raise PipelineError(failure)
     finally:
         restore_bytes(params_path, original_params)
     left_out = set().union(*runs.values()) - set(report["models"])

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.flows import PipelineError
-from pipelines.seeds import SeedParams, experiment_names, restore_bytes, run_dvc, run_seed
+from pipelines.seeds import SeedParams, experiment_names, run_seed, workspace_restored
 
 # (variant, seed, that run's evaluate.json, its wall seconds) -> None, after each run.
 OnRun = Callable[[str, int, dict[str, Any], float], None]
@@ -39,7 +38,7 @@ def run_variants(
       SeedRunFailed: a run failed, or wrote no usable ``evaluation_file``.
       PipelineError: restoring the workspace with ``dvc repro`` failed.
     """
-    try:
+    with workspace_restored(project, pipeline_file, seed_params):
         for variant, overrides in variants.items():
             names = experiment_names(project, f"{seed_params.experiment}-{variant}", seeds)
             for seed in seeds:
@@ -55,8 +54,3 @@ def run_variants(
                 )
                 evaluation = json.loads((project / evaluation_file).read_text())
                 on_run(variant, seed, evaluation, time.perf_counter() - started)
-    finally:
-        restore_bytes(seed_params.path, seed_params.original)
-        status, output = run_dvc(["repro", pipeline_file], project)
-    if status != 0:
-        raise PipelineError(f"restoring the workspace: `dvc repro` failed: {(output or ['?'])[-1]}")
