@@ -27,7 +27,6 @@ the grid imports), so a grid can be run a part at a time and come out whole.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -54,7 +53,8 @@ from pipelines.strategy_grid_setup import (
     cell_data,
     raw_splits,
 )
-from tlflax.advisor import Advice, measure, recommend
+from tlflax.advisor import Advice
+from tlflax.api import advise_on_inputs, extract_features
 from tlflax.checkpoint import TrainingCheckpoints
 from tlflax.config import Params, parse_params
 from tlflax.data.pipeline import num_batches
@@ -63,7 +63,7 @@ from tlflax.fit import build_scratch_classifier, cache_frozen_prefix
 from tlflax.io import atomic_path, write_json
 from tlflax.loop import History
 from tlflax.plan import TrainingPlan, resolve_plan
-from tlflax.taps import joined_numpy, probe_taps
+from tlflax.taps import joined_numpy
 from tlflax.tasks import Task, class_probabilities, task_for
 from tlflax.train import create_head, train_head
 
@@ -88,27 +88,28 @@ SEEDED_SECTIONS = ("prepare", "train_head", "finetune", "train_scratch")
 def run_advisor(
     task: Task, params: Params, data: CellData, num_classes: int
 ) -> tuple[Advice, dict[str, np.ndarray]]:
-    """The advise stage's measurements, advice and taps on this cell, and the head's
-    features of train and validation: the joined pooled outputs of the advised taps."""
-    evidence, features = measure(
-        task.build_classifier(num_classes, pretrained=True, seed=params.prepare.seed).backbone,
-        task.pooled_after_each_group,
-        data.train,
+    """The advise stage's measurements, advice and taps on this cell (the same function,
+    probing at most ``advise.max_train_examples``), and the head's features of train and
+    validation: the joined pooled outputs of the advised taps, every training example's."""
+    backbone = task.build_classifier(
+        num_classes, pretrained=True, seed=params.prepare.seed
+    ).backbone
+    train_labels = data.train["label"]
+    advice, probed_features = advise_on_inputs(
+        task,
+        backbone,
+        train_labels,
+        lambda probed: {key: value[probed] for key, value in data.train.items() if key != "label"},
         data.validation,
         num_classes=num_classes,
-        batch_size=params.extract.batch_size,
     )
-    taps = probe_taps(
-        features["train"],
-        data.train["label"],
-        features["validation"],
-        data.validation["label"],
-        num_classes=num_classes,
-        max_taps=params.advise.max_taps,
-        min_gain=params.advise.min_tap_gain,
-    )
-    advice = dataclasses.replace(recommend(evidence, params.advise), taps=taps)
-    head_features = {name: joined_numpy(by_depth, taps.taps) for name, by_depth in features.items()}
+    taps = advised_taps(advice)
+    head_features = {
+        # The probes saw a subset where train is larger than advise.max_train_examples; the
+        # head trains on all of it, as the extract stage's features give it.
+        "train": extract_features(task, backbone, taps, data.train),
+        "validation": joined_numpy(probed_features["validation"], taps),
+    }
     return advice, head_features
 
 

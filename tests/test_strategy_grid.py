@@ -20,6 +20,7 @@ from pipelines.strategy_grid import (
     cell_params,
     code_fingerprint,
     earlier_run,
+    run_advisor,
     run_path,
     summarize_cell,
 )
@@ -51,6 +52,27 @@ def test_a_seed_reaches_every_seeded_section_and_draws_its_own_training_examples
     assert not np.array_equal(first.train["image"], second.train["image"])
     assert not np.array_equal(first.validation["image"], second.validation["image"])
     np.testing.assert_array_equal(first.test["image"], second.test["image"])
+
+
+def test_the_advisor_probes_at_most_max_train_examples_and_the_head_reads_all(monkeypatch):
+    # The advise stage's bound on the probes' cost holds in the grid too: at 500 images per
+    # class the probes see advise.max_train_examples of them, the head every one.
+    monkeypatch.chdir(ROOT)
+    dataset = DATASETS["vision"]
+    params = cell_params(dataset, 4, 0)
+    params = params.model_copy(
+        update={"advise": params.advise.model_copy(update={"max_train_examples": 20})}
+    )
+    task = task_for(params, ExperimentPaths(params.experiment).dataset_dir)
+    data = cell_data(task, dataset, 4, raw_splits(dataset), seed=0)
+    advice, head_features = run_advisor(task, params, data, num_classes=10)
+    assert advice.evidence.train_examples == 40
+    assert advice.evidence.probed_train_examples == 20
+    assert advice.evidence.train_examples_per_class == 4  # counted on all, not the probed
+    assert head_features["train"].shape[0] == 40
+    assert head_features["validation"].shape[0] == len(data.validation["label"])
+    assert advice.taps is not None
+    assert head_features["train"].shape[1] == head_features["validation"].shape[1]
 
 
 def _run(seed: int, pick: str, test: dict[str, float]) -> dict:

@@ -17,7 +17,7 @@ or all of it at once: :func:`run_transfer`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,39 +160,71 @@ def chosen_task(task: Task, advice: Advice) -> Task:
 
 def _advise_backbone(task: Task, backbone: nnx.Module) -> Advice:
     """The advice for ``task``'s written backbone (the body of :func:`advise`)."""
-    params, cfg = task.params, task.params.advise
-    num_classes = len(task.class_names())
     records, labels = task.read_split("train")
+    advice, _ = advise_on_inputs(
+        task,
+        backbone,
+        labels,
+        lambda probed: task.model_inputs(take(records, probed)),
+        task.read_inputs("validation"),
+        num_classes=len(task.class_names()),
+    )
+    return advice
+
+
+def advise_on_inputs(
+    task: Task,
+    backbone: nnx.Module,
+    train_labels: np.ndarray,
+    probed_train_inputs: Callable[[np.ndarray], dict[str, np.ndarray]],
+    validation: dict[str, np.ndarray],
+    *,
+    num_classes: int,
+) -> tuple[Advice, dict[str, list[np.ndarray]]]:
+    """The advice of :func:`advise` for ``backbone`` on data already in memory.
+
+    Args:
+      task: the task (its params and how its backbone is probed).
+      backbone: the pretrained backbone to probe.
+      train_labels: every training label.
+      probed_train_inputs: model inputs (no labels) of the training examples at these
+        indices; asked only for the probed subset, so a caller converts no more than that.
+      validation: validation model inputs and ``label``.
+      num_classes: number of classes.
+
+    Returns:
+      The advice with its taps, and the pooled features by depth of the probed training
+      examples (``train``) and of ``validation``.
+    """
+    params, cfg = task.params, task.params.advise
     # A stratified subset: the probe's cost is bounded, the class balance kept.
-    probed = at_most(labels, cfg.max_train_examples, seed=params.prepare.seed)
-    probed_records = take(records, probed)
-    validation = task.read_inputs("validation")
+    probed = at_most(train_labels, cfg.max_train_examples, seed=params.prepare.seed)
     evidence, features = measure(
         backbone,
         task.pooled_after_each_group,
-        {**task.model_inputs(probed_records), "label": labels[probed]},
+        {**probed_train_inputs(probed), "label": train_labels[probed]},
         validation,
         num_classes=num_classes,
         batch_size=params.extract.batch_size,
-        all_train_labels=labels,
+        all_train_labels=train_labels,
         # Random-init features are the reference of "does pretraining help at all", asked
         # only where training from scratch is a candidate.
         random_init=(
             backbone_for(params, pretrained=False)
-            if count_per_class(labels, num_classes) >= cfg.large_data_per_class
+            if count_per_class(train_labels, num_classes) >= cfg.large_data_per_class
             else None
         ),
     )
     taps = probe_taps(
         features["train"],
-        labels[probed],
+        train_labels[probed],
         features["validation"],
         validation["label"],
         num_classes=num_classes,
         max_taps=cfg.max_taps,
         min_gain=cfg.min_tap_gain,
     )
-    return dataclasses.replace(recommend(evidence, cfg), taps=taps)
+    return dataclasses.replace(recommend(evidence, cfg), taps=taps), features
 
 
 def head_taps(params: Params, advice: Advice) -> list[int] | None:
