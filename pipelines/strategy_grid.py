@@ -506,12 +506,14 @@ def main() -> None:
                 else:
                     print(f"{name} {per_class}/class, seed {seed}: reused {path}")
                 runs.append(run)
-                partial = [*cells, summarize_cell(name, per_class, runs)]
+                cell = summarize_cell(name, per_class, runs)
                 write_json(
                     arguments.output,
-                    grid_summary(partial, seeds=arguments.seeds, steps=steps, complete=False),
+                    grid_summary(
+                        [*cells, cell], seeds=arguments.seeds, steps=steps, complete=False
+                    ),
                 )
-            cells.append(summarize_cell(name, per_class, runs))
+            cells.append(cell)
     summary = grid_summary(cells, seeds=arguments.seeds, steps=steps, complete=True)
     write_json(arguments.output, summary)
     plot_grid(cells, Path(arguments.plot))
