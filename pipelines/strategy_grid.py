@@ -254,10 +254,11 @@ def train_strategy(
     )
     trained = finetuner.model(state)
     test_accuracy = _test_accuracy(task, cfg, trained, data.test, params.evaluate.batch_size)
-    best = history.epochs[history.best_epoch]
+    best = history.summary()
     result = {
         "test_accuracy": test_accuracy,
         "validation_accuracy": best["validation_accuracy"],
+        "kept_start": history.kept_start is not None,
         "unfreeze_groups": cfg.unfreeze_groups,
         "epochs_run": len(history.epochs),
         "steps_run": len(history.epochs) * finetuner.steps_per_epoch(len(train["label"])),

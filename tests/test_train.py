@@ -132,6 +132,56 @@ def test_finetune_trains_only_unfrozen_and_compiles_once(digits, tmp_path):
         np.testing.assert_array_equal(value, np.asarray(after[name]))
     assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
     assert len(history.epochs) == 3
+    # Training beat the random start on validation: the run ends on its best epoch.
+    assert history.kept_start is None
+    assert history.summary()["best_epoch"] == history.best_epoch >= 0
+
+
+def _trained_classifier(train, validation, directory):
+    """A classifier fine-tuned for 8 epochs: a start that validation scores well above
+    chance (about 0.55 against 0.1)."""
+    cfg = _finetune_cfg(learning_rate=3e-2, epochs=8, patience=8)
+    finetuner = _finetuner(cfg, train)
+    checkpoints = TrainingCheckpoints(directory, keep_best=1)
+    state, _ = run_finetuning(finetuner, train, validation, checkpoints, eval_batch_size=64)
+    checkpoints.close()
+    return finetuner.model(state)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "scratch"])
+def test_a_start_no_epoch_beats_is_kept_unless_it_is_random(digits, tmp_path, strategy):
+    train, validation = digits
+    start = _trained_classifier(train, validation, tmp_path / "start")
+    start_weights = [np.asarray(x) for x in jax.tree_util.tree_leaves(nnx.state(start))]
+    # A learning rate far too high: every epoch wrecks what the start knew.
+    cfg = _finetune_cfg(learning_rate=3.0, warmup_fraction=0.0, epochs=2)
+    # As a plan (tlflax.plan.TrainingPlan) records it: the strategy beside its rules.
+    cfg = cfg.model_copy(update={"strategy": strategy})
+    finetuner = _finetuner(cfg, train, model=start)
+    start_score = finetuner.evaluate(finetuner.initial, validation, 64)
+    checkpoints = TrainingCheckpoints(tmp_path / "wrecked", keep_best=1)
+    state, history = run_finetuning(finetuner, train, validation, checkpoints, eval_batch_size=64)
+    checkpoints.close()
+    best_epoch = history.epochs[history.best_epoch]["validation_accuracy"]
+    assert best_epoch < start_score["accuracy"] - 0.2
+    ended = finetuner.model(state)
+    if strategy == "scratch":  # a random start is never what a run should end on
+        assert history.kept_start is None
+        assert finetuner.evaluate(state, validation, 64)["accuracy"] == best_epoch
+        return
+    assert history.kept_start == {f"validation_{k}": v for k, v in start_score.items()}
+    assert history.summary() == {
+        "best_epoch": -1,
+        "kept_start": True,
+        "epochs_run": 2,
+        "stopped_early": False,
+        "validation_accuracy": start_score["accuracy"],
+        "validation_loss": start_score["loss"],
+    }
+    for before, after in zip(
+        start_weights, jax.tree_util.tree_leaves(nnx.state(ended)), strict=True
+    ):
+        np.testing.assert_array_equal(before, np.asarray(after))
 
 
 def test_resume_after_interruption_gives_identical_parameters(digits, tmp_path):
@@ -349,10 +399,11 @@ def test_validation_judges_the_model_as_it_is_saved(digits, tmp_path):
         for _, module in nnx.iter_graph(saved)
         if isinstance(module, nnx.BatchNorm)
     )
-    # The saved model, evaluated on its own, scores what validation reported for its epoch.
+    # The saved model, evaluated on its own, scores what validation reported for it (its
+    # epoch's, or the start's where no epoch beat it).
     logits = image_forward(16, cfg.augment)(saved, {"image": validation["image"]}, False, None)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == validation["label"]))
-    assert accuracy == pytest.approx(history.epochs[history.best_epoch]["validation_accuracy"])
+    assert accuracy == pytest.approx(history.summary()["validation_accuracy"])
 
 
 def test_batchnorm_of_frozen_groups_keeps_its_statistics(digits):

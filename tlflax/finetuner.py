@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from tlflax.balance import NO_REMEDY, ClassBalance
-from tlflax.checkpoint import TrainingCheckpoints
+from tlflax.checkpoint import TrainingCheckpoints, score
 from tlflax.config import FinetuneParams, ParamsError
 from tlflax.data.pipeline import cutmix_images, iterate_batches, num_batches
 from tlflax.distributed import process_shard, put_replicated
@@ -370,6 +370,39 @@ class Checkpointing(Callback[FinetuneState]):
         return self._restore(best, state, epoch=best + 1)[0]
 
 
+class KeepTheStart(Callback[FinetuneState]):
+    """End on the start when no epoch beats it on validation (a tie keeps the start).
+
+    A fine-tuning run starts from the new head on the pretrained network: a model the
+    validation split already scores. On a small dataset fine-tuning can lose to it (the head
+    fits the few training examples, and the backbone then drifts on a tiny error signal), and
+    early stopping alone would still return the best *epoch*. This keeps what the run was
+    given unless training really did better on validation. Put it after the checkpointing
+    callback, whose end restores the best epoch.
+    """
+
+    def __init__(self, finetuner: Finetuner, validation_metrics: Callable[[FinetuneState], dict]):
+        start = finetuner.initial
+        self.finetuner = finetuner
+        self.metrics = {
+            f"validation_{key}": value for key, value in validation_metrics(start).items()
+        }
+        # Host copies: the first train step donates the start's device buffers.
+        self.weights = _host_copy((start.trainable, start.rest, start.ema))
+
+    def on_train_end(self, state, history):
+        if history.best_score > score(self.metrics, self.finetuner.cfg.monitor):
+            return state
+        history.kept_start = self.metrics
+        trainable, rest, ema = put_replicated(self.weights, self.finetuner.replicated)
+        return dataclasses.replace(state, trainable=trainable, rest=rest, ema=ema)
+
+
+def _host_copy(tree: Any) -> Any:
+    """``tree``'s arrays on the host (replicated arrays: this process's copy)."""
+    return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf.addressable_data(0)), tree)
+
+
 def run_finetuning(
     finetuner: Finetuner,
     train: dict[str, np.ndarray],
@@ -385,10 +418,13 @@ def run_finetuning(
 
     Every epoch is checkpointed (latest + best N by ``cfg.monitor``, which the checkpoints
     must rank by too); then ``on_epoch_end(epoch, metrics)`` and ``on_history(history)`` see
-    it (and ``name: epoch N: ...`` is printed where ``name`` is given).
+    it (and ``name: epoch N: ...`` is printed where ``name`` is given). The start is scored
+    on validation first: a pretrained start that no epoch beats is what the run returns
+    (:class:`KeepTheStart`; not for ``strategy: scratch``, whose start is random).
 
     Returns:
-      The state of the best epoch (restored from its checkpoint) and the history.
+      The state of the best epoch (restored from its checkpoint), or the start, and the
+      history (``history.kept_start``: the start's validation metrics where it was kept).
     """
     cfg = finetuner.cfg
     if checkpoints.monitor != cfg.monitor:
@@ -400,10 +436,15 @@ def run_finetuning(
     # still rising, the validation loss of a pretrained network typically gets worse before it
     # gets better, and stopping there would keep the start, not the fine-tuned model.
     last_warmup_epoch = math.ceil(cfg.warmup_fraction * cfg.epochs) - 1
-    return fit_epochs(
+
+    def validate(state: FinetuneState) -> dict[str, float]:
+        return finetuner.evaluate(state, validation, eval_batch_size)
+
+    keep_the_start = [] if cfg.strategy == "scratch" else [KeepTheStart(finetuner, validate)]
+    state, history = fit_epochs(
         finetuner.initial,
         train_epoch=lambda state, epoch: finetuner.run_epoch(state, train),
-        validate=lambda state: finetuner.evaluate(state, validation, eval_batch_size),
+        validate=validate,
         epochs=cfg.epochs,
         monitor=cfg.monitor,
         phase="finetune",
@@ -411,6 +452,13 @@ def run_finetuning(
         callbacks=[
             EarlyStopping(cfg.patience, counts_from_epoch=last_warmup_epoch),
             Checkpointing(checkpoints),
+            *keep_the_start,
             ReportEpochs(name, on_epoch_end, on_history),
         ],
     )
+    if name and history.kept_start is not None:
+        print(
+            f"{name}: no epoch beat the start on {cfg.monitor} "
+            f"({history.kept_start[cfg.monitor]:.4f}): the start is kept"
+        )
+    return state, history

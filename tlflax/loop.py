@@ -68,12 +68,19 @@ class History:
     # The best epoch's monitored metric as a score, higher is better (tlflax.checkpoint.score).
     best_score: float = -math.inf
     stopped_early: bool = False
+    # The start's validation metrics, where no epoch beat it and the run ended on it
+    # (fine-tuning: the new head on the pretrained network; see tlflax.finetuner).
+    kept_start: dict[str, float] | None = None
 
     def summary(self) -> dict[str, float | int | bool]:
-        """Where the run ended and its best epoch's validation scores (a metrics file)."""
-        best = self.epochs[self.best_epoch]
+        """Where the run ended and its best epoch's validation scores (a metrics file);
+        ``best_epoch`` -1 and ``kept_start`` where the run ended on its start."""
+        if self.kept_start is not None:
+            best, ended = self.kept_start, {"best_epoch": -1, "kept_start": True}
+        else:
+            best, ended = self.epochs[self.best_epoch], {"best_epoch": self.best_epoch}
         return {
-            "best_epoch": self.best_epoch,
+            **ended,
             "epochs_run": len(self.epochs),
             "stopped_early": self.stopped_early,
             "validation_accuracy": best["validation_accuracy"],
