@@ -400,7 +400,7 @@ class KeepTheStart(Callback[FinetuneState]):
 
 def _host_copy(tree: Any) -> Any:
     """``tree``'s arrays on the host (replicated arrays: this process's copy)."""
-    return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf.addressable_data(0)), tree)
+    return jax.tree_util.tree_map(lambda leaf: np.array(leaf.addressable_data(0), copy=True), tree)
 
 
 def run_finetuning(
