@@ -42,18 +42,16 @@ TEMPLATE_PARAMS = {
 }
 # The project's own jobs beside the default one: folder -> whether it trains the
 # from-scratch reference (the text job does not: MiniLM from random weights on 4000 reviews
-# costs more CPU than it tells) and whether it exports its model (audio cannot yet).
+# costs more CPU than it tells).
 RENDERED_JOBS = {
-    Path("experiments/text"): {"scratch": False, "export": True},
-    Path("experiments/audio"): {"scratch": True, "export": False},
+    Path("experiments/text"): {"scratch": False},
+    Path("experiments/audio"): {"scratch": True},
 }
 EXPERIMENTS = Path("experiments")
 # validate keys the schema accepts for audio data only (tlflax.config refuses them elsewhere).
 AUDIO_ONLY_THRESHOLDS = ("max_silent_fraction", "max_clipped_fraction")
-# Stages a job may leave out: the from-scratch reference (costly for a text encoder) and the
-# export (no ONNX translation of the audio front end's FFT yet).
+# The stage a job may leave out: the from-scratch reference (costly for a text encoder).
 SCRATCH_STAGE = "train_scratch"
-EXPORT_STAGE = "export"
 
 
 def _dump(document) -> str:
@@ -72,13 +70,13 @@ def _written_by(path: str, outputs: list[str]) -> bool:
     return any(path == output or path.startswith(output.rstrip("/") + "/") for output in outputs)
 
 
-def render_pipeline(experiment_dir: Path, *, scratch: bool, export: bool = True) -> str:
+def render_pipeline(experiment_dir: Path, *, scratch: bool) -> str:
     """The project's ``dvc.yaml`` as the pipeline of ``experiment_dir`` (relative to the
     repository root): each stage runs from the root (``wdir``) on that folder's params.yaml,
     and its params entries name that file.
 
-    ``scratch``/``export``: keep the from-scratch reference / the export stage (a stage left
-    out takes the dependencies on its outputs and the artifacts it writes with it).
+    ``scratch``: keep the from-scratch reference (left out, it takes the dependencies on its
+    outputs and the artifacts it writes with it).
     Artifact paths become relative to the folder.
     """
     handler = pipeline_yaml()
@@ -86,9 +84,7 @@ def render_pipeline(experiment_dir: Path, *, scratch: bool, export: bool = True)
     params_file = (experiment_dir / "params.yaml").as_posix()
     wdir = "/".join(".." for _ in experiment_dir.parts)
     stages = pipeline["stages"]
-    left_out = [
-        name for name, kept in ((SCRATCH_STAGE, scratch), (EXPORT_STAGE, export)) if not kept
-    ]
+    left_out = [] if scratch else [SCRATCH_STAGE]
     gone = [path for name in left_out for path in _output_paths(stages.pop(name))]
     for name in list(stages):
         stage = stages[name]
@@ -214,8 +210,7 @@ def create_experiment(
     if (ROOT / folder).exists():
         raise ParamsError(f"{folder}: already exists; choose another name or remove it")
     params = render_params(name, dataset, raw_dir, settings)
-    modality = dict(settings).get("prepare.modality") or DATASET_MODALITY.get(dataset)
-    pipeline = render_pipeline(folder, scratch=scratch, export=modality != "audio")
+    pipeline = render_pipeline(folder, scratch=scratch)
     (ROOT / folder).mkdir(parents=True)
     (ROOT / folder / "params.yaml").write_text(params, encoding="utf-8")
     (ROOT / folder / "dvc.yaml").write_text(pipeline, encoding="utf-8")

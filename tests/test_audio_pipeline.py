@@ -75,6 +75,11 @@ def test_audio_pipeline_runs_under_dvc(tiny_audio_project: Path) -> None:
     assert head["epochs_run"] == 1 and head["best_epoch"] == 0, head
     advice = json.loads((project / "metrics/audio/advice.json").read_text())
     assert advice["strategy"] in {"feature_extraction", "top_k", "full", "scratch"}
+    # The export stage wrote both graphs, the waveform in (the front end inside them).
+    export = json.loads((project / "models/audio/export/export.json").read_text())
+    assert (export["modality"], export["class_names"]) == ("audio", sorted(LANGUAGES))
+    assert export["inputs"] == [{"name": "audio", "shape": ["batch", 48000], "dtype": "float32"}]
+    assert {"model.onnx", "model.stablehlo"} <= set(export["files"])
     # The vision pipeline at the root is untouched by the audio run.
     assert not (project / "metrics/vision").exists()
 

@@ -28,7 +28,7 @@ from sklearn.datasets import load_digits
 from pipelines.stages.common import ExperimentPaths
 from tests.conftest import ROOT, run
 from tlflax.checkpoint import save_tree
-from tlflax.config import parse_params
+from tlflax.config import TrainHeadParams, parse_params
 from tlflax.data.pipeline import prepare_images
 from tlflax.data.tfds_store import write_image_dataset
 from tlflax.export import (
@@ -42,6 +42,7 @@ from tlflax.export_classifier import FORMAT_VERSION
 from tlflax.export_onnx import UnsupportedPrimitiveError, export_onnx
 from tlflax.models.layers import Conv2d, DepthwiseConv2d
 from tlflax.models.minilm import load_tokenizer
+from tlflax.sound import audio_forward, build_audio_classifier
 from tlflax.tasks import task_for
 
 TOLERANCE = 1e-4
@@ -246,6 +247,33 @@ def test_text_encoder_onnx_matches_flax(text_export):
     assert_same_logits(onnx_logits(model_bytes, tokens), reference)
     stablehlo = load_stablehlo((directory / "model.stablehlo").read_bytes())
     assert_same_logits(np.asarray(stablehlo(*tokens.values())), reference)
+
+
+def test_audio_classifier_onnx_matches_flax():
+    # The real musicnn (pretrained, the job's taps and cut) behind the log-mel front end:
+    # reflect padding, framing, the real FFT, the mel filterbank, convolutions, max pooling.
+    model = build_audio_classifier(
+        "musicnn_vgg", 5, TrainHeadParams(head="linear"), pretrained=True, taps=[2, 3]
+    )
+    kernel = model.head.output.kernel  # random, not the zero init: logits depend on the clip
+    # Scaled by the fan-in: logits of order 1, where the shared absolute tolerance fits.
+    kernel[...] = jax.random.normal(jax.random.key(0), kernel.shape) / kernel.shape[0] ** 0.5
+    rng = np.random.default_rng(0)
+    clips = (0.1 * rng.standard_normal((3, 48000))).astype(np.float32)
+    clips[1, 24000:] = 0.0  # a padded clip, as short prompts are stored
+    program = inference_program(model, audio_forward(), {"audio": clips[:1]})
+    reference = np.asarray(audio_forward()(model, {"audio": clips}, False, None))
+    assert_same_logits(np.asarray(load_stablehlo(export_stablehlo(program))(clips)), reference)
+    model_bytes = export_onnx_program(program).SerializeToString()
+    assert_same_logits(onnx_logits(model_bytes, {"audio": clips}), reference)
+
+
+def test_complex_values_reach_only_real_and_imag():
+    spec = {"x": jax.ShapeDtypeStruct((2, 16), jnp.float32)}
+    with pytest.raises(NotImplementedError, match="primitive 'abs' is not supported .*complex"):
+        export_onnx(lambda x: jnp.abs(jnp.fft.rfft(x)), spec)
+    with pytest.raises(NotImplementedError, match="primitive 'fft' .*only a real FFT"):
+        export_onnx(lambda x: jnp.real(jnp.fft.fft(x.astype(jnp.complex64))), spec)
 
 
 def test_uncovered_primitive_raises_naming_it():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlflax.errors import InputError
 from tlflax.export import InferenceProgram, inference_program, write_export
 from tlflax.tasks import Task, read_architecture
 
@@ -20,10 +19,6 @@ FORMAT_VERSION = 1
 # How the server decodes an image of C channels (Pillow mode), as pipelines/predict.py does.
 PILLOW_MODES = {1: "L", 3: "RGB"}
 _TOKENIZER_FILE = "tokenizer.json"
-
-
-class ExportUnsupportedError(InputError):
-    """The experiment's modality has no exporter (audio: its FFT front end)."""
 
 
 def export_classifier(
@@ -40,15 +35,8 @@ def export_classifier(
     ``temperature``: the calibrated temperature for the server's softmax (None: 1, none
     fitted). The inputs' shapes are those of ``example_split``'s records.
 
-    Raises:
-      ExportUnsupportedError: an audio experiment.
     """
     modality = task.params.prepare.modality
-    if modality == "audio":
-        raise ExportUnsupportedError(
-            f"{model_path}: exporting an audio classifier is not supported (its log-mel front "
-            "end's FFT has no ONNX translation); export a vision or text experiment"
-        )
     class_names = task.class_names()
     model, forward = task.load_classifier(len(class_names), model_path)
     records, _ = task.read_split(example_split)
@@ -65,6 +53,8 @@ def export_classifier(
     if modality == "image":
         flip = read_architecture(Path(model_path).parent).get("test_time_flip", False)
         description |= _image_description(task, program, flip)
+    elif modality == "audio":
+        description |= _audio_description(task, program)
     else:
         description |= _text_description(task)
         extra_files[_TOKENIZER_FILE] = task.tokenizer().to_str().encode("utf-8")
@@ -93,6 +83,30 @@ def _image_description(task: Task, program: InferenceProgram, test_time_flip: bo
                 f"uint8 -> float32 / 255; bilinear resize to {size}x{size} (jax.image.resize); "
                 "grayscale repeated to RGB; clipped to [0, 1]; backbone and head"
                 f"{flip}; raw logits out"
+            ),
+        },
+    }
+
+
+def _audio_description(task: Task, program: InferenceProgram) -> dict:
+    (samples,) = program.example_shapes["audio"].shape
+    prepare = task.params.prepare
+    return {
+        "audio": {
+            "sample_rate": prepare.sample_rate,
+            "samples": samples,
+            "clip_align": prepare.clip_align,
+        },
+        "preprocessing": {
+            "before_graph": (
+                "decode the file with soundfile, average the channels to mono, resample to "
+                f"{prepare.sample_rate} Hz (polyphase, exact ratio), crop or zero-pad to "
+                f"{samples} samples (clip_align {prepare.clip_align!r}): float32 (batch, "
+                f"{samples}), as the stored dataset"
+            ),
+            "in_graph": (
+                "log-mel spectrogram (real FFT, mel filterbank, log compression), the "
+                "network, pooling, head; raw logits out"
             ),
         },
     }

@@ -34,6 +34,7 @@ from tlflax.export_onnx_graph import (
     is_constant,
 )
 from tlflax.export_onnx_ops import RULES
+from tlflax.export_onnx_signal import READS_COMPLEX, ComplexPair
 
 __all__ = ["OPSET", "UnsupportedPrimitiveError", "export_onnx", "jaxpr_to_onnx"]
 
@@ -155,6 +156,8 @@ def _translate_equation(builder: GraphBuilder, eqn, values: list[Value]) -> list
     rule = RULES.get(name)
     if rule is None:
         raise UnsupportedPrimitiveError(name)
+    if name not in READS_COMPLEX and any(isinstance(value, ComplexPair) for value in values):
+        raise UnsupportedPrimitiveError(name, "on complex numbers (only real and imag are)")
     outputs = rule(builder, eqn, values)
     return list(outputs) if eqn.primitive.multiple_results else [outputs]
 

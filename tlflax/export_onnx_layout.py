@@ -16,6 +16,8 @@ from tlflax.export_onnx_graph import (
     GraphBuilder,
     UnsupportedPrimitiveError,
     Value,
+    constant_value,
+    is_constant,
 )
 
 Rule = Callable[[GraphBuilder, object, list[Value]], Value | list[Value]]
@@ -138,21 +140,68 @@ def _split(builder: GraphBuilder, eqn, inputs: list[Value]) -> list[Value]:
 
 
 def _gather(builder: GraphBuilder, eqn, inputs: list[Value]) -> Value:
-    """Row lookup ``table[indices]`` (an embedding): the one gather the models use."""
+    """A lookup along one axis, ``x[..., indices, ...]``: an embedding's row lookup
+    (``table[ids]``) and an audio front end's framing (``waveform[..., frame_indices]``)."""
     numbers = eqn.params["dimension_numbers"]
-    table_shape, out_rank = shape_of(eqn.invars[0]), len(shape_of(eqn.outvars[0]))
-    row_lookup = (
-        tuple(numbers.start_index_map) == (0,)
-        and tuple(numbers.collapsed_slice_dims) == (0,)
+    operand_shape, index_shape = shape_of(eqn.invars[0]), shape_of(eqn.invars[1])
+    out_rank = len(shape_of(eqn.outvars[0]))
+    axes = tuple(numbers.start_index_map)
+    if _is_constant_window(eqn, inputs[1]):
+        return _constant_window(builder, eqn, inputs)
+    lookup = (
+        len(axes) == 1
+        and tuple(numbers.collapsed_slice_dims) == axes
         and not tuple(getattr(numbers, "operand_batching_dims", ()))
-        and tuple(eqn.params["slice_sizes"]) == (1, *table_shape[1:])
-        and tuple(numbers.offset_dims) == tuple(range(out_rank - len(table_shape) + 1, out_rank))
+        and index_shape[-1] == 1
     )
-    if not row_lookup:
-        raise UnsupportedPrimitiveError("gather", "only row lookups table[indices]")
-    indices = builder.exact(inputs[1], shape_of(eqn.invars[1]))
-    indices = builder.node("Squeeze", [indices, builder.int64s([-1])])
-    return builder.node("Gather", [builder.name(inputs[0]), indices], axis=0)
+    if lookup:
+        # ONNX's Gather puts the index axes where the looked-up axis was; so must JAX.
+        axis, index_rank = axes[0], len(index_shape) - 1
+        whole = tuple(1 if a == axis else dim for a, dim in enumerate(operand_shape))
+        lookup = tuple(eqn.params["slice_sizes"]) == whole and tuple(numbers.offset_dims) == (
+            *range(axis),
+            *range(axis + index_rank, out_rank),
+        )
+    if not lookup:
+        raise UnsupportedPrimitiveError("gather", "only lookups along one axis, x[..., indices]")
+    if is_constant(inputs[1]):
+        given = constant_value(inputs[1], index_shape)
+        indices = builder.constant(np.squeeze(given, -1).astype(np.int64))
+    else:
+        indices = builder.exact(inputs[1], index_shape)
+        indices = builder.node("Squeeze", [indices, builder.int64s([-1])])
+    return builder.node("Gather", [builder.exact(inputs[0], operand_shape), indices], axis=axis)
+
+
+def _is_constant_window(eqn, start: Value) -> bool:
+    """A gather that cuts one block at a start known at export (``lax.dynamic_slice`` with
+    constant starts, e.g. reflect padding): no axis collapsed, one start vector."""
+    numbers = eqn.params["dimension_numbers"]
+    out_rank = len(shape_of(eqn.outvars[0]))
+    return (
+        is_constant(start)
+        and tuple(shape_of(eqn.invars[1])) == (len(numbers.start_index_map),)
+        and not tuple(numbers.collapsed_slice_dims)
+        and not tuple(getattr(numbers, "operand_batching_dims", ()))
+        and tuple(numbers.offset_dims) == tuple(range(out_rank))
+    )
+
+
+def _constant_window(builder: GraphBuilder, eqn, inputs: list[Value]) -> Value:
+    """``x[..., start:start + size, ...]`` as a Slice; starts clamped into the operand, as
+    XLA's gather clamps them."""
+    numbers = eqn.params["dimension_numbers"]
+    operand_shape, sizes = shape_of(eqn.invars[0]), eqn.params["slice_sizes"]
+    axes = [int(axis) for axis in numbers.start_index_map]
+    given = constant_value(inputs[1], (len(axes),))
+    starts = [
+        int(np.clip(int(start), 0, int(operand_shape[axis]) - int(sizes[axis])))
+        for start, axis in zip(given, axes, strict=True)
+    ]
+    ends = [start + int(sizes[axis]) for start, axis in zip(starts, axes, strict=True)]
+    operand = builder.exact(inputs[0], operand_shape)
+    arguments = [builder.int64s(starts), builder.int64s(ends), builder.int64s(axes)]
+    return builder.node("Slice", [operand, *arguments])
 
 
 LAYOUT_RULES: dict[str, Rule] = {

@@ -23,6 +23,7 @@ from tlflax.export_onnx_graph import (
     onnx_dtype,
 )
 from tlflax.export_onnx_layout import LAYOUT_RULES, Rule, shape_of
+from tlflax.export_onnx_signal import SIGNAL_RULES
 
 
 def _result(output: str, inputs: Sequence[Value], invars: Sequence, out_var) -> Value:
@@ -280,6 +281,7 @@ RULES: dict[str, Rule] = {
     "reduce_prod": _reduce("ReduceProd"),
     "argmax": _argmax,
     **LAYOUT_RULES,
+    **SIGNAL_RULES,
     "dot_general": _dot_general,
     "conv_general_dilated": _conv_general_dilated,
     **{
