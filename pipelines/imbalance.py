@@ -20,6 +20,11 @@ Writes ``metrics/<experiment>/imbalance.json`` once every run has finished::
 
 The fine-tuned model's scores are at the top level (MEASURE.md item 8), the head-only
 model's under ``head_only``; each ``*_std`` is the sample standard deviation (ddof 1).
+
+``--reference`` adds a run per seed that is not a remedy: the same number of training
+images as the long tail, spread evenly over the classes (:data:`BALANCED_REFERENCE`). Its
+scores go under ``references`` (runs under ``runs``, as a remedy's): what the imbalance
+itself costs, the ceiling a remedy's gain over ``none`` can be read against.
 The params file gets its original bytes back at the end, as with :mod:`pipelines.seeds`.
 """
 
@@ -40,6 +45,9 @@ from pipelines.seeds import (
 )
 from pipelines.stages.common import ExperimentPaths
 from pipelines.variant_runs import run_variants
+from tlflax.config import load_params
+from tlflax.data.subsets import long_tail_sizes
+from tlflax.data.tfds_store import read_class_names
 from tlflax.io import write_json
 
 PIPELINE_FILE = "experiments/longtail/dvc.yaml"
@@ -53,6 +61,22 @@ GATE_WITHOUT_REMEDY = (
     "validate.max_label_kl_divergence=0.3",
     "validate.max_split_kl_divergence=0.3",
 )
+
+
+# Not a remedy: the long tail's training images in equal shares (its mean per class).
+BALANCED_REFERENCE = "balanced_same_size"
+
+
+def balanced_reference_overrides(largest: int, ratio: float, num_classes: int) -> list[str]:
+    """The params of :data:`BALANCED_REFERENCE`: a long tail of ``largest`` images for the
+    first class down by ``ratio`` has this many in all; here each class gets an equal
+    share, with no remedy (nothing is imbalanced)."""
+    total = sum(long_tail_sizes(num_classes, largest, ratio).values())
+    return [
+        f"prepare.train_per_class={round(total / num_classes)}",
+        "prepare.train_imbalance_ratio=null",
+        "class_balance.remedy=none",
+    ]
 
 
 def remedy_overrides(remedy: str) -> list[str]:
@@ -84,8 +108,14 @@ def summarize(runs: Mapping[int, Mapping[str, Mapping[str, float]]], model: str)
 def imbalance_report(seeds: Sequence[int], runs: Mapping[str, Mapping[int, Mapping]]) -> dict:
     """The ``imbalance.json`` document from each remedy's runs (remedy -> seed -> scores)."""
     report: dict[str, Any] = {"seeds": list(seeds), "model": "finetune"}
+    references = {}
     for remedy, by_seed in runs.items():
-        report[remedy] = summarize(by_seed, "finetune")
+        # The reference is kept apart: at the top level it would read as a remedy.
+        (references if remedy == BALANCED_REFERENCE else report)[remedy] = summarize(
+            by_seed, "finetune"
+        )
+    if references:
+        report["references"] = references
     report["head_only"] = {
         remedy: summarize(by_seed, "head_only") for remedy, by_seed in runs.items()
     }
@@ -96,13 +126,15 @@ def imbalance_report(seeds: Sequence[int], runs: Mapping[str, Mapping[int, Mappi
 
 
 def format_table(report: Mapping[str, Any], remedies: Sequence[str]) -> str:
-    """The fine-tuned model's means per remedy, as the README's table rows."""
+    """The fine-tuned model's means per remedy (and the balanced reference, where run), as
+    the README's table rows."""
     lines = [
         "| remedy | accuracy | macro-F1 | min recall | balanced accuracy |",
         "|---|---|---|---|---|",
     ]
-    for remedy in remedies:
-        scores = report[remedy]
+    references = report.get("references", {})
+    for remedy in [*remedies, *references]:
+        scores = references.get(remedy) or report[remedy]
         cells = [f"{scores[f'{key}_mean']:.4f} ± {scores[f'{key}_std']:.4f}" for key in SCORES]
         lines.append(f"| {remedy} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -139,9 +171,11 @@ def run_remedies(
     pipeline_file: str,
     *,
     keep_others: bool = False,
+    reference: bool = False,
 ) -> dict[str, Any]:
-    """Every (remedy, seed) run of ``pipeline_file``; writes and returns ``imbalance.json``
-    (with ``keep_others``, also holding the other remedies' runs of the file it replaces).
+    """Every (remedy, seed) run of ``pipeline_file`` (and of :data:`BALANCED_REFERENCE` with
+    ``reference``); writes and returns ``imbalance.json`` (with ``keep_others``, also holding
+    the other remedies' runs of the file it replaces).
 
     Raises:
       SeedRunFailed: a run failed (nothing is written).
@@ -150,7 +184,19 @@ def run_remedies(
     project = Path(project_dir).resolve()
     seed_params = read_seed_params(project, pipeline_file)
     paths = ExperimentPaths(seed_params.experiment)
-    runs: dict[str, dict[int, dict]] = {remedy: {} for remedy in remedies}
+    variants = {remedy: remedy_overrides(remedy) for remedy in remedies}
+    if reference:
+        prepare = load_params(seed_params.path).prepare
+        if prepare.train_imbalance_ratio is None or prepare.train_per_class is None:
+            raise PipelineError(
+                f"{seed_params.path}: --reference needs a long tail (prepare.train_per_class "
+                "and prepare.train_imbalance_ratio)"
+            )
+        num_classes = len(read_class_names(project / paths.dataset_dir, prepare.stored_name))
+        variants[BALANCED_REFERENCE] = balanced_reference_overrides(
+            prepare.train_per_class, prepare.train_imbalance_ratio, num_classes
+        )
+    runs: dict[str, dict[int, dict]] = {variant: {} for variant in variants}
 
     def record(remedy: str, seed: int, evaluation: dict[str, Any], wall_seconds: float) -> None:
         runs[remedy][seed] = model_scores(evaluation)
@@ -160,12 +206,11 @@ def run_remedies(
             flush=True,
         )
 
-    variants = {remedy: remedy_overrides(remedy) for remedy in remedies}
     run_variants(
         project, pipeline_file, seed_params, variants, seeds, paths.metrics("evaluate"), record
     )
     if keep_others:
-        runs = {**earlier_runs(project / paths.metrics("imbalance"), seeds, remedies), **runs}
+        runs = {**earlier_runs(project / paths.metrics("imbalance"), seeds, list(runs)), **runs}
     report = imbalance_report(seeds, runs)
     write_json(project / paths.metrics("imbalance"), report)
     print(f"imbalance: wrote {paths.metrics('imbalance')}")
@@ -176,7 +221,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_project_and_seeds(parser, "distinct seeds, each run under every remedy")
     parser.add_argument(
-        "--remedies", nargs="+", choices=REMEDIES, default=["none", "weights"], help="remedies"
+        "--remedies",
+        nargs="*",
+        choices=REMEDIES,
+        default=["none", "weights"],
+        help="remedies (none at all: only --reference)",
     )
     parser.add_argument("--pipeline-file", default=PIPELINE_FILE, help="the long-tail pipeline")
     parser.add_argument(
@@ -184,9 +233,16 @@ def main() -> None:
         action="store_true",
         help="keep the other remedies' runs of the existing imbalance.json (same seeds)",
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help=f"also run {BALANCED_REFERENCE}: the long tail's images spread evenly",
+    )
     arguments = parser.parse_args()
     if len(set(arguments.seeds)) != len(arguments.seeds):
         parser.error("--seeds: give distinct seeds")
+    if not (arguments.remedies or arguments.reference):
+        parser.error("--remedies: give a remedy, or --reference")
     report = run_or_exit(
         "imbalance",
         lambda: run_remedies(
@@ -195,6 +251,7 @@ def main() -> None:
             arguments.remedies,
             arguments.pipeline_file,
             keep_others=arguments.keep_others,
+            reference=arguments.reference,
         ),
     )
     print(format_table(report, [remedy for remedy in REMEDIES if remedy in report["runs"]]))

@@ -8,7 +8,13 @@ import pytest
 
 from pipelines.backbones import backbones_report, format_table
 from pipelines.flows import PipelineError
-from pipelines.imbalance import earlier_runs, imbalance_report
+from pipelines.imbalance import (
+    BALANCED_REFERENCE,
+    balanced_reference_overrides,
+    earlier_runs,
+    imbalance_report,
+)
+from pipelines.imbalance import format_table as format_imbalance_table
 from pipelines.seed_statistics import mean_and_spread
 
 
@@ -40,6 +46,27 @@ def test_keep_others_adds_a_remedy_to_the_earlier_runs_of_the_same_seeds(tmp_pat
     assert merged["logit_adjustment"]["accuracy_mean"] == pytest.approx(0.82)
     assert "weights" not in merged
     assert earlier_runs(tmp_path / "none.json", [0, 1], ["none"]) == {}
+
+
+def test_the_balanced_reference_has_the_long_tails_images_in_equal_shares(tmp_path):
+    # 100 down to 10 over 10 classes: 409 images (long_tail_sizes), about 41 a class.
+    assert balanced_reference_overrides(100, 10.0, 10) == [
+        "prepare.train_per_class=41",
+        "prepare.train_imbalance_ratio=null",
+        "class_balance.remedy=none",
+    ]
+    runs = {"none": {0: _scores(0.80)}, BALANCED_REFERENCE: {0: _scores(0.84)}}
+    report = imbalance_report([0], runs)
+    # Kept apart from the remedies: at the top level it would read as one (MEASURE.md 8).
+    assert BALANCED_REFERENCE not in report
+    assert report["references"][BALANCED_REFERENCE]["accuracy_mean"] == pytest.approx(0.84)
+    assert report["runs"][BALANCED_REFERENCE]["0"]["finetune"]["accuracy"] == 0.84
+    rows = format_imbalance_table(report, ["none"]).splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| none", f"| {BALANCED_REFERENCE}"]
+    # --keep-others keeps an earlier reference where this run does not repeat it.
+    path = tmp_path / "imbalance.json"
+    path.write_text(json.dumps(report))
+    assert list(earlier_runs(path, [0], ["none"])) == [BALANCED_REFERENCE]
 
 
 def test_keep_others_refuses_runs_of_other_seeds(tmp_path):
