@@ -20,15 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import onnxruntime
 import pytest
+import soundfile
 import yaml
 from flax import nnx
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipelines.stages.common import ExperimentPaths
-from tests.conftest import ROOT, run
+from tests.conftest import RAW_ASTERISK, ROOT, run
 from tlflax.checkpoint import save_tree
 from tlflax.config import TrainHeadParams, parse_params
+from tlflax.data.audio_folder import ClipSettings, load_clip
 from tlflax.data.pipeline import prepare_images
 from tlflax.data.tfds_store import write_image_dataset
 from tlflax.export import (
@@ -249,23 +251,80 @@ def test_text_encoder_onnx_matches_flax(text_export):
     assert_same_logits(np.asarray(stablehlo(*tokens.values())), reference)
 
 
-def test_audio_classifier_onnx_matches_flax():
-    # The real musicnn (pretrained, the job's taps and cut) behind the log-mel front end:
-    # reflect padding, framing, the real FFT, the mel filterbank, convolutions, max pooling.
+@pytest.fixture(scope="module")
+def audio_classifier():
+    """The real musicnn (pretrained, cut after its second block as the job's taps cut it)
+    with a random head: logits that depend on the clip, of order 1."""
     model = build_audio_classifier(
         "musicnn_vgg", 5, TrainHeadParams(head="linear"), pretrained=True, taps=[2, 3]
     )
-    kernel = model.head.output.kernel  # random, not the zero init: logits depend on the clip
+    kernel = model.head.output.kernel
     # Scaled by the fan-in: logits of order 1, where the shared absolute tolerance fits.
     kernel[...] = jax.random.normal(jax.random.key(0), kernel.shape) / kernel.shape[0] ** 0.5
+    return model
+
+
+def test_audio_classifier_onnx_matches_flax(audio_classifier):
+    # Behind the log-mel front end: reflect padding, framing, the real FFT, the mel
+    # filterbank, then convolutions and max pooling.
     rng = np.random.default_rng(0)
     clips = (0.1 * rng.standard_normal((3, 48000))).astype(np.float32)
     clips[1, 24000:] = 0.0  # a padded clip, as short prompts are stored
-    program = inference_program(model, audio_forward(), {"audio": clips[:1]})
-    reference = np.asarray(audio_forward()(model, {"audio": clips}, False, None))
+    program = inference_program(audio_classifier, audio_forward(), {"audio": clips[:1]})
+    reference = np.asarray(audio_forward()(audio_classifier, {"audio": clips}, False, None))
     assert_same_logits(np.asarray(load_stablehlo(export_stablehlo(program))(clips)), reference)
     model_bytes = export_onnx_program(program).SerializeToString()
     assert_same_logits(onnx_logits(model_bytes, {"audio": clips}), reference)
+
+
+def test_server_without_jax_reads_sound_files_as_prepare_stores_them(audio_classifier, tmp_path):
+    if not RAW_ASTERISK.exists():
+        pytest.fail(f"{RAW_ASTERISK} is missing: run `make assets` (scripts/fetch_assets.sh)")
+    settings = ClipSettings()  # the audio job's: 16 kHz, 3 s, start-aligned
+    directory = tmp_path / "export"
+    description = {
+        "format_version": FORMAT_VERSION,
+        "modality": "audio",
+        "class_names": ["en", "es", "fr", "it", "ru"],
+        "temperature": 1.0,
+        "audio": {"sample_rate": 16000, "samples": 48000, "clip_align": "start"},
+    }
+    example = {"audio": np.zeros((1, 48000), np.float32)}
+    write_export(
+        inference_program(audio_classifier, audio_forward(), example), directory, description
+    )
+    # A real 8 kHz prompt, and the same prompt as a 44.1 kHz stereo FLAC.
+    prompt = sorted((RAW_ASTERISK / "fr").rglob("*.wav"))[0]
+    samples, rate = soundfile.read(prompt, dtype="float32")
+    stereo = np.stack([samples, 0.5 * samples], axis=1).repeat(2, axis=0)  # 16 kHz, 2 channels
+    soundfile.write(tmp_path / "stereo.flac", stereo, 2 * rate)
+    np.save(tmp_path / "two.npy", np.zeros((2, 48000), np.float32))
+    inputs = [str(prompt), "stereo.flac", "two.npy"]
+    result = serve(directory, *inputs, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [line[2][-20:] for line in lines] == [
+        str(prompt)[-20:],
+        "stereo.flac",
+        "two.npy[0]",
+        "two.npy[1]",
+    ]
+    # Each file as prepare stores it (load_clip), classified by Flax: the same labels.
+    clips = [
+        load_clip(Path(path), path, settings)[0] for path in (prompt, tmp_path / "stereo.flac")
+    ]
+    clips += [np.zeros(48000, np.float32)] * 2
+    logits = audio_forward()(audio_classifier, {"audio": np.stack(clips)}, False, None)
+    assert [line[0] for line in lines] == [
+        description["class_names"][i] for i in np.argmax(logits, 1)
+    ]
+    expected = jax.nn.softmax(np.asarray(logits), axis=1).max(axis=1)
+    np.testing.assert_allclose([float(line[1]) for line in lines], expected, atol=1e-3)
+    # A file that is not audio: one line naming it, exit 2.
+    (tmp_path / "notes.wav").write_text("not a sound")
+    bad = serve(directory, "notes.wav", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("serving: error: notes.wav: not a readable WAV")
 
 
 def test_complex_values_reach_only_real_and_imag():

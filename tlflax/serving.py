@@ -5,10 +5,13 @@ Reads the folder the export stage writes (``models/<experiment>/export``: ``mode
 
     python -m tlflax.serving models/vision/export sneaker.png shirt.jpg
     python -m tlflax.serving models/text/export "Stale and overpriced." "Lovely tea."
+    python -m tlflax.serving models/audio/export prompt.wav take2.flac
 
 Images are decoded with Pillow and brought to the stored dataset's channels and size as
 ``pipelines/predict.py`` does (a ``.npy`` file holds ready uint8 (H, W, C) or (N, H, W, C)
-arrays); texts are tokenized with the exported tokenizer. Each input gets one line: label,
+arrays); texts are tokenized with the exported tokenizer; sound files are decoded, mixed to
+mono, resampled and cropped or padded as ``prepare`` stored the clips
+(:mod:`tlflax.audio_clips`; a ``.npy`` file holds ready float32 (samples,) or (N, samples)). Each input gets one line: label,
 its probability (softmax of the logits divided by the calibrated temperature), and the
 input. Bad input - an unreadable image, an empty text, an array of the wrong shape - is one
 line naming it, exit status 2.
@@ -110,6 +113,32 @@ class ExportedClassifier:
             images.append(np.asarray(converted, dtype=np.uint8).reshape(shape))
         return np.stack(images)
 
+    def read_clips(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Sound files (or ``.npy`` arrays) as float32 (N, samples): the stored clips' form."""
+        from tlflax.audio_clips import decode_audio, mono_clip
+        from tlflax.data.errors import DataError
+
+        settings = self.description["audio"]
+        clips = []
+        for path in map(Path, paths):
+            if path.suffix == ".npy":
+                clips.extend(_read_array(path, (settings["samples"],), np.float32))
+                continue
+            try:
+                samples, source_rate = decode_audio(path, path)
+            except DataError as error:
+                raise ServingError(str(error)) from None
+            clips.append(
+                mono_clip(
+                    samples,
+                    source_rate,
+                    settings["sample_rate"],
+                    settings["samples"],
+                    settings["clip_align"],
+                )
+            )
+        return np.stack(clips)
+
     def encode_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """``input_ids`` and ``attention_mask``, int32 (N, max_length), of the exported tokenizer."""
         for position, text in enumerate(texts, start=1):
@@ -134,7 +163,10 @@ class ExportedClassifier:
             raise ServingError("inputs: nothing to classify; give image files or texts")
         if self.modality == "image":
             arrays = {"image": self.read_images(inputs)}
-            sources = _image_sources(inputs, len(arrays["image"]))
+            sources = _array_sources(inputs, len(arrays["image"]), example_rank=3)
+        elif self.modality == "audio":
+            arrays = {"audio": self.read_clips(inputs)}
+            sources = _array_sources(inputs, len(arrays["audio"]), example_rank=1)
         elif self.modality == "text":
             arrays, sources = self.encode_texts(inputs), list(inputs)
         else:
@@ -147,28 +179,32 @@ class ExportedClassifier:
         ]
 
 
-def _read_array(path: Path, shape: tuple[int, int, int]) -> list[np.ndarray]:
+def _read_array(path: Path, shape: tuple[int, ...], dtype: type = np.uint8) -> list[np.ndarray]:
+    """The examples of a ``.npy`` file holding one example of ``shape`` or a batch of them."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise ServingError(f"{path}: not a numpy array file ({error})") from None
-    batch = array[None] if array.ndim == 3 else array
-    if batch.ndim != 4 or batch.shape[1:] != shape or batch.dtype != np.uint8:
+    batch = array[None] if array.ndim == len(shape) else array
+    if batch.ndim != len(shape) + 1 or batch.shape[1:] != shape or batch.dtype != dtype:
         raise ServingError(
-            f"{path}: holds {array.dtype} {array.shape}; expected uint8 {shape} or (N, {', '.join(map(str, shape))})"
+            f"{path}: holds {array.dtype} {array.shape}; expected {np.dtype(dtype)} {shape} "
+            f"or (N, {', '.join(map(str, shape))})"
         )
     return list(batch)
 
 
-def _image_sources(inputs: Sequence[str], count: int) -> list[str]:
-    """One source per image: a path, or "path[i]" for each image of a ``.npy`` batch."""
+def _array_sources(inputs: Sequence[str], count: int, *, example_rank: int) -> list[str]:
+    """One source per example: a path, or "path[i]" for each example of a ``.npy`` batch
+    (whose examples have ``example_rank`` axes)."""
     sources = []
     for name in inputs:
         if Path(name).suffix != ".npy":
             sources.append(name)
             continue
         rows = np.load(name, mmap_mode="r").shape
-        sources += [name] if len(rows) == 3 else [f"{name}[{i}]" for i in range(rows[0])]
+        single = len(rows) == example_rank
+        sources += [name] if single else [f"{name}[{i}]" for i in range(rows[0])]
     assert len(sources) == count
     return sources
 
@@ -185,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m tlflax.serving", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("export_dir", help="the export stage's folder, e.g. models/vision/export")
-    parser.add_argument("inputs", nargs="*", help="image files (.npy arrays too) or texts")
+    parser.add_argument(
+        "inputs", nargs="*", help="image or sound files (.npy arrays too), or texts"
+    )
     arguments = parser.parse_args(argv)
     try:
         classifier = ExportedClassifier(arguments.export_dir)
