@@ -387,20 +387,16 @@ class KeepTheStart(Callback[FinetuneState]):
         self.metrics = {
             f"validation_{key}": value for key, value in validation_metrics(start).items()
         }
-        # Host copies: the first train step donates the start's device buffers.
-        self.weights = _host_copy((start.trainable, start.rest, start.ema))
+        # Copies in new buffers: the first train step donates the start's own (the copies
+        # keep their placement, and random keys in `rest` stay keys).
+        self.weights = jax.tree_util.tree_map(jnp.copy, (start.trainable, start.rest, start.ema))
 
     def on_train_end(self, state, history):
         if history.best_score > score(self.metrics, self.finetuner.cfg.monitor):
             return state
         history.kept_start = self.metrics
-        trainable, rest, ema = put_replicated(self.weights, self.finetuner.replicated)
+        trainable, rest, ema = self.weights
         return dataclasses.replace(state, trainable=trainable, rest=rest, ema=ema)
-
-
-def _host_copy(tree: Any) -> Any:
-    """``tree``'s arrays on the host (replicated arrays: this process's copy)."""
-    return jax.tree_util.tree_map(lambda leaf: np.array(leaf.addressable_data(0), copy=True), tree)
 
 
 def run_finetuning(
