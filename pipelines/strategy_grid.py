@@ -104,10 +104,15 @@ def run_advisor(
         num_classes=num_classes,
     )
     taps = advised_taps(advice)
+    if advice.evidence.probed_train_examples == len(train_labels):
+        # The probes saw every training example, in order: their features are the head's.
+        train_features = joined_numpy(probed_features["train"], taps)
+    else:
+        # They saw a subset (train is larger than advise.max_train_examples); the head
+        # trains on all of it, as the extract stage's features give it.
+        train_features = extract_features(task, backbone, taps, data.train)
     head_features = {
-        # The probes saw a subset where train is larger than advise.max_train_examples; the
-        # head trains on all of it, as the extract stage's features give it.
-        "train": extract_features(task, backbone, taps, data.train),
+        "train": train_features,
         "validation": joined_numpy(probed_features["validation"], taps),
     }
     return advice, head_features

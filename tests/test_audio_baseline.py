@@ -19,10 +19,10 @@ import pytest
 import soundfile
 
 from tests.conftest import RAW_ASTERISK, ROOT
-from tlflax.audio import fix_length, resample
 from tlflax.baseline import CANDIDATES, fit_baseline
 from tlflax.baseline_predictions import fit_and_predict
 from tlflax.config import BaselineParams
+from tlflax.data.audio_folder import fix_length, resample
 from tlflax.data.errors import DataError
 from tlflax.data.tfds_audio import write_audio_dataset
 from tlflax.mfcc import mfcc, mfcc_statistics, slaney_mel_filterbank

@@ -3,7 +3,7 @@
 Audio models see a log-mel spectrogram, not raw samples. Computing it in JAX, like image
 resizing, keeps the stored dataset a plain waveform array and lets the front end run
 jit-compiled on the accelerator with the rest of the model; on the host beforehand, every
-clip is brought to one rate and one length (:func:`resample`, :func:`fix_length`)::
+clip is brought to one rate and one length (:mod:`tlflax.data.audio_folder`)::
 
     file -> resample -> fix_length -> waveforms (N, samples) float32      (host, numpy)
          -> log_mel_spectrogram -> (N, frames, mel_bands)                (device, JAX)
@@ -24,14 +24,12 @@ taken from the start of the clip's :func:`frame_count` frames (188 for 3 s).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.signal import firwin, resample_poly
 
 from tlflax.mfcc import slaney_mel_filterbank
 
@@ -176,64 +174,3 @@ def log_mel_spectrogram(
     """
     mel = mel_spectrogram(waveforms, settings)
     return jnp.log10(1.0 + settings.log_scale * mel)
-
-
-# --- on the host, before the device: one sample rate and one length for every clip ---
-
-# The resampling filter: a Kaiser-windowed sinc (beta 12), 64 taps per polyphase branch
-# each side, cut at 97% of the lower Nyquist frequency: flat to 90% of it (2e-5 dB), -3 dB
-# at 96%, below -117 dB from 103%. scipy's default (10 taps, beta 5, cut at Nyquist) lets
-# ~2e-5 of a clip's energy through just past the lower Nyquist, which log10(1 + 10000 x)
-# turns into bands up to 2.6 away from librosa.load's (soxr "HQ"); this filter stays within
-# 6e-4 of it below 3.5 kHz on the 8 kHz prompts, at ~5 ms per 3 s clip from 44.1 kHz.
-_FILTER_TAPS_PER_PHASE = 64
-_FILTER_CUTOFF = 0.97
-_FILTER_KAISER_BETA = 12.0
-
-
-@functools.cache
-def _resampling_filter(up: int, down: int) -> np.ndarray:
-    """The low-pass FIR filter for upsampling by ``up`` then downsampling by ``down``."""
-    widest = max(up, down)
-    taps = firwin(
-        2 * _FILTER_TAPS_PER_PHASE * widest + 1,
-        _FILTER_CUTOFF / widest,
-        window=("kaiser", _FILTER_KAISER_BETA),
-    )
-    taps.flags.writeable = False  # cached and shared
-    return taps
-
-
-def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """``waveform`` (samples,) at ``target_rate``: ``ceil(samples * target / source)`` long.
-
-    Polyphase filtering (``scipy.signal.resample_poly``) by the exact ratio
-    ``target/source`` reduced by their gcd (8 -> 16 kHz: up 2, down 1; 44.1 -> 16 kHz: up
-    160, down 441): no rounded ratio drifts the timing, no FFT treats the clip as periodic
-    (its end bleeding into its start), and the linear-phase filter shifts nothing in time.
-    Computed in float64, returned as float32.
-    """
-    if source_rate == target_rate:
-        return waveform.astype(np.float32)
-    divisor = math.gcd(source_rate, target_rate)
-    up, down = target_rate // divisor, source_rate // divisor
-    resampled = resample_poly(
-        waveform.astype(np.float64), up, down, window=_resampling_filter(up, down)
-    )
-    return resampled.astype(np.float32)
-
-
-def fix_length(
-    waveform: np.ndarray, clip_samples: int, align: Literal["start", "centre"] = "start"
-) -> np.ndarray:
-    """``waveform`` (samples,) cropped or zero-padded to ``clip_samples``.
-
-    ``align="start"`` keeps the beginning and pads at the end; ``"centre"`` crops or pads
-    both ends equally (the odd sample at the end).
-    """
-    excess = waveform.shape[0] - clip_samples
-    if excess >= 0:
-        start = 0 if align == "start" else excess // 2
-        return waveform[start : start + clip_samples]
-    before = 0 if align == "start" else -excess // 2
-    return np.pad(waveform, (before, -excess - before))

@@ -10,8 +10,9 @@ Reads the folder the export stage writes (``models/<experiment>/export``: ``mode
 Images are decoded with Pillow and brought to the stored dataset's channels and size as
 ``pipelines/predict.py`` does (a ``.npy`` file holds ready uint8 (H, W, C) or (N, H, W, C)
 arrays); texts are tokenized with the exported tokenizer; sound files are decoded, mixed to
-mono, resampled and cropped or padded as ``prepare`` stored the clips
-(:mod:`tlflax.audio_clips`; a ``.npy`` file holds ready float32 (samples,) or (N, samples)). Each input gets one line: label,
+mono, resampled and cropped or padded by ``prepare``'s own reader
+(:mod:`tlflax.data.audio_folder`; a ``.npy`` file holds ready float32 (samples,) or (N,
+samples)). Each input gets one line: label,
 its probability (softmax of the logits divided by the calibrated temperature), and the
 input. Bad input - an unreadable image, an empty text, an array of the wrong shape - is one
 line naming it, exit status 2.
@@ -114,29 +115,24 @@ class ExportedClassifier:
         return np.stack(images)
 
     def read_clips(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Sound files (or ``.npy`` arrays) as float32 (N, samples): the stored clips' form."""
-        from tlflax.audio_clips import decode_audio, mono_clip
+        """Sound files (or ``.npy`` arrays) as float32 (N, samples): read by ``prepare``'s
+        own reader (:func:`tlflax.data.audio_folder.load_clip`, no JAX), as it stored the
+        training clips."""
+        from tlflax.data.audio_folder import ClipSettings, load_clip
         from tlflax.data.errors import DataError
 
         settings = self.description["audio"]
+        samples, rate = settings["samples"], settings["sample_rate"]
+        clip = ClipSettings(rate, samples / rate, settings["clip_align"])
         clips = []
         for path in map(Path, paths):
             if path.suffix == ".npy":
-                clips.extend(_read_array(path, (settings["samples"],), np.float32))
+                clips.extend(_read_array(path, (samples,), np.float32))
                 continue
             try:
-                samples, source_rate = decode_audio(path, path)
+                clips.append(load_clip(path, path, clip)[0])
             except DataError as error:
                 raise ServingError(str(error)) from None
-            clips.append(
-                mono_clip(
-                    samples,
-                    source_rate,
-                    settings["sample_rate"],
-                    settings["samples"],
-                    settings["clip_align"],
-                )
-            )
         return np.stack(clips)
 
     def encode_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
