@@ -27,7 +27,11 @@ def _md(value: object) -> str:
 def _input_description(params: Params) -> str:
     prepare, extract = params.prepare, params.extract
     if prepare.modality == "text":
-        return f"text, padded or truncated to {extract.max_length} WordPiece tokens"
+        kept = "first" if extract.truncation_side == "right" else "last"
+        return (
+            f"text, padded or truncated to {extract.max_length} WordPiece tokens "
+            f"(a longer text keeps its {kept} tokens)"
+        )
     if prepare.modality == "audio":
         return (
             f"audio clips of {prepare.clip_seconds:g} s at {prepare.sample_rate} Hz "

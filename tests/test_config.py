@@ -24,6 +24,18 @@ def test_project_params_file_is_valid_and_explicit():
     }
 
 
+def test_truncation_side_reaches_the_text_tasks_tokenizer():
+    raw = yaml.safe_load(TEXT_PARAMS.read_text())
+    raw["extract"]["truncation_side"] = "left"
+    task = task_for(parse_params(raw), ExperimentPaths("text").dataset_dir)
+    long_review = "word " * 400 + "the verdict: stale"
+    ids = task.model_inputs([long_review])["input_ids"][0]
+    assert task.tokenizer().decode(list(ids)).endswith("the verdict : stale")
+    raw["extract"]["truncation_side"] = "middle"
+    with pytest.raises(ParamsError, match="extract.truncation_side"):
+        parse_params(raw)
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

@@ -7,6 +7,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 from flax import nnx
 
 from tlflax.models.minilm import (
@@ -171,6 +172,25 @@ def test_tokenizer_pads_and_truncates_to_max_length(batch) -> None:
     assert ids[0, 0] == 101 and ids[0, short_length - 1] == 102  # [CLS] ... [SEP]
     assert (ids[0, short_length:] == 0).all() and (mask[0, short_length:] == 0).all()
     assert mask[-1].all() and ids[-1, -1] == 102  # truncated, still ends with [SEP]
+
+
+def test_left_truncation_keeps_a_long_texts_end_and_is_saved_with_the_tokenizer(batch) -> None:
+    left_tokenizer = load_tokenizer(MAX_LENGTH, "left")
+    left = tokenize(left_tokenizer, SENTENCES)
+    # Texts that fit are the same whichever end a cut would take.
+    np.testing.assert_array_equal(left["input_ids"][:-1], batch["input_ids"][:-1])
+    encoding = load_tokenizer(512).encode(SENTENCES[-1])
+    whole = [i for i, m in zip(encoding.ids, encoding.attention_mask, strict=True) if m][1:-1]
+    assert len(whole) > MAX_LENGTH - 2
+    kept = MAX_LENGTH - 2
+    assert list(batch["input_ids"][-1, 1:-1]) == whole[:kept]
+    assert list(left["input_ids"][-1, 1:-1]) == whole[-kept:]
+    assert left["input_ids"][-1, 0] == 101 and left["input_ids"][-1, -1] == 102
+    # The exported tokenizer.json is what serving reads: the cut travels with it.
+    reloaded = tokenizers.Tokenizer.from_str(left_tokenizer.to_str())
+    np.testing.assert_array_equal(tokenize(reloaded, SENTENCES)["input_ids"], left["input_ids"])
+    with pytest.raises(ValueError, match="truncation_side must be 'right' or 'left'"):
+        load_tokenizer(MAX_LENGTH, "middle")
 
 
 def test_unreadable_weights_file_is_named(tmp_path) -> None:

@@ -183,6 +183,7 @@ def _keys_of_other_modalities(
     return {
         "image": [
             ("extract", extract, "max_length"),
+            ("extract", extract, "truncation_side"),
             ("finetune.augment", augment, "spec_augment"),
             *audio_validation,
         ],
@@ -195,6 +196,7 @@ def _keys_of_other_modalities(
         "audio": [
             ("extract", extract, "image_size"),
             ("extract", extract, "max_length"),
+            ("extract", extract, "truncation_side"),
             *image_augment,
         ],
     }[modality]

@@ -59,6 +59,11 @@ class ExtractParams(StrictSection):
     # Every text is padded or truncated to this many WordPiece tokens ([CLS] and [SEP]
     # included): one fixed shape, so every jitted function compiles once.
     max_length: Annotated[int, Field(ge=8, le=512)] = 128
+    # Which end of a longer text is kept (as transformers' tokenizer ``truncation_side``):
+    # "right" cuts the end and keeps the opening tokens; "left" keeps the closing tokens,
+    # where a review usually gives its verdict (Sun et al. 2019, "How to Fine-Tune BERT for
+    # Text Classification": the tail beat the head on long reviews).
+    truncation_side: Literal["right", "left"] = "right"
     batch_size: PositiveInt = 128
     # Which depths the head reads (tlflax/taps.py): "auto", the depths the advise stage
     # picks from its probes; "last", the backbone's final pooled features; or a list of

@@ -233,13 +233,17 @@ class TextTask(Task):
 
     def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
         # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
+        extract = self.params.extract
         return text.tokenize_texts(
-            records, self.params.extract.max_length, self._tokenizer_folder()
+            records, extract.max_length, self._tokenizer_folder(), extract.truncation_side
         )
 
     def tokenizer(self) -> tokenizers.Tokenizer:
         """The tokenizer :meth:`model_inputs` uses, padding and truncating to ``max_length``."""
-        return text.fixed_length_tokenizer(self.params.extract.max_length, self._tokenizer_folder())
+        extract = self.params.extract
+        return text.fixed_length_tokenizer(
+            extract.max_length, self._tokenizer_folder(), extract.truncation_side
+        )
 
     def _tokenizer_folder(self) -> str | None:
         # An encoder brought as a checkpoint folder (bert) tokenizes with the folder's own

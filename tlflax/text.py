@@ -36,10 +36,12 @@ TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
 @functools.lru_cache(maxsize=4)
-def _fixed_length_tokenizer(max_length: int, folder: str | None = None) -> tokenizers.Tokenizer:
+def _fixed_length_tokenizer(
+    max_length: int, folder: str | None = None, truncation_side: str = "right"
+) -> tokenizers.Tokenizer:
     if folder is None:
-        return load_tokenizer(max_length)
-    return pad_to_fixed_length(folder_tokenizer(folder), max_length)
+        return load_tokenizer(max_length, truncation_side)
+    return pad_to_fixed_length(folder_tokenizer(folder), max_length, truncation_side)
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,19 +54,23 @@ def _untruncated_tokenizer() -> tokenizers.Tokenizer:
 
 
 def tokenize_texts(
-    texts: Sequence[str], max_length: int, checkpoint_folder: str | Path | None = None
+    texts: Sequence[str],
+    max_length: int,
+    checkpoint_folder: str | Path | None = None,
+    truncation_side: str = "right",
 ) -> dict[str, np.ndarray]:
     """``input_ids`` and ``attention_mask``, int32 (N, max_length), of MiniLM's WordPiece,
-    or of the tokenizer in ``checkpoint_folder`` (a Hugging Face folder, backbone ``bert``)."""
-    return tokenize(fixed_length_tokenizer(max_length, checkpoint_folder), texts)
+    or of the tokenizer in ``checkpoint_folder`` (a Hugging Face folder, backbone ``bert``);
+    a longer text loses its end (``truncation_side`` "right") or its beginning ("left")."""
+    return tokenize(fixed_length_tokenizer(max_length, checkpoint_folder, truncation_side), texts)
 
 
 def fixed_length_tokenizer(
-    max_length: int, checkpoint_folder: str | Path | None = None
+    max_length: int, checkpoint_folder: str | Path | None = None, truncation_side: str = "right"
 ) -> tokenizers.Tokenizer:
     """The tokenizer of :func:`tokenize_texts` (shared: do not change its settings)."""
     folder = None if checkpoint_folder is None else str(Path(checkpoint_folder).absolute())
-    return _fixed_length_tokenizer(max_length, folder)
+    return _fixed_length_tokenizer(max_length, folder, truncation_side)
 
 
 def count_tokens(texts: Sequence[str]) -> np.ndarray:

@@ -332,27 +332,36 @@ class MiniLM(nnx.Module):
         self.layers = nnx.List(list(self.layers)[: groups - 1])
 
 
-def load_tokenizer(max_length: int) -> tokenizers.Tokenizer:
+def load_tokenizer(max_length: int, truncation_side: str = "right") -> tokenizers.Tokenizer:
     """The packaged tokenizer, padding and truncating every text to exactly ``max_length`` ids.
 
     A fixed length gives every batch the same static shape, so jitted functions compile
     once. (The file's own setting is 128; sentence-transformers uses up to 256.)
     """
     return pad_to_fixed_length(
-        tokenizers.Tokenizer.from_file(str(minilm_tokenizer_path())), max_length
+        tokenizers.Tokenizer.from_file(str(minilm_tokenizer_path())), max_length, truncation_side
     )
 
 
-def pad_to_fixed_length(tokenizer: tokenizers.Tokenizer, max_length: int) -> tokenizers.Tokenizer:
+def pad_to_fixed_length(
+    tokenizer: tokenizers.Tokenizer, max_length: int, truncation_side: str = "right"
+) -> tokenizers.Tokenizer:
     """``tokenizer`` (a BERT WordPiece one, with a ``[PAD]`` token), set to pad and truncate
-    every text to exactly ``max_length`` ids; changed in place and returned."""
+    every text to exactly ``max_length`` ids; changed in place and returned.
+
+    ``truncation_side``: "right" drops a long text's last tokens, "left" its first ones;
+    [CLS] and [SEP] are added after the cut either way. The setting is saved with the
+    tokenizer (``to_str``), so an exported model's tokenizer cuts the same way.
+    """
+    if truncation_side not in ("right", "left"):
+        raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}")
     if max_length < 2:
         raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
     pad_id = tokenizer.token_to_id("[PAD]")
     if pad_id is None:
         raise ValueError("the tokenizer has no [PAD] token; BERT's WordPiece vocabularies have one")
     tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=max_length)
-    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_truncation(max_length=max_length, direction=truncation_side)
     return tokenizer
 
 
