@@ -10,9 +10,10 @@ writes ``experiments/<name>/params.yaml`` - the job of the data's modality as th
 ``experiments/audio/params.yaml`` for audio: every key, with its comment), with the experiment's name, the source and each ``--set key=value`` - and
 ``experiments/<name>/dvc.yaml``, rendered from the project's ``dvc.yaml``: the same stages,
 run from the repository root, reading the new params file (``--no-scratch`` leaves out the
-from-scratch reference, as the text job does). The text and audio jobs' ``dvc.yaml`` are
-rendered from the same template (``python -m pipelines.new_experiment --render-jobs`` writes
-them; a test checks that they are up to date), so every experiment has one pipeline.
+from-scratch reference, as the text job does). The project's own jobs' ``dvc.yaml`` (text,
+audio, longtail, drums) are rendered from the same template (``python -m
+pipelines.new_experiment --render-jobs`` writes them; a test checks that they are up to
+date), so every experiment has one pipeline.
 
 The params are validated (tlflax/config.py) before anything is written: a wrong key, value
 or an existing experiment stops with one line naming it, exit status 2, nothing written.
@@ -46,6 +47,10 @@ TEMPLATE_PARAMS = {
 RENDERED_JOBS = {
     Path("experiments/text"): {"scratch": False},
     Path("experiments/audio"): {"scratch": True},
+    # The README's worked examples: the long tail of issue "Imbalanced data" and the drum
+    # hits made as a user makes an experiment (kept in step with the template all the same).
+    Path("experiments/longtail"): {"scratch": False},
+    Path("experiments/drums"): {"scratch": True},
 }
 EXPERIMENTS = Path("experiments")
 # validate keys the schema accepts for audio data only (tlflax.config refuses them elsewhere).
