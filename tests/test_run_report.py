@@ -18,7 +18,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipelines.model_card import _input_description
 from pipelines.report_inputs import ProjectPaths
 from pipelines.reports import MODEL_LABELS, report_markdown
 from pipelines.run_report import write_run_reports
@@ -27,7 +29,7 @@ from tests.browser import render_dom
 from tests.conftest import ROOT
 from tlflax.advice_report import advice_markdown
 from tlflax.advice_rules import Advice
-from tlflax.config import load_params
+from tlflax.config import load_params, parse_params
 
 EXPERIMENT = "vision"
 TRAINING_STAGES = ("train_head", "finetune", "train_scratch")
@@ -249,6 +251,17 @@ def test_the_model_card_states_metrics_gains_and_calibration(tmp_path: Path) -> 
     assert "`efficientnet_lite0`" in card and "layer groups 7, 13, 14" in card
     assert "Trained on 100 examples per class" in card and "64×64 pixels" in card
     assert "**PASSED**" in card and "not evaluated on other distributions" in card
+
+
+@pytest.mark.parametrize(("side", "kept"), [("right", "first"), ("left", "last")])
+def test_the_model_card_says_which_end_of_a_long_text_is_kept(side: str, kept: str) -> None:
+    raw = yaml.safe_load((ROOT / "experiments/text/params.yaml").read_text())
+    raw["extract"]["truncation_side"] = side
+    described = _input_description(parse_params(raw))
+    max_length = raw["extract"]["max_length"]
+    assert (
+        f"truncated to {max_length} WordPiece tokens (a longer text keeps its {kept}" in described
+    )
 
 
 def test_the_prefect_report_links_the_run_report(built) -> None:
