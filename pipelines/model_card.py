@@ -14,6 +14,7 @@ from typing import Any
 from pipelines.report_inputs import RunInputs, model_entries, number, split_sizes
 from pipelines.reports import MODEL_LABELS
 from tlflax.config import Params
+from tlflax.config_training import describe_augmentation
 
 # The models the fine-tuned one is compared with, in the card's order.
 COMPARED = ("baseline", "head_only", "scratch")
@@ -145,8 +146,7 @@ def _plan_line(name: str, settings: Any) -> str | None:
     shown = ", ".join(f"{key} {_md(settings[key])}" for key in keys if key in settings)
     augment = settings.get("augment")
     if isinstance(augment, dict):
-        on = [str(key) for key, value in augment.items() if value is True]
-        shown += f", augmentation: {', '.join(on) if on else 'none'}"
+        shown += f", augmentation: {describe_augmentation(augment)}"
     return f"  - {name}: {shown}."
 
 

@@ -9,7 +9,13 @@ from flax import nnx
 
 from tests.test_train import _classifier, load_digits_split
 from tlflax.advisor import measure, recommend
-from tlflax.config import AdviseParams, FinetuneParams, TrainScratchParams, TransferRule
+from tlflax.config import (
+    AdviseParams,
+    AugmentParams,
+    FinetuneParams,
+    TrainScratchParams,
+    TransferRule,
+)
 from tlflax.data.pipeline import prepare_images
 from tlflax.errors import InputError, MissingInputError
 from tlflax.plan import RunPlan, TrainingPlan, load_plan, plan_table, resolve_plan
@@ -64,8 +70,11 @@ def test_auto_plan_is_fully_populated(advice):
 
 
 def test_written_settings_win_and_full_keeps_layer_decay(advice):
+    augment = AugmentParams(flip=False, random_erasing=0.25)
     plan = resolve_plan(
-        FinetuneParams(strategy="full", epochs=7, learning_rate=1e-3, layer_lr_decay=None),
+        FinetuneParams(
+            strategy="full", epochs=7, learning_rate=1e-3, layer_lr_decay=None, augment=augment
+        ),
         TrainScratchParams(),
         advice,
         model=_abstract(),
@@ -81,6 +90,8 @@ def test_written_settings_win_and_full_keeps_layer_decay(advice):
     assert rates["backbone group 0"] < rates["backbone group 1"] < rates["head"]
     table = plan_table(plan)
     assert "full (advised: " in table and "backbone group 0" in table
+    # Switches by name, shares with their value; what is off is not listed.
+    assert "random_crop, random_erasing 0.25" in table and "flip," not in table
 
 
 def test_explicit_rules_are_the_plan(advice):

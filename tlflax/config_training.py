@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -148,6 +149,17 @@ class AugmentParams(StrictSection):
     # frames (0.32 s) and one of up to 12 of the 96 mel bands are set to silence
     # (tlflax/sound.py).
     spec_augment: bool = False
+
+
+def describe_augmentation(augment: Mapping[str, Any]) -> str:
+    """The augmentation settings that are on, as a plan table or model card shows them:
+    switches by name, shares with their value ("flip, random_erasing 0.5"); "none"."""
+    shown = [
+        key if value is True else f"{key} {value:g}"
+        for key, value in augment.items()
+        if value is True or (isinstance(value, float) and value > 0)
+    ]
+    return ", ".join(shown) or "none"
 
 
 Strategy = Literal["auto", "feature_extraction", "top_k", "full", "scratch"]

@@ -28,6 +28,7 @@ from pydantic import (
 from tlflax.advisor import Advice, apply_advice
 from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.config import FinetuneParams, ParamsError, TrainScratchParams, TransferRule
+from tlflax.config_training import describe_augmentation
 from tlflax.errors import InputError, MissingInputError
 from tlflax.transfer import model_settings
 
@@ -272,10 +273,7 @@ def plan_table(plan: RunPlan) -> str:
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         ("BatchNorm", cfg.batchnorm),
         ("monitor / patience", f"{cfg.monitor} / {cfg.patience}"),
-        (
-            "augmentation",
-            ", ".join(k for k, on in cfg.augment.model_dump().items() if on) or "none",
-        ),
+        ("augmentation", describe_augmentation(cfg.augment.model_dump())),
         ("frozen-prefix cache", str(cfg.cache_frozen_prefix).lower()),
         ("class balance", plan.class_balance.describe()),
         ("from the advice", ", ".join(plan.from_advice) or "nothing"),
