@@ -180,10 +180,10 @@ def _keys_of_other_modalities(
     audio_validation = [
         ("validate", validate, key) for key in ("max_silent_fraction", "max_clipped_fraction")
     ]
+    text_extract = [("extract", extract, key) for key in ("max_length", "truncation_side")]
     return {
         "image": [
-            ("extract", extract, "max_length"),
-            ("extract", extract, "truncation_side"),
+            *text_extract,
             ("finetune.augment", augment, "spec_augment"),
             *audio_validation,
         ],
@@ -195,8 +195,7 @@ def _keys_of_other_modalities(
         ],
         "audio": [
             ("extract", extract, "image_size"),
-            ("extract", extract, "max_length"),
-            ("extract", extract, "truncation_side"),
+            *text_extract,
             *image_augment,
         ],
     }[modality]

@@ -37,6 +37,7 @@ from tlflax.data.tfds_store import (
 )
 from tlflax.data.tfds_text import read_text_split
 from tlflax.errors import InputError
+from tlflax.models.minilm import tokenize
 from tlflax.models.registry import get_backbone_spec
 from tlflax.prefix_cache import PrefixCut, audio_prefix_cut, image_prefix_cut, text_prefix_cut
 from tlflax.train import Batch, Forward
@@ -232,11 +233,9 @@ class TextTask(Task):
         return read_text_split(self.dataset_dir, self.params.prepare.stored_name, split)
 
     def model_inputs(self, records: Sequence[str]) -> dict[str, np.ndarray]:
-        # Tokenized here, once per stage (about a second for 5000 reviews), never in a step.
-        extract = self.params.extract
-        return text.tokenize_texts(
-            records, extract.max_length, self._tokenizer_folder(), extract.truncation_side
-        )
+        # Tokenized here, once per stage (about a second for 5000 reviews), never in a step,
+        # by the very tokenizer the export stage saves: training and serving cut alike.
+        return tokenize(self.tokenizer(), records)
 
     def tokenizer(self) -> tokenizers.Tokenizer:
         """The tokenizer :meth:`model_inputs` uses, padding and truncating to ``max_length``."""
