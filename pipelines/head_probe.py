@@ -1,6 +1,7 @@
 """How the head on frozen features is fitted and what it reads, compared on validation.
 
     python -m pipelines.head_probe --params experiments/audio/params.yaml --taps 2 --taps 1 2 3 4
+    python -m pipelines.head_probe --taps 2 --moments 2 --set prepare.clip_padding=repeat
 
 For each seed, the job's data is drawn as ``prepare`` draws it (into a temporary folder,
 nothing in the workspace is touched), the frozen backbone's pooled output after every layer
@@ -20,6 +21,7 @@ the seeds, and writes them to ``--output`` as JSON::
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipelines.stages.common import EXIT_BAD_INPUT
 from tlflax.api import backbone_for, prepare_dataset
-from tlflax.config import Params, parse_params
+from tlflax.config import Params, ParamsError, parse_params
 from tlflax.io import write_json
 from tlflax.probes import features_by_depth
 from tlflax.taps import joined_numpy
@@ -99,6 +102,25 @@ def compare(raw: dict, seeds: Sequence[int], taps_lists: Sequence[Sequence[int]]
     return rows
 
 
+def with_settings(raw: dict, settings: Sequence[str]) -> dict:
+    """``raw`` with each ``section.key=value`` of ``settings`` set (the value read as YAML).
+
+    Raises:
+      ValueError: a setting without ``=``, or whose section is not a mapping of ``raw``.
+    """
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for setting in settings:
+        name, equals, value = setting.partition("=")
+        section, dot, key = name.partition(".")
+        if not (equals and dot and key) or not isinstance(raw.get(section), dict):
+            raise ValueError(
+                f"--set {setting!r}: expected section.key=value with a section of the "
+                "params file, e.g. prepare.clip_padding=repeat"
+            )
+        raw[section][key] = yaml.safe_load(value)
+    return raw
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="experiments/audio/params.yaml")
@@ -106,8 +128,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--taps", type=int, nargs="+", action="append", required=True)
     parser.add_argument("--moments", type=int, choices=(1, 2), default=1)
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a params value for this comparison, as dvc exp run -S does",
+    )
     args = parser.parse_args(argv)
-    raw = yaml.safe_load(Path(args.params).read_text())
+    try:
+        raw = with_settings(yaml.safe_load(Path(args.params).read_text()), args.set)
+        parse_params(raw)  # a misspelt key stops here, named, before any data is drawn
+    except (ValueError, ParamsError) as error:
+        print(f"head_probe: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     rows = compare(raw, args.seeds, args.taps, args.moments)
     print("| taps | pooling | head | validation (mean) | test (mean) |\n|---|---|---|---|---|")
     for (taps, pooling, head), scores in rows.items():

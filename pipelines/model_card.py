@@ -36,9 +36,13 @@ def _input_description(params: Params) -> str:
     if prepare.modality == "audio":
         return (
             f"audio clips of {prepare.clip_seconds:g} s at {prepare.sample_rate} Hz "
-            f"(longer clips keep their {prepare.clip_align}, shorter ones are zero-padded)"
+            f"(longer clips keep their {prepare.clip_align}, shorter ones are "
+            f"{_PADDED[prepare.clip_padding]})"
         )
     return f"images resized to {extract.image_size}×{extract.image_size} pixels"
+
+
+_PADDED = {"zeros": "zero-padded", "repeat": "looped to length"}
 
 
 def _taps(plan: dict) -> str | None:

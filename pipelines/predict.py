@@ -113,7 +113,7 @@ def read_clips(paths: Sequence[Path], params: Params) -> np.ndarray:
       DataError: naming the file that is missing or not audio soundfile can read.
     """
     cfg = params.prepare
-    settings = ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align)
+    settings = ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align, cfg.clip_padding)
     clips = []
     for path in paths:
         if not path.is_file():

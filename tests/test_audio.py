@@ -198,6 +198,14 @@ def test_fix_length_crops_and_pads_by_alignment():
     np.testing.assert_array_equal(fix_length(waveform, 4, "centre"), [4, 5, 6, 7])
     np.testing.assert_array_equal(fix_length(waveform[:3], 6), [1, 2, 3, 0, 0, 0])
     np.testing.assert_array_equal(fix_length(waveform[:3], 6, "centre"), [0, 1, 2, 3, 0, 0])
+    # Looped, more than once where the clip is that short; a long clip is cropped as before.
+    np.testing.assert_array_equal(
+        fix_length(waveform[:3], 8, padding="repeat"), [1, 2, 3] * 2 + [1, 2]
+    )
+    np.testing.assert_array_equal(
+        fix_length(waveform[:3], 6, "centre", "repeat"), [3, 1, 2, 3, 1, 2]
+    )
+    np.testing.assert_array_equal(fix_length(waveform, 4, padding="repeat"), [1, 2, 3, 4])
 
 
 def test_load_clip_crops_a_long_prompt_and_pads_a_short_one(asterisk):
@@ -213,6 +221,12 @@ def test_load_clip_crops_a_long_prompt_and_pads_a_short_one(asterisk):
     assert short_facts["padding_fraction"] == pytest.approx(1 - short.shape[0] / 48000)
     assert short_facts["source_seconds"] == pytest.approx(0.865)
     assert short_facts["source_sample_rate"] == 8000
+    looped_clip, looped_facts = load_clip(
+        asterisk / GOODBYES[0], GOODBYES[0], ClipSettings(padding="repeat")
+    )
+    copies = -(-48000 // short.shape[0])  # 0.865 s in 3 s: three whole copies and a part
+    np.testing.assert_array_equal(looped_clip, np.tile(short, copies)[:48000])
+    assert looped_facts == short_facts  # the facts describe the recording, however padded
 
 
 # --- reading class folders, lists and splits ---------------------------------------------

@@ -135,6 +135,7 @@ def test_audio_sources_take_the_musicnn_clip_by_default() -> None:
         cfg = PrepareParams(dataset=dataset, raw_dir="sounds", **extra)
         assert (cfg.modality, cfg.stored_name) == ("audio", dataset)
         assert (cfg.sample_rate, cfg.clip_seconds, cfg.clip_align) == (16000, 3.0, "start")
+        assert cfg.clip_padding == "zeros"
     assert FACT_COLUMNS == AUDIO_FACT_COLUMNS  # the reader's facts are the manifest's
 
 
@@ -163,6 +164,7 @@ def test_audio_sources_take_the_musicnn_clip_by_default() -> None:
             "path_column and label_column are both 'label'",
         ),
         ({"dataset": "audio_folder", "raw_dir": "a", "clip_align": "end"}, "clip_align"),
+        ({"dataset": "audio_folder", "raw_dir": "a", "clip_padding": "mirror"}, "clip_padding"),
         ({"dataset": "audio_folder", "raw_dir": "a", "sample_rate": 4000}, "sample_rate"),
         ({"dataset": "audio_folder", "raw_dir": "a", "clip_seconds": 0}, "clip_seconds"),
         (

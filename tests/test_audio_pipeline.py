@@ -143,3 +143,27 @@ def test_head_probe_compares_heads_and_poolings_on_real_prompts(tmp_path: Path) 
         "head_probe.json",
         "params.yaml",
     ]
+
+
+def test_head_probe_settings_override_the_params_file_or_are_refused() -> None:
+    """`--set section.key=value` as `dvc exp run -S` takes it; a malformed one, or a key
+    the params schema does not know, stops the probe with one line and exit 2."""
+    from pipelines.head_probe import with_settings
+
+    raw = yaml.safe_load((ROOT / AUDIO_PARAMS).read_text())
+    changed = with_settings(raw, ["prepare.clip_padding=repeat", "extract.batch_size=8"])
+    assert (changed["prepare"]["clip_padding"], changed["extract"]["batch_size"]) == ("repeat", 8)
+    assert raw["prepare"]["clip_padding"] == "zeros"  # the file's values are left as read
+    for setting, message in (
+        ("prepare.clip_padding", "expected section.key=value"),
+        ("nowhere.key=1", "expected section.key=value"),
+        ("prepare.clip_pading=repeat", "clip_pading"),
+    ):
+        probe = run(
+            [sys.executable, "-m", "pipelines.head_probe", "--taps", "2", "--set", setting],
+            ROOT,
+            timeout=120,
+        )
+        assert probe.returncode == 2, probe.stderr[-2000:]
+        assert probe.stderr.startswith("head_probe: error:") and message in probe.stderr
+        assert "Traceback" not in probe.stderr

@@ -277,17 +277,23 @@ def test_audio_classifier_onnx_matches_flax(audio_classifier):
     assert_same_logits(onnx_logits(model_bytes, {"audio": clips}), reference)
 
 
-def test_server_without_jax_reads_sound_files_as_prepare_stores_them(audio_classifier, tmp_path):
+# None: an export written before clip_padding existed, which padded with zeros.
+@pytest.mark.parametrize("padding", [None, "repeat"])
+def test_server_without_jax_reads_sound_files_as_prepare_stores_them(
+    audio_classifier, tmp_path, padding
+):
     if not RAW_ASTERISK.exists():
         pytest.fail(f"{RAW_ASTERISK} is missing: run `make assets` (scripts/fetch_assets.sh)")
-    settings = ClipSettings()  # the audio job's: 16 kHz, 3 s, start-aligned
+    # The audio job's: 16 kHz, 3 s, start-aligned.
+    settings = ClipSettings(padding=padding or "zeros")
     directory = tmp_path / "export"
+    audio = {"sample_rate": 16000, "samples": 48000, "clip_align": "start"}
     description = {
         "format_version": FORMAT_VERSION,
         "modality": "audio",
         "class_names": ["en", "es", "fr", "it", "ru"],
         "temperature": 1.0,
-        "audio": {"sample_rate": 16000, "samples": 48000, "clip_align": "start"},
+        "audio": audio if padding is None else audio | {"clip_padding": padding},
     }
     example = {"audio": np.zeros((1, 48000), np.float32)}
     write_export(
@@ -296,6 +302,7 @@ def test_server_without_jax_reads_sound_files_as_prepare_stores_them(audio_class
     # A real 8 kHz prompt, and the same prompt as a 44.1 kHz stereo FLAC.
     prompt = sorted((RAW_ASTERISK / "fr").rglob("*.wav"))[0]
     samples, rate = soundfile.read(prompt, dtype="float32")
+    assert samples.shape[0] < 3 * rate  # short enough to be padded, so padding tells
     stereo = np.stack([samples, 0.5 * samples], axis=1).repeat(2, axis=0)  # 16 kHz, 2 channels
     soundfile.write(tmp_path / "stereo.flac", stereo, 2 * rate)
     np.save(tmp_path / "two.npy", np.zeros((2, 48000), np.float32))

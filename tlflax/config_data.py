@@ -39,7 +39,7 @@ TFDS_DATASET_PATTERN = re.compile(
 _IMAGE_SOURCE_KEYS = frozenset({"image_size", "channels", "max_pixels"})
 _TEXT_FILE_KEYS = frozenset({"text_column", "label_column", "classes"})
 _TFDS_KEYS = frozenset({"modality", "train_split", "test_split", "download"})
-_AUDIO_SOURCE_KEYS = frozenset({"sample_rate", "clip_seconds", "clip_align"})
+_AUDIO_SOURCE_KEYS = frozenset({"sample_rate", "clip_seconds", "clip_align", "clip_padding"})
 # audio_folder's lists name each clip's file in path_column, beside text_file's label keys.
 _AUDIO_LIST_KEYS = frozenset({"path_column", "label_column", "classes"})
 # Keys of `prepare` that only some sources read; any other source refuses them.
@@ -66,7 +66,8 @@ class PrepareParams(StrictSection):
     - ``fashion_mnist``, ``fine_foods``: the packaged datasets (``make assets``).
     - ``spoken_language``: the packaged Asterisk voice prompts, ``raw_dir/<language>/``
       (``data/raw/asterisk``: en, es, fr, it, ru); no test split of its own, so it needs
-      ``test_fraction``. Read with ``sample_rate``, ``clip_seconds`` and ``clip_align``.
+      ``test_fraction``. Read with ``sample_rate``, ``clip_seconds``, ``clip_align`` and
+      ``clip_padding``.
     - ``image_folder``: ``raw_dir/<class>/<image>`` (PNG, JPEG, BMP, GIF), or
       ``raw_dir/{train,test}/<class>/<image>``; read with ``image_size``, ``channels``
       and ``max_pixels``.
@@ -76,7 +77,8 @@ class PrepareParams(StrictSection):
     - ``audio_folder``: ``raw_dir/<class>/[<sub-folders>/]<clip>`` (WAV, FLAC, AIFF), a
       CSV or JSONL list of clips (``path_column``: the file, relative to the list's folder;
       ``label_column``; optionally ``classes``), or ``raw_dir/{train,test}`` holding either;
-      every clip brought to ``sample_rate`` and ``clip_seconds`` (``clip_align``).
+      every clip brought to ``sample_rate`` and ``clip_seconds`` (``clip_align``,
+      ``clip_padding``).
     - ``tfds:<name>[/<config>][:<version>]``: a TFDS catalog dataset, prepared as
       ``array_record`` in the TFDS data dir ``raw_dir``. ``modality`` says whether it
       holds images or texts, ``train_split`` / ``test_split`` which TFDS splits (or
@@ -119,12 +121,16 @@ class PrepareParams(StrictSection):
     label_column: NonEmptyString = "label"
     classes: Annotated[list[NonEmptyString], Field(min_length=2)] | None = None
     # Audio sources: every clip is mixed to mono, resampled to sample_rate (Hz) and cropped
-    # or zero-padded to clip_seconds; clip_align start keeps a long clip's beginning and
-    # pads at the end (speech prompts and drum hits start at their onset), centre crops and
-    # pads both ends. The defaults are the musicnn backbone's input: 3 s at 16 kHz.
+    # or padded (clip_padding) to clip_seconds; clip_align start keeps a long clip's
+    # beginning and pads at the end (speech prompts and drum hits start at their onset),
+    # centre crops and pads both ends. The defaults are the musicnn backbone's input: 3 s at 16 kHz.
     sample_rate: Annotated[int, Field(ge=8000, le=192000)] = 16000
     clip_seconds: Annotated[float, Field(ge=0.1, le=600)] = 3.0
     clip_align: Literal["start", "centre"] = "start"
+    # What fills a clip shorter than clip_seconds: zeros (silence), or repeat (the clip
+    # looped), which keeps time-pooled features from mixing the recording with silence in
+    # proportions set by its length.
+    clip_padding: Literal["zeros", "repeat"] = "zeros"
     # audio_folder lists: the column (CSV) or key (JSONL) naming each clip's file.
     path_column: NonEmptyString = "path"
     # tfds: sources. The other sources imply their modality (filled in from the dataset).

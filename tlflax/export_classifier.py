@@ -96,12 +96,14 @@ def _audio_description(task: Task, program: InferenceProgram) -> dict:
             "sample_rate": prepare.sample_rate,
             "samples": samples,
             "clip_align": prepare.clip_align,
+            "clip_padding": prepare.clip_padding,
         },
         "preprocessing": {
             "before_graph": (
                 "decode the file with soundfile, average the channels to mono, resample to "
-                f"{prepare.sample_rate} Hz (polyphase, exact ratio), crop or zero-pad to "
-                f"{samples} samples (clip_align {prepare.clip_align!r}): float32 (batch, "
+                f"{prepare.sample_rate} Hz (polyphase, exact ratio), crop or pad to {samples} "
+                f"samples (clip_align {prepare.clip_align!r}, clip_padding "
+                f"{prepare.clip_padding!r}): float32 (batch, "
                 f"{samples}), as the stored dataset"
             ),
             "in_graph": (

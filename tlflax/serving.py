@@ -123,7 +123,9 @@ class ExportedClassifier:
 
         settings = self.description["audio"]
         samples, rate = settings["samples"], settings["sample_rate"]
-        clip = ClipSettings(rate, samples / rate, settings["clip_align"])
+        # Exports made before clip_padding existed padded with zeros.
+        padding = settings.get("clip_padding", "zeros")
+        clip = ClipSettings(rate, samples / rate, settings["clip_align"], padding)
         clips = []
         for path in map(Path, paths):
             if path.suffix == ".npy":

@@ -15,7 +15,7 @@ folder, by row in a list; list paths are relative to the list's folder.
 
 Every clip is decoded with ``soundfile`` (WAV, FLAC, AIFF), averaged to mono, resampled
 (:func:`resample`, exact rational ratio) to
-:attr:`ClipSettings.sample_rate` and cropped or zero-padded to
+:attr:`ClipSettings.sample_rate` and cropped or padded (:attr:`ClipSettings.padding`) to
 :attr:`ClipSettings.clip_seconds`, so all clips stack into one array the TFDS store and the
 log-mel front end (:mod:`tlflax.audio`) take. Alongside come per-clip facts for a
 data-quality gate (:data:`FACT_COLUMNS`): the source's rate, channels and duration, and
@@ -75,7 +75,7 @@ FACT_COLUMNS: tuple[str, ...] = (
     "is_silent",  # rms_amplitude below SILENCE_RMS (-60 dBFS)
     "clipped_fraction",  # share of frames with a channel at full scale
     "cropped_fraction",  # share of the (resampled) source cut off to fit the clip length
-    "padding_fraction",  # share of the fixed-length clip that is zero padding
+    "padding_fraction",  # share of the fixed-length clip that is padding
 )
 
 
@@ -85,20 +85,26 @@ class ClipSettings:
 
     Attributes:
         sample_rate: target rate in Hz (16 kHz: the log-mel front end's default).
-        clip_seconds: target length; clips are cropped or zero-padded to it.
+        clip_seconds: target length; clips are cropped or padded to it.
         align: ``"start"`` keeps a long clip's beginning and pads a short one at its end:
             speech prompts and one-shot sounds start at their onset, which a centre crop
             would cut. ``"centre"`` crops (and pads) both ends equally, for recordings
             whose middle is the most typical part (music excerpts).
+        padding: what fills a short clip. ``"zeros"``: silence. ``"repeat"``: the clip
+            again, looped, so a network that averages over time reads the recording
+            throughout, not a mixture of it and silence in proportions set by its length.
     """
 
     sample_rate: int = 16000
     clip_seconds: float = 3.0
     align: Literal["start", "centre"] = "start"
+    padding: Literal["zeros", "repeat"] = "zeros"
 
     def __post_init__(self) -> None:
         if self.align not in ("start", "centre"):
             raise ValueError(f"align must be 'start' or 'centre', got {self.align!r}")
+        if self.padding not in ("zeros", "repeat"):
+            raise ValueError(f"padding must be 'zeros' or 'repeat', got {self.padding!r}")
         if self.sample_rate <= 0 or self.clip_samples <= 0:
             raise ValueError(
                 f"sample_rate and clip_seconds must be positive, got {self.sample_rate} "
@@ -206,19 +212,24 @@ def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.nda
 
 
 def fix_length(
-    waveform: np.ndarray, clip_samples: int, align: Literal["start", "centre"] = "start"
+    waveform: np.ndarray,
+    clip_samples: int,
+    align: Literal["start", "centre"] = "start",
+    padding: Literal["zeros", "repeat"] = "zeros",
 ) -> np.ndarray:
-    """``waveform`` (samples,) cropped or zero-padded to ``clip_samples``.
+    """``waveform`` (samples,) cropped or padded to ``clip_samples``.
 
     ``align="start"`` keeps the beginning and pads at the end; ``"centre"`` crops or pads
-    both ends equally (the odd sample at the end).
+    both ends equally (the odd sample at the end). ``padding="zeros"`` pads with silence,
+    ``"repeat"`` with the waveform itself, looped as often as needed (numpy's ``wrap``).
     """
     excess = waveform.shape[0] - clip_samples
     if excess >= 0:
         start = 0 if align == "start" else excess // 2
         return waveform[start : start + clip_samples]
     before = 0 if align == "start" else -excess // 2
-    return np.pad(waveform, (before, -excess - before))
+    mode = "constant" if padding == "zeros" else "wrap"
+    return np.pad(waveform, (before, -excess - before), mode=mode)
 
 
 def _source_facts(samples: np.ndarray, sample_rate: int) -> dict[str, float | int | bool]:
@@ -250,7 +261,7 @@ def load_clip(
     clip_samples = settings.clip_samples
     facts["cropped_fraction"] = max(0, mono.shape[0] - clip_samples) / mono.shape[0]
     facts["padding_fraction"] = max(0, clip_samples - mono.shape[0]) / clip_samples
-    return fix_length(mono, clip_samples, settings.align), facts
+    return fix_length(mono, clip_samples, settings.align, settings.padding), facts
 
 
 def _audio_files(folder: Path, root: Path, seen: set[Path]) -> list[Path]:

@@ -221,7 +221,7 @@ def _clips(dataset: AudioDataset, settings: ClipSettings) -> Split:
 
 
 def _clip_settings(cfg: PrepareParams) -> ClipSettings:
-    return ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align)
+    return ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align, cfg.clip_padding)
 
 
 def _read_spoken_language(cfg: PrepareParams) -> RawDataset:
@@ -318,8 +318,10 @@ def _describe(cfg: PrepareParams) -> str:
         if cfg.test_fraction is not None
         else ""
     )
+    # Zero padding, the first and default, is left unsaid, as it always was.
+    looped = ", short clips looped" if cfg.clip_padding == "repeat" else ""
     clips = (
-        f", {cfg.clip_seconds:g} s clips at {cfg.sample_rate} Hz ({cfg.clip_align})"
+        f", {cfg.clip_seconds:g} s clips at {cfg.sample_rate} Hz ({cfg.clip_align}{looped})"
         if cfg.modality == "audio"
         else ""
     )
