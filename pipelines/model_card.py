@@ -133,7 +133,7 @@ def _subset_draw(params: Params) -> str:
     return f"{'; '.join(parts)}; stratified, drawn with prepare.seed {prepare.seed}{dedup}"
 
 
-def _plan_line(name: str, settings: Any) -> str | None:
+def _plan_line(name: str, settings: Any, modality: str | None) -> str | None:
     if not isinstance(settings, dict):
         return None
     keys = (
@@ -150,7 +150,7 @@ def _plan_line(name: str, settings: Any) -> str | None:
     shown = ", ".join(f"{key} {_md(settings[key])}" for key in keys if key in settings)
     augment = settings.get("augment")
     if isinstance(augment, dict):
-        shown += f", augmentation: {describe_augmentation(augment)}"
+        shown += f", augmentation: {describe_augmentation(augment, modality)}"
     return f"  - {name}: {shown}."
 
 
@@ -179,11 +179,12 @@ def making_section(inputs: RunInputs, params: Params | None) -> list[str]:
             "cross-validation on the training split alone."
         )
     plan = inputs.plan or {}
+    modality = params.prepare.modality if params is not None else None
     plan_lines = [
         line
         for line in (
-            _plan_line("fine-tuning", plan.get("finetune")),
-            _plan_line("from scratch", plan.get("scratch")),
+            _plan_line("fine-tuning", plan.get("finetune"), modality),
+            _plan_line("from scratch", plan.get("scratch"), modality),
         )
         if line
     ]

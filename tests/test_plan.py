@@ -92,6 +92,25 @@ def test_written_settings_win_and_full_keeps_layer_decay(advice):
     assert "full (advised: " in table and "backbone group 0" in table
     # Switches by name, shares with their value; what is off is not listed.
     assert "random_crop, random_erasing 0.25" in table and "flip," not in table
+    assert plan_table(plan, "image") == table
+    # Text and audio training never crop or erase: the image defaults are not listed there.
+    augmentation = {
+        modality: next(
+            line for line in plan_table(plan, modality).splitlines() if "augment" in line
+        )
+        for modality in ("text", "audio")
+    }
+    assert augmentation["text"].split()[-1] == "none", augmentation
+    assert augmentation["audio"].split()[-1] == "none", augmentation
+    spec = resolve_plan(
+        FinetuneParams(augment=AugmentParams(spec_augment=True), cache_frozen_prefix=False),
+        TrainScratchParams(),
+        advice,
+        model=_abstract(),
+        num_train_examples=300,
+    )
+    audio_line = next(line for line in plan_table(spec, "audio").splitlines() if "augment" in line)
+    assert audio_line.split() == ["augmentation", "spec_augment"]
 
 
 def test_explicit_rules_are_the_plan(advice):

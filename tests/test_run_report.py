@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.model_card import _input_description
+from pipelines.model_card import _input_description, _plan_line
 from pipelines.report_inputs import ProjectPaths
 from pipelines.reports import MODEL_LABELS, report_markdown
 from pipelines.run_report import write_run_reports
@@ -286,3 +286,21 @@ def test_the_stage_writes_both_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert (project / "reports/vision/index.html").read_text().startswith("<!DOCTYPE html>")
     assert "## Metrics (test set)" in (project / "reports/vision/MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("experiment", "modality", "augmentation"),
+    [
+        ("vision", "image", "random_crop, flip, test_time_flip, random_erasing 0.5"),
+        ("text", "text", "none"),
+        ("audio", "audio", "none"),
+    ],
+)
+def test_the_model_card_lists_only_the_augmentation_the_modality_applies(
+    experiment: str, modality: str, augmentation: str
+) -> None:
+    """The committed plans hold the image defaults (random_crop, flip) for text and audio
+    too; their training never crops or flips, so their cards must not say it does."""
+    plan = json.loads((ROOT / f"metrics/{experiment}/plan.json").read_text())
+    line = _plan_line("fine-tuning", plan["finetune"], modality)
+    assert line.endswith(f", augmentation: {augmentation}."), line

@@ -41,6 +41,7 @@ from tlflax.config_data import (
     ValidateParams,
 )
 from tlflax.config_training import (
+    AUGMENT_KEYS_BY_MODALITY,
     AUTO_BACKBONE,
     AdviseParams,
     AugmentParams,
@@ -174,8 +175,7 @@ def _keys_of_other_modalities(
     """(section name, section, key) of the keys that only another modality reads."""
     extract, augment, validate = params.extract, params.finetune.augment, params.validate_
     image_augment = [
-        ("finetune.augment", augment, key)
-        for key in ("random_crop", "flip", "test_time_flip", "random_erasing", "cutmix")
+        ("finetune.augment", augment, key) for key in AUGMENT_KEYS_BY_MODALITY["image"]
     ]
     audio_validation = [
         ("validate", validate, key) for key in ("max_silent_fraction", "max_clipped_fraction")
@@ -184,7 +184,7 @@ def _keys_of_other_modalities(
     return {
         "image": [
             *text_extract,
-            ("finetune.augment", augment, "spec_augment"),
+            *(("finetune.augment", augment, key) for key in AUGMENT_KEYS_BY_MODALITY["audio"]),
             *audio_validation,
         ],
         "text": [

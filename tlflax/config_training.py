@@ -151,13 +151,27 @@ class AugmentParams(StrictSection):
     spec_augment: bool = False
 
 
-def describe_augmentation(augment: Mapping[str, Any]) -> str:
+# The augmentation keys each modality's training applies. A key of another modality is
+# refused when written (tlflax.config) and, left at its default, does nothing there.
+AUGMENT_KEYS_BY_MODALITY: dict[str, tuple[str, ...]] = {
+    "image": ("random_crop", "flip", "test_time_flip", "random_erasing", "cutmix"),
+    "audio": ("spec_augment",),
+    "text": (),
+}
+
+
+def describe_augmentation(augment: Mapping[str, Any], modality: str | None = None) -> str:
     """The augmentation settings that are on, as a plan table or model card shows them:
-    switches by name, shares with their value ("flip, random_erasing 0.5"); "none"."""
+    switches by name, shares with their value ("flip, random_erasing 0.5"); "none".
+
+    With ``modality``, only the keys its training applies: the image defaults (random_crop
+    and flip on) would otherwise be listed for text and audio runs that never crop or flip.
+    """
+    applies = AUGMENT_KEYS_BY_MODALITY[modality] if modality is not None else tuple(augment)
     shown = [
         key if value is True else f"{key} {value:g}"
         for key, value in augment.items()
-        if value is True or (isinstance(value, float) and value > 0)
+        if key in applies and (value is True or (isinstance(value, float) and value > 0))
     ]
     return ", ".join(shown) or "none"
 

@@ -248,8 +248,9 @@ def _trained_groups(
     )
 
 
-def plan_table(plan: RunPlan) -> str:
-    """The plan as the text table a run prints when it starts."""
+def plan_table(plan: RunPlan, modality: str | None = None) -> str:
+    """The plan as the text table a run prints when it starts; with ``modality``, the
+    augmentation row names only what that modality's training applies."""
     cfg = plan.finetune
     settings = [
         ("strategy", f"{cfg.strategy} (advised: {plan.advised_strategy})"),
@@ -273,7 +274,7 @@ def plan_table(plan: RunPlan) -> str:
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         ("BatchNorm", cfg.batchnorm),
         ("monitor / patience", f"{cfg.monitor} / {cfg.patience}"),
-        ("augmentation", describe_augmentation(cfg.augment.model_dump())),
+        ("augmentation", describe_augmentation(cfg.augment.model_dump(), modality)),
         ("frozen-prefix cache", str(cfg.cache_frozen_prefix).lower()),
         ("class balance", plan.class_balance.describe()),
         ("from the advice", ", ".join(plan.from_advice) or "nothing"),

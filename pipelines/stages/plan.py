@@ -22,7 +22,7 @@ from tlflax.tasks import task_for
 def run(params: Params, paths: ExperimentPaths) -> None:
     plan = make_plan(task_for(params, paths.dataset_dir), load_advice(paths.metrics("advice")))
     write_json(paths.metrics("plan"), plan.model_dump(mode="json"))
-    print(f"plan ({paths.metrics('plan')}):\n{plan_table(plan)}")
+    print(f"plan ({paths.metrics('plan')}):\n{plan_table(plan, params.prepare.modality)}")
 
 
 if __name__ == "__main__":
