@@ -26,8 +26,9 @@ from PIL import Image, UnidentifiedImageError
 from pipelines.stages.common import ExperimentPaths, params_parser, run_command
 from tlflax.calibration import CALIBRATION_FILE_NAME, apply_temperature, read_temperatures
 from tlflax.config import Params
-from tlflax.data.audio_folder import ClipSettings, load_clip
+from tlflax.data.audio_folder import load_clip
 from tlflax.data.errors import DataError
+from tlflax.data.sources import clip_settings
 from tlflax.data.tfds_store import read_image_shape
 from tlflax.errors import MissingInputError
 from tlflax.tasks import class_probabilities, task_for
@@ -112,8 +113,7 @@ def read_clips(paths: Sequence[Path], params: Params) -> np.ndarray:
     Raises:
       DataError: naming the file that is missing or not audio soundfile can read.
     """
-    cfg = params.prepare
-    settings = ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align, cfg.clip_padding)
+    settings = clip_settings(params.prepare)
     clips = []
     for path in paths:
         if not path.is_file():

@@ -35,9 +35,8 @@ def run(params: Params, paths: ExperimentPaths) -> None:
     initialize_from_environment()
     plan = load_plan(paths.metrics("plan"))
     cfg = plan.finetune
-    print(
-        f"finetune: the plan ({paths.metrics('plan')}):\n{plan_table(plan, params.prepare.modality)}"
-    )
+    table = plan_table(plan, params.prepare.modality)
+    print(f"finetune: the plan ({paths.metrics('plan')}):\n{table}")
     task = task_for(params, paths.dataset_dir)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
     model = initial_classifier(task, plan)

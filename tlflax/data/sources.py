@@ -220,19 +220,20 @@ def _clips(dataset: AudioDataset, settings: ClipSettings) -> Split:
     return AudioClips(dataset.waveforms, dataset.facts, settings.sample_rate), dataset.labels
 
 
-def _clip_settings(cfg: PrepareParams) -> ClipSettings:
+def clip_settings(cfg: PrepareParams) -> ClipSettings:
+    """The clip shape ``prepare`` stores audio in: what every reader of new clips must use."""
     return ClipSettings(cfg.sample_rate, cfg.clip_seconds, cfg.clip_align, cfg.clip_padding)
 
 
 def _read_spoken_language(cfg: PrepareParams) -> RawDataset:
-    settings = _clip_settings(cfg)
+    settings = clip_settings(cfg)
     dataset = read_spoken_language(Path(cfg.raw_dir), settings)
     return _hold_out_test(dataset.class_names, *_clips(dataset, settings), cfg)
 
 
 def _read_audio_folder(cfg: PrepareParams) -> RawDataset:
     """Class folders or a CSV/JSONL list (one, or one per split) of clips."""
-    path, settings = Path(cfg.raw_dir), _clip_settings(cfg)
+    path, settings = Path(cfg.raw_dir), clip_settings(cfg)
     columns = {"path_column": cfg.path_column, "label_column": cfg.label_column}
     if cfg.test_fraction is not None:
         if path.suffix.lower() in TEXT_FILE_SUFFIXES:
