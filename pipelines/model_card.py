@@ -148,6 +148,9 @@ def _plan_line(name: str, settings: Any, modality: str | None) -> str | None:
         "ema_decay",
     )
     shown = ", ".join(f"{key} {_md(settings[key])}" for key in keys if key in settings)
+    if settings.get("weight_mixes"):  # WiSE-FT: validation chose among these mixes too
+        shares = ", ".join(f"{share:g}" for share in settings["weight_mixes"])
+        shown += f", weight_mixes {shares}"
     augment = settings.get("augment")
     if isinstance(augment, dict):
         shown += f", augmentation: {describe_augmentation(augment, modality)}"

@@ -206,6 +206,12 @@ class FinetuneParams(StrictSection):
     # Decay of an exponential moving average of the trained weights, validated and saved in
     # their place (0: none); warmed up as TensorFlow's ExponentialMovingAverage.
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # WiSE-FT (Wortsman et al., CVPR 2022): besides the start (the new head on the pretrained
+    # network) and the fine-tuned weights, validation also scores each mix
+    # (1 - s) * start + s * fine-tuned for the shares s listed, and the best of them all is
+    # saved (a tie goes to the smaller share: the model closer to the pretrained one). Empty:
+    # the start or the fine-tuned weights only. Not for strategy scratch (its start is random).
+    weight_mixes: list[Annotated[float, Field(gt=0, lt=1)]] = []
     # ULMFiT's gradual unfreezing: the head trains from epoch 0, then one more layer group
     # from the top joins per epoch (the step still compiles once: later groups wait at lr 0).
     gradual_unfreezing: bool = False

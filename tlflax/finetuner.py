@@ -371,32 +371,72 @@ class Checkpointing(Callback[FinetuneState]):
 
 
 class KeepTheStart(Callback[FinetuneState]):
-    """End on the start when no epoch beats it on validation (a tie keeps the start).
+    """End on the start when no epoch beats it on validation (a tie keeps the start), or on
+    the best mix of start and fine-tuned weights where ``finetune.weight_mixes`` lists some.
 
     A fine-tuning run starts from the new head on the pretrained network: a model the
     validation split already scores. On a small dataset fine-tuning can lose to it (the head
     fits the few training examples, and the backbone then drifts on a tiny error signal), and
     early stopping alone would still return the best *epoch*. This keeps what the run was
-    given unless training really did better on validation. Put it after the checkpointing
-    callback, whose end restores the best epoch.
+    given unless training really did better on validation. Weight mixes (WiSE-FT) go between
+    the two: a model that keeps part of the pretrained features' generality. Put it after the
+    checkpointing callback, whose end restores the best epoch.
     """
 
     def __init__(self, finetuner: Finetuner, validation_metrics: Callable[[FinetuneState], dict]):
         start = finetuner.initial
         self.finetuner = finetuner
-        self.metrics = {
-            f"validation_{key}": value for key, value in validation_metrics(start).items()
-        }
+        self.validation_metrics = validation_metrics
+        self.metrics = self._prefixed(validation_metrics(start))
         # Copies in new buffers: the first train step donates the start's own (the copies
         # keep their placement, and random keys in `rest` stay keys).
         self.weights = jax.tree_util.tree_map(jnp.copy, (start.trainable, start.rest, start.ema))
 
-    def on_train_end(self, state, history):
-        if history.best_score > score(self.metrics, self.finetuner.cfg.monitor):
-            return state
-        history.kept_start = self.metrics
+    @staticmethod
+    def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
+        return {f"validation_{key}": value for key, value in metrics.items()}
+
+    def _mix(self, state: FinetuneState, share: float) -> FinetuneState:
+        """``(1 - share) * start + share * state``, leaf by leaf; what is not a float (random
+        keys, counters) is the fine-tuned state's."""
+
+        def mix(start, end):
+            if end is None or not jnp.issubdtype(end.dtype, jnp.floating):
+                return end
+            return ((1.0 - share) * start + share * end).astype(end.dtype)
+
         trainable, rest, ema = self.weights
-        return dataclasses.replace(state, trainable=trainable, rest=rest, ema=ema)
+        mixed = jax.tree_util.tree_map(
+            mix, (trainable, rest, ema), (state.trainable, state.rest, state.ema)
+        )
+        return dataclasses.replace(state, trainable=mixed[0], rest=mixed[1], ema=mixed[2])
+
+    def on_train_end(self, state, history):
+        monitor = self.finetuner.cfg.monitor
+        end_metrics = history.epochs[history.best_epoch] if history.epochs else self.metrics
+        candidates = [(0.0, self.metrics, None)]
+        for share in sorted(set(self.finetuner.cfg.weight_mixes)):
+            mixed = self._mix(state, share)
+            candidates.append((share, self._prefixed(self.validation_metrics(mixed)), mixed))
+        candidates.append((1.0, end_metrics, state))
+        if len(candidates) > 2:
+            history.weight_mixes = [
+                {
+                    "fine_tuned_share": share,
+                    "validation_accuracy": metrics["validation_accuracy"],
+                    "validation_loss": metrics["validation_loss"],
+                }
+                for share, metrics, _ in candidates
+            ]
+        # max keeps the first of equals: a tie goes to the smaller share, the start first.
+        share, metrics, chosen = max(candidates, key=lambda c: score(c[1], monitor))
+        if share == 0.0:
+            history.kept_start = self.metrics
+            trainable, rest, ema = self.weights
+            return dataclasses.replace(state, trainable=trainable, rest=rest, ema=ema)
+        if share < 1.0:
+            history.kept_mix = {"fine_tuned_share": share, **metrics}
+        return chosen
 
 
 def run_finetuning(
@@ -456,5 +496,11 @@ def run_finetuning(
         print(
             f"{name}: no epoch beat the start on {cfg.monitor} "
             f"({history.kept_start[cfg.monitor]:.4f}): the start is kept"
+        )
+    if name and history.kept_mix is not None:
+        print(
+            f"{name}: the mix of {history.kept_mix['fine_tuned_share']:g} fine-tuned and "
+            f"{1 - history.kept_mix['fine_tuned_share']:g} start weights leads on {cfg.monitor} "
+            f"({history.kept_mix[cfg.monitor]:.4f}): it is kept"
         )
     return state, history

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from tlflax.checkpoint import score
 
@@ -71,20 +71,36 @@ class History:
     # The start's validation metrics, where no epoch beat it and the run ended on it
     # (fine-tuning: the new head on the pretrained network; see tlflax.finetuner).
     kept_start: dict[str, float] | None = None
+    # Fine-tuning with weight mixes (``finetune.weight_mixes``): every candidate's share of the
+    # fine-tuned weights (0: the start, 1: the best epoch) with its validation metrics, and
+    # the one that ended the run where it is a mix of the two.
+    weight_mixes: list[dict[str, float]] = field(default_factory=list)
+    kept_mix: dict[str, float] | None = None
 
-    def summary(self) -> dict[str, float | int | bool]:
+    def summary(self) -> dict[str, Any]:
         """Where the run ended and its best epoch's validation scores (a metrics file);
-        ``best_epoch`` -1 and ``kept_start`` where the run ended on its start."""
+        ``best_epoch`` -1 and ``kept_start`` where the run ended on its start; with weight
+        mixes, every candidate's scores and ``fine_tuned_share``, the share that was saved."""
         if self.kept_start is not None:
             best, ended = self.kept_start, {"best_epoch": -1, "kept_start": True}
+        elif self.kept_mix is not None:
+            best = self.kept_mix
+            ended = {"best_epoch": self.best_epoch}
         else:
             best, ended = self.epochs[self.best_epoch], {"best_epoch": self.best_epoch}
+        mixes: dict[str, Any] = {}
+        if self.weight_mixes:
+            saved = 0.0 if self.kept_start is not None else 1.0
+            if self.kept_mix is not None:
+                saved = self.kept_mix["fine_tuned_share"]
+            mixes = {"fine_tuned_share": saved, "weight_mixes": self.weight_mixes}
         return {
             **ended,
             "epochs_run": len(self.epochs),
             "stopped_early": self.stopped_early,
             "validation_accuracy": best["validation_accuracy"],
             "validation_loss": best["validation_loss"],
+            **mixes,
         }
 
     def improves(self, metrics: dict[str, float], monitor: str, epoch: int) -> bool:

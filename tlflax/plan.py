@@ -271,6 +271,10 @@ def plan_table(plan: RunPlan, modality: str | None = None) -> str:
         ("gradient clip norm", f"{cfg.gradient_clip_norm:g}"),
         ("label smoothing", f"{cfg.label_smoothing:g}"),
         ("weight EMA decay", f"{cfg.ema_decay:g}" if cfg.ema_decay else "none"),
+        (
+            "weight mixes (WiSE-FT)",
+            ", ".join(f"{share:g}" for share in cfg.weight_mixes) or "none",
+        ),
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         ("BatchNorm", cfg.batchnorm),
         ("monitor / patience", f"{cfg.monitor} / {cfg.patience}"),
