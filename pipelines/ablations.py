@@ -7,8 +7,9 @@ A row is a set of params on top of the job's params file (``dvc exp run -S key=v
 row runs the whole pipeline once per seed (as :mod:`pipelines.seeds` does; stages whose inputs
 did not change come from DVC's run cache), and reads the fine-tuned model's validation
 accuracy (``finetune.json``: the epoch it saved) and every model's test accuracy
-(``evaluate.json``). A lever is *kept* when its mean validation accuracy beats the reference
-row's: the choice is made on validation, never on test; test is reported beside it.
+(``evaluate.json``). A lever is *kept* when its validation accuracy beats the reference row's,
+seed by seed, by more than the standard error of that mean gain (:func:`kept_levers`): the
+choice is made on validation, never on test; test is reported beside it.
 
 Writes ``metrics/<experiment>/ablations.json`` when every run has finished::
 
@@ -118,14 +119,36 @@ def summarize_row(settings: Mapping[str, Any], runs: Mapping[int, dict[str, Any]
     }
 
 
-def kept_levers(rows: Mapping[str, dict]) -> list[str]:
-    """The rows whose mean validation accuracy beats the reference row's."""
-    reference = rows[REFERENCE_ROW]["validation_accuracy_mean"]
-    return [
-        name
-        for name, row in rows.items()
-        if name != REFERENCE_ROW and row["validation_accuracy_mean"] > reference
+def paired_validation_gain(row: Mapping[str, Any], reference: Mapping[str, Any]) -> tuple:
+    """The row's mean validation gain over the reference, seed by seed, and the standard
+    error of that mean (None with one seed: one difference has no spread)."""
+    seeds = [seed for seed in row["runs"] if seed in reference["runs"]]
+    gains = [
+        row["runs"][seed]["validation_accuracy"] - reference["runs"][seed]["validation_accuracy"]
+        for seed in seeds
     ]
+    if len(gains) < 2:
+        return (gains[0] if gains else 0.0), None
+    return float(np.mean(gains)), float(np.std(gains, ddof=1) / np.sqrt(len(gains)))
+
+
+def kept_levers(rows: Mapping[str, dict]) -> list[str]:
+    """The rows whose validation accuracy beats the reference row's by more than the noise.
+
+    Seed by seed (same data draw, same initialisation): the mean gain must exceed its standard
+    error. A gain within one standard error - say +0.3 points from per-seed differences of
+    +0.5, -1.5 and +2.0 - is no evidence that the lever helps. With one seed there is no
+    spread to judge, and any gain keeps the lever.
+    """
+    reference = rows[REFERENCE_ROW]
+    kept = []
+    for name, row in rows.items():
+        if name == REFERENCE_ROW:
+            continue
+        gain, standard_error = paired_validation_gain(row, reference)
+        if gain > 0 and (standard_error is None or gain > standard_error):
+            kept.append(name)
+    return kept
 
 
 def merge_earlier_rows(
