@@ -15,10 +15,10 @@ from pipelines.ablations import (
     ABLATIONS_FILE,
     format_table,
     kept_levers,
-    paired_validation_gain,
     load_rows,
     merge_earlier_rows,
     override,
+    paired_validation_gain,
     summarize_row,
 )
 from pipelines.flows import PipelineError
