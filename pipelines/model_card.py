@@ -147,7 +147,10 @@ def _plan_line(name: str, settings: Any, modality: str | None) -> str | None:
         "label_smoothing",
         "ema_decay",
     )
-    shown = ", ".join(f"{key} {_md(settings[key])}" for key in keys if key in settings)
+    # A transformer normalises with LayerNorm: the BatchNorm setting concerns it not at all.
+    not_held = {"batchnorm"} if modality == "text" else set()
+    shown_keys = [key for key in keys if key in settings and key not in not_held]
+    shown = ", ".join(f"{key} {_md(settings[key])}" for key in shown_keys)
     if settings.get("weight_mixes"):  # WiSE-FT: validation chose among these mixes too
         shares = ", ".join(f"{share:g}" for share in settings["weight_mixes"])
         shown += f", weight_mixes {shares}"

@@ -102,6 +102,19 @@ def test_written_settings_win_and_full_keeps_layer_decay(advice):
     }
     assert augmentation["text"].split()[-1] == "none", augmentation
     assert augmentation["audio"].split()[-1] == "none", augmentation
+    # A transformer has no BatchNorm: its table has no such row; a CNN's says what it does.
+    assert "BatchNorm" not in plan_table(plan, "text")
+    assert "BatchNorm" in plan_table(plan, "audio") and "BatchNorm" in table
+
+    # No weight mixes unless asked for; then the shares, as the run will try them.
+    def mixes_row(table: str) -> str:
+        return next(line for line in table.splitlines() if "weight mixes (WiSE-FT)" in line)
+
+    assert mixes_row(table).split()[-1] == "none"
+    mixed = plan.model_copy(
+        update={"finetune": cfg.model_copy(update={"weight_mixes": [0.25, 0.5]})}
+    )
+    assert mixes_row(plan_table(mixed)).endswith("  0.25, 0.5")
     spec = resolve_plan(
         FinetuneParams(augment=AugmentParams(spec_augment=True), cache_frozen_prefix=False),
         TrainScratchParams(),

@@ -304,3 +304,5 @@ def test_the_model_card_lists_only_the_augmentation_the_modality_applies(
     plan = json.loads((ROOT / f"metrics/{experiment}/plan.json").read_text())
     line = _plan_line("fine-tuning", plan["finetune"], modality)
     assert line.endswith(f", augmentation: {augmentation}."), line
+    # The BatchNorm setting only where the network has BatchNorm (not the text transformer).
+    assert ("batchnorm" in line) == (modality != "text"), line

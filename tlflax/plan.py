@@ -276,7 +276,8 @@ def plan_table(plan: RunPlan, modality: str | None = None) -> str:
             ", ".join(f"{share:g}" for share in cfg.weight_mixes) or "none",
         ),
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
-        ("BatchNorm", cfg.batchnorm),
+        # A transformer has LayerNorm only: the row would describe nothing it holds.
+        *([] if modality == "text" else [("BatchNorm", cfg.batchnorm)]),
         ("monitor / patience", f"{cfg.monitor} / {cfg.patience}"),
         ("augmentation", describe_augmentation(cfg.augment.model_dump(), modality)),
         ("frozen-prefix cache", str(cfg.cache_frozen_prefix).lower()),
