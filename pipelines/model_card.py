@@ -151,7 +151,8 @@ def _plan_line(name: str, settings: Any, modality: str | None) -> str | None:
     not_held = {"batchnorm"} if modality == "text" else set()
     shown_keys = [key for key in keys if key in settings and key not in not_held]
     shown = ", ".join(f"{key} {_md(settings[key])}" for key in shown_keys)
-    if settings.get("weight_mixes"):  # WiSE-FT: validation chose among these mixes too
+    # WiSE-FT: validation chose among these mixes too (never from a random start: scratch).
+    if settings.get("weight_mixes") and settings.get("strategy") != "scratch":
         shares = ", ".join(f"{share:g}" for share in settings["weight_mixes"])
         shown += f", weight_mixes {shares}"
     augment = settings.get("augment")

@@ -306,3 +306,8 @@ def test_the_model_card_lists_only_the_augmentation_the_modality_applies(
     assert line.endswith(f", augmentation: {augmentation}."), line
     # The BatchNorm setting only where the network has BatchNorm (not the text transformer).
     assert ("batchnorm" in line) == (modality != "text"), line
+    # Weight mixes where fine-tuning tried them, never for the from-scratch run (random start).
+    mixes = {**plan["finetune"], "weight_mixes": [0.25, 0.5]}
+    assert "weight_mixes 0.25, 0.5" in _plan_line("fine-tuning", mixes, modality)
+    scratch = {**plan["scratch"], "weight_mixes": [0.25, 0.5]}
+    assert "weight_mixes" not in _plan_line("from scratch", scratch, modality)

@@ -273,7 +273,9 @@ def plan_table(plan: RunPlan, modality: str | None = None) -> str:
         ("weight EMA decay", f"{cfg.ema_decay:g}" if cfg.ema_decay else "none"),
         (
             "weight mixes (WiSE-FT)",
-            ", ".join(f"{share:g}" for share in cfg.weight_mixes) or "none",
+            ", ".join(f"{share:g}" for share in cfg.weight_mixes)
+            if cfg.weight_mixes and cfg.strategy != "scratch"
+            else "none",
         ),
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         # A transformer has LayerNorm only: the row would describe nothing it holds.
