@@ -14,7 +14,7 @@ from typing import Any
 from pipelines.report_inputs import RunInputs, model_entries, number, split_sizes
 from pipelines.reports import MODEL_LABELS
 from tlflax.config import Params
-from tlflax.config_training import describe_augmentation
+from tlflax.config_training import describe_augmentation, uses_batchnorm
 
 # The models the fine-tuned one is compared with, in the card's order.
 COMPARED = ("baseline", "head_only", "scratch")
@@ -147,12 +147,11 @@ def _plan_line(name: str, settings: Any, modality: str | None) -> str | None:
         "label_smoothing",
         "ema_decay",
     )
-    # A transformer normalises with LayerNorm: the BatchNorm setting concerns it not at all.
-    not_held = {"batchnorm"} if modality == "text" else set()
+    not_held = set() if uses_batchnorm(modality) else {"batchnorm"}
     shown_keys = [key for key in keys if key in settings and key not in not_held]
     shown = ", ".join(f"{key} {_md(settings[key])}" for key in shown_keys)
-    # WiSE-FT: validation chose among these mixes too (never from a random start: scratch).
-    if settings.get("weight_mixes") and settings.get("strategy") != "scratch":
+    # WiSE-FT: validation chose among these mixes too.
+    if settings.get("weight_mixes"):
         shares = ", ".join(f"{share:g}" for share in settings["weight_mixes"])
         shown += f", weight_mixes {shares}"
     augment = settings.get("augment")

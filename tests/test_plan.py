@@ -115,6 +115,15 @@ def test_written_settings_win_and_full_keeps_layer_decay(advice):
         update={"finetune": cfg.model_copy(update={"weight_mixes": [0.25, 0.5]})}
     )
     assert mixes_row(plan_table(mixed)).endswith("  0.25, 0.5")
+    # The from-scratch run starts from random weights: there is no model to mix with.
+    mixing = resolve_plan(
+        FinetuneParams(weight_mixes=[0.25, 0.5]),
+        TrainScratchParams(),
+        advice,
+        model=_abstract(),
+        num_train_examples=300,
+    )
+    assert mixing.finetune.weight_mixes == [0.25, 0.5] and mixing.scratch.weight_mixes == []
     spec = resolve_plan(
         FinetuneParams(augment=AugmentParams(spec_augment=True), cache_frozen_prefix=False),
         TrainScratchParams(),

@@ -176,6 +176,12 @@ def describe_augmentation(augment: Mapping[str, Any], modality: str | None = Non
     return ", ".join(shown) or "none"
 
 
+def uses_batchnorm(modality: str | None) -> bool:
+    """Whether ``modality``'s backbones normalise with BatchNorm, so that ``batchnorm``
+    concerns them: the text encoders (BERT family) normalise with LayerNorm instead."""
+    return modality != "text"
+
+
 Strategy = Literal["auto", "feature_extraction", "top_k", "full", "scratch"]
 
 

@@ -81,19 +81,21 @@ class History:
         """Where the run ended and its best epoch's validation scores (a metrics file);
         ``best_epoch`` -1 and ``kept_start`` where the run ended on its start; with weight
         mixes, every candidate's scores and ``fine_tuned_share``, the share that was saved."""
+        # The saved weights' share of the fine-tuned ones: 0 the start, 1 the best epoch.
         if self.kept_start is not None:
             best, ended = self.kept_start, {"best_epoch": -1, "kept_start": True}
+            saved_share = 0.0
         elif self.kept_mix is not None:
-            best = self.kept_mix
-            ended = {"best_epoch": self.best_epoch}
+            best, ended = self.kept_mix, {"best_epoch": self.best_epoch}
+            saved_share = self.kept_mix["fine_tuned_share"]
         else:
             best, ended = self.epochs[self.best_epoch], {"best_epoch": self.best_epoch}
-        mixes: dict[str, Any] = {}
-        if self.weight_mixes:
-            saved = 0.0 if self.kept_start is not None else 1.0
-            if self.kept_mix is not None:
-                saved = self.kept_mix["fine_tuned_share"]
-            mixes = {"fine_tuned_share": saved, "weight_mixes": self.weight_mixes}
+            saved_share = 1.0
+        mixes: dict[str, Any] = (
+            {"fine_tuned_share": saved_share, "weight_mixes": self.weight_mixes}
+            if self.weight_mixes
+            else {}
+        )
         return {
             **ended,
             "epochs_run": len(self.epochs),

@@ -28,7 +28,7 @@ from pydantic import (
 from tlflax.advisor import Advice, apply_advice
 from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.config import FinetuneParams, ParamsError, TrainScratchParams, TransferRule
-from tlflax.config_training import describe_augmentation
+from tlflax.config_training import describe_augmentation, uses_batchnorm
 from tlflax.errors import InputError, MissingInputError
 from tlflax.transfer import model_settings
 
@@ -103,7 +103,7 @@ def scratch_plan(finetune: TrainingPlan, scratch: TrainScratchParams) -> Trainin
 
     Same epochs, augmentation, schedule shape and early stopping as fine-tuning; only what
     must differ for random weights differs: everything trains, BatchNorm included, at one
-    learning rate.
+    learning rate, and no weight mixes (their start, the random network, is no model).
     """
     return finetune.model_copy(
         update={
@@ -116,6 +116,7 @@ def scratch_plan(finetune: TrainingPlan, scratch: TrainScratchParams) -> Trainin
             "gradual_unfreezing": False,
             "batchnorm": "train",
             "cache_frozen_prefix": False,
+            "weight_mixes": [],
             "rules": [TransferRule(pattern=".*")],
             "seed": scratch.seed,
         }
@@ -273,13 +274,11 @@ def plan_table(plan: RunPlan, modality: str | None = None) -> str:
         ("weight EMA decay", f"{cfg.ema_decay:g}" if cfg.ema_decay else "none"),
         (
             "weight mixes (WiSE-FT)",
-            ", ".join(f"{share:g}" for share in cfg.weight_mixes)
-            if cfg.weight_mixes and cfg.strategy != "scratch"
-            else "none",
+            ", ".join(f"{share:g}" for share in cfg.weight_mixes) or "none",
         ),
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         # A transformer has LayerNorm only: the row would describe nothing it holds.
-        *([] if modality == "text" else [("BatchNorm", cfg.batchnorm)]),
+        *([("BatchNorm", cfg.batchnorm)] if uses_batchnorm(modality) else []),
         ("monitor / patience", f"{cfg.monitor} / {cfg.patience}"),
         ("augmentation", describe_augmentation(cfg.augment.model_dump(), modality)),
         ("frozen-prefix cache", str(cfg.cache_frozen_prefix).lower()),
