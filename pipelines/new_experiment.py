@@ -51,6 +51,8 @@ RENDERED_JOBS = {
     # hits made as a user makes an experiment (kept in step with the template all the same).
     Path("experiments/longtail"): {"scratch": False},
     Path("experiments/drums"): {"scratch": True},
+    # Ten reviews a class, SetFit's few-shot regime (issue "Transfer that pays").
+    Path("experiments/text_few_shot"): {"scratch": False},
 }
 EXPERIMENTS = Path("experiments")
 # validate keys the schema accepts for audio data only (tlflax.config refuses them elsewhere).

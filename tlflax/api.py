@@ -34,6 +34,7 @@ from tlflax.backbone_choice import (
 from tlflax.balance import training_class_balance
 from tlflax.checkpoint import delete_checkpoints
 from tlflax.config import AUTO_BACKBONE, FinetuneParams, Params, ParamsError
+from tlflax.contrastive import contrastive_start
 from tlflax.data.sources import prepare_dataset as _prepare_source
 from tlflax.data.subsets import at_most, take
 from tlflax.errors import MissingInputError
@@ -316,6 +317,32 @@ def initial_classifier(
     return model
 
 
+def contrastive_stage(
+    task: Task,
+    plan: RunPlan,
+    model: nnx.Module,
+    train: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+) -> dict | None:
+    """SetFit's first stage where the plan asks for it (``finetune.contrastive.pair_rounds``
+    above 0, text, not from scratch): ``model``'s encoder tuned on pairs of ``train``
+    examples and a new head fitted on its features, in place (:mod:`tlflax.contrastive`).
+    Returns what happened, or None where the plan has no such stage."""
+    cfg = plan.finetune
+    if not cfg.contrastive.pair_rounds or cfg.strategy == "scratch":
+        return None
+    return contrastive_start(
+        model,
+        train,
+        validation,
+        cfg.contrastive,
+        task.params.train_head,
+        batch_size=task.params.extract.batch_size,
+        seed=cfg.seed,
+        balance=plan.class_balance,
+    )
+
+
 def fine_tune(
     task: Task,
     plan: RunPlan,
@@ -334,6 +361,8 @@ def fine_tune(
     cfg = plan.scratch if scratch else plan.finetune
     model = initial_classifier(task, plan, head, scratch=scratch)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
+    if not scratch:
+        contrastive_stage(task, plan, model, train, validation)
     if fingerprint is None:
         # What a checkpoint must match to be resumed: settings, data and starting weights.
         fingerprint = run_fingerprint([task.params, plan], train, validation, nnx.state(model))

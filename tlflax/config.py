@@ -47,6 +47,7 @@ from tlflax.config_training import (
     AugmentParams,
     BaselineParams,
     ClassBalanceParams,
+    ContrastiveParams,
     EvaluateParams,
     ExtractParams,
     FinetuneParams,
@@ -66,6 +67,7 @@ __all__ = [
     "AugmentParams",
     "BaselineParams",
     "ClassBalanceParams",
+    "ContrastiveParams",
     "EvaluateParams",
     "ExtractParams",
     "FinetuneParams",
@@ -181,9 +183,11 @@ def _keys_of_other_modalities(
         ("validate", validate, key) for key in ("max_silent_fraction", "max_clipped_fraction")
     ]
     text_extract = [("extract", extract, key) for key in ("max_length", "truncation_side")]
+    text_finetune = [("finetune", params.finetune, "contrastive")]
     return {
         "image": [
             *text_extract,
+            *text_finetune,
             *(("finetune.augment", augment, key) for key in AUGMENT_KEYS_BY_MODALITY["audio"]),
             *audio_validation,
         ],
@@ -196,6 +200,7 @@ def _keys_of_other_modalities(
         "audio": [
             ("extract", extract, "image_size"),
             *text_extract,
+            *text_finetune,
             *image_augment,
         ],
     }[modality]

@@ -182,6 +182,35 @@ def uses_batchnorm(modality: str | None) -> bool:
     return modality != "text"
 
 
+class ContrastiveParams(StrictSection):
+    """SetFit's first stage (Tunstall et al., 2022), for text encoders with few examples.
+
+    Before fine-tuning, the encoder trains on pairs of training examples: the cosine
+    similarity of the two features the head reads is pulled towards 1 when they share a
+    class and towards 0 when not (one pass over the pairs); then a fresh head is fitted on
+    the tuned features (``train_head``'s settings). A pair is a new training signal: n
+    examples give ``2 * n * pair_rounds`` of them, which is what makes the stage pay with
+    ten examples a class, and what makes it slow with thousands.
+    """
+
+    # Rounds of pairs: in each, every training example is paired once with an example of
+    # its class and once with one of another class (SetFit's num_iterations). 0: no stage.
+    pair_rounds: NonNegativeInt = 0
+    # SetFit's defaults for sentence-transformers encoders.
+    learning_rate: PositiveFloat = 2e-5
+    batch_size: PositiveInt = 16
+
+
+def describe_contrastive(contrastive: ContrastiveParams) -> str:
+    """The contrastive stage as a plan table shows it: "none", or its rounds and rate."""
+    if not contrastive.pair_rounds:
+        return "none"
+    return (
+        f"{contrastive.pair_rounds} rounds of pairs, lr {contrastive.learning_rate:g}, "
+        f"batch {contrastive.batch_size}"
+    )
+
+
 Strategy = Literal["auto", "feature_extraction", "top_k", "full", "scratch"]
 
 
@@ -218,6 +247,9 @@ class FinetuneParams(StrictSection):
     # saved (a tie goes to the smaller share: the model closer to the pretrained one). Empty:
     # the start or the fine-tuned weights only. Not for strategy scratch (its start is random).
     weight_mixes: list[Annotated[float, Field(gt=0, lt=1)]] = []
+    # Text: contrastive tuning of the encoder on pairs of training examples, then a new head,
+    # before the strategy trains (SetFit; off by default). Not for strategy scratch.
+    contrastive: ContrastiveParams = ContrastiveParams()
     # ULMFiT's gradual unfreezing: the head trains from epoch 0, then one more layer group
     # from the top joins per epoch (the step still compiles once: later groups wait at lr 0).
     gradual_unfreezing: bool = False

@@ -28,7 +28,12 @@ from pydantic import (
 from tlflax.advisor import Advice, apply_advice
 from tlflax.balance import NO_REMEDY, ClassBalance
 from tlflax.config import FinetuneParams, ParamsError, TrainScratchParams, TransferRule
-from tlflax.config_training import describe_augmentation, uses_batchnorm
+from tlflax.config_training import (
+    ContrastiveParams,
+    describe_augmentation,
+    describe_contrastive,
+    uses_batchnorm,
+)
 from tlflax.errors import InputError, MissingInputError
 from tlflax.transfer import model_settings
 
@@ -103,7 +108,8 @@ def scratch_plan(finetune: TrainingPlan, scratch: TrainScratchParams) -> Trainin
 
     Same epochs, augmentation, schedule shape and early stopping as fine-tuning; only what
     must differ for random weights differs: everything trains, BatchNorm included, at one
-    learning rate, and no weight mixes (their start, the random network, is no model).
+    learning rate, no weight mixes (their start, the random network, is no model) and no
+    contrastive stage (it tunes pretrained features).
     """
     return finetune.model_copy(
         update={
@@ -117,6 +123,7 @@ def scratch_plan(finetune: TrainingPlan, scratch: TrainScratchParams) -> Trainin
             "batchnorm": "train",
             "cache_frozen_prefix": False,
             "weight_mixes": [],
+            "contrastive": ContrastiveParams(),
             "rules": [TransferRule(pattern=".*")],
             "seed": scratch.seed,
         }
@@ -275,6 +282,12 @@ def plan_table(plan: RunPlan, modality: str | None = None) -> str:
         (
             "weight mixes (WiSE-FT)",
             ", ".join(f"{share:g}" for share in cfg.weight_mixes) or "none",
+        ),
+        # Text encoders only (SetFit): an image or audio run never has the stage.
+        *(
+            [("contrastive stage (SetFit)", describe_contrastive(cfg.contrastive))]
+            if modality == "text" or cfg.contrastive.pair_rounds
+            else []
         ),
         ("gradual unfreezing", str(cfg.gradual_unfreezing).lower()),
         # A transformer has LayerNorm only: the row would describe nothing it holds.

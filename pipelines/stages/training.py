@@ -40,12 +40,14 @@ def fit_and_save(
     eval_batch_size: int,
     fingerprint: str,
     balance: ClassBalance,
+    extra_metrics: dict | None = None,
 ) -> dict:
     """The training run of ``stage`` (finetune, train_scratch) with the stage's outputs:
     :func:`tlflax.fit.fit_classifier`, checkpointing under :func:`resume_dir` (outside the
     outputs DVC deletes before a run, so a killed run resumes), then the model folder, the
     dvclive log (as epochs end, :class:`LiveLog`) and the metrics JSON; ``balance`` is the
-    plan's remedy for imbalanced training data. Returns the summary."""
+    plan's remedy for imbalanced training data; ``extra_metrics`` join the metrics JSON (what
+    happened before the run, such as the contrastive stage). Returns the summary."""
     output_dir = paths.model_dir(stage)
     resume = resume_dir(output_dir)
     live = LiveLog(paths.live(stage))
@@ -75,6 +77,6 @@ def fit_and_save(
         test_time_flip=cfg.augment.test_time_flip,
         checkpoint_dir=resume,
     )
-    write_json(paths.metrics(stage), result.summary)
+    write_json(paths.metrics(stage), {**result.summary, **(extra_metrics or {})})
     delete_checkpoints(resume)
     return result.summary

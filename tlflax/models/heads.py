@@ -156,12 +156,15 @@ class TextClassifier(_BackboneClassifier):
         train: bool = False,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        if self.taps is not None:
-            return self.from_prefix(
-                input_ids, attention_mask, 0, train=train, dropout_key=dropout_key
-            )
-        features = self.backbone.features(input_ids, attention_mask, train=train)
-        return self._classify(features, train, dropout_key)
+        return self._classify(
+            self.head_features(input_ids, attention_mask, train=train), train, dropout_key
+        )
+
+    def head_features(
+        self, input_ids: jax.Array, attention_mask: jax.Array, *, train: bool = False
+    ) -> jax.Array:
+        """What the head reads (B, F): the joined taps, or the encoder's final pooled features."""
+        return self._features_after(input_ids, attention_mask, 0, train)
 
     def run_prefix(self, input_ids: jax.Array, attention_mask: jax.Array, stop: int) -> jax.Array:
         """Hidden states (B, T, D) after groups ``[0, stop)`` in inference mode (no dropout)."""
@@ -178,8 +181,15 @@ class TextClassifier(_BackboneClassifier):
     ) -> jax.Array:
         """Logits from the hidden states :meth:`run_prefix` returned for ``stop=start``
         (token ids for ``start=0``)."""
+        features = self._features_after(hidden, attention_mask, start, train)
+        return self._classify(features, train, dropout_key)
+
+    def _features_after(
+        self, hidden: jax.Array, attention_mask: jax.Array, start: int, train: bool
+    ) -> jax.Array:
+        """The head's input from the hidden states after ``start`` groups (ids for 0)."""
         if self.taps is not None:
-            features = self._tapped_features(
+            return self._tapped_features(
                 hidden,
                 start,
                 lambda x, group: self.backbone.run_groups(
@@ -187,6 +197,5 @@ class TextClassifier(_BackboneClassifier):
                 ),
                 lambda x: self.backbone.pool(x, attention_mask),
             )
-            return self._classify(features, train, dropout_key)
         hidden = self.backbone.run_groups(hidden, attention_mask, start, None, train=train)
-        return self._classify(self.backbone.pool(hidden, attention_mask), train, dropout_key)
+        return self.backbone.pool(hidden, attention_mask)
