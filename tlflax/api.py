@@ -323,13 +323,15 @@ def contrastive_stage(
     model: nnx.Module,
     train: dict[str, np.ndarray],
     validation: dict[str, np.ndarray],
+    *,
+    scratch: bool = False,
 ) -> dict | None:
-    """SetFit's first stage where the plan asks for it (``finetune.contrastive.pair_rounds``
-    above 0, text, not from scratch): ``model``'s encoder tuned on pairs of ``train``
-    examples and a new head fitted on its features, in place (:mod:`tlflax.contrastive`).
-    Returns what happened, or None where the plan has no such stage."""
-    cfg = plan.finetune
-    if not cfg.contrastive.pair_rounds or cfg.strategy == "scratch":
+    """SetFit's first stage where the run's settings ask for it (``contrastive.pair_rounds``
+    above 0; never in the plan's from-scratch run, ``scratch``): ``model``'s encoder tuned on
+    pairs of ``train`` examples and a new head fitted on its features, in place
+    (:mod:`tlflax.contrastive`). Returns what happened, or None where there is no such stage."""
+    cfg = plan.scratch if scratch else plan.finetune
+    if not cfg.contrastive.pair_rounds:
         return None
     return contrastive_start(
         model,
@@ -361,8 +363,7 @@ def fine_tune(
     cfg = plan.scratch if scratch else plan.finetune
     model = initial_classifier(task, plan, head, scratch=scratch)
     train, validation = task.read_inputs("train"), task.read_inputs("validation")
-    if not scratch:
-        contrastive_stage(task, plan, model, train, validation)
+    contrastive_stage(task, plan, model, train, validation, scratch=scratch)
     if fingerprint is None:
         # What a checkpoint must match to be resumed: settings, data and starting weights.
         fingerprint = run_fingerprint([task.params, plan], train, validation, nnx.state(model))

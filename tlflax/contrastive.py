@@ -34,6 +34,9 @@ from tlflax.train import create_head, train_head
 
 __all__ = ["contrastive_pairs", "contrastive_start", "tune_contrastively"]
 
+# What the pairs train: the encoder; the head is refitted afterwards (contrastive_start).
+_ENCODER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("backbone"))
+
 
 def contrastive_pairs(labels: np.ndarray, pair_rounds: int, seed: int) -> np.ndarray:
     """The training pairs, shuffled: (P, 3) int64 rows of (first, second, same class 1/0).
@@ -77,9 +80,7 @@ def _cosine_loss(model: TextClassifier, first: dict, second: dict, same: jax.Arr
 def _contrastive_step(
     model: TextClassifier, optimizer: nnx.Optimizer, first: dict, second: dict, same: jax.Array
 ) -> jax.Array:
-    # Only the encoder's parameters are differentiated: the head is refitted afterwards.
-    trained = nnx.All(nnx.Param, nnx.PathContains("backbone"))
-    loss, grads = nnx.value_and_grad(_cosine_loss, argnums=nnx.DiffState(0, trained))(
+    loss, grads = nnx.value_and_grad(_cosine_loss, argnums=nnx.DiffState(0, _ENCODER_PARAMS))(
         model, first, second, same
     )
     optimizer.update(model, grads)
@@ -96,8 +97,12 @@ def tune_contrastively(
     compiles once.
     """
     pairs = contrastive_pairs(train["label"], cfg.pair_rounds, seed)
-    trained = nnx.All(nnx.Param, nnx.PathContains("backbone"))
-    optimizer = nnx.Optimizer(model, optax.adamw(cfg.learning_rate), wrt=trained)
+    if len(pairs) < cfg.batch_size:
+        raise InputError(
+            f"finetune.contrastive: {len(pairs)} pairs fill no batch of batch_size "
+            f"{cfg.batch_size}; lower batch_size or raise pair_rounds"
+        )
+    optimizer = nnx.Optimizer(model, optax.adamw(cfg.learning_rate), wrt=_ENCODER_PARAMS)
     tokens = {key: np.asarray(train[key]) for key in TOKEN_KEYS}
     losses = []
     for start in range(0, len(pairs) - cfg.batch_size + 1, cfg.batch_size):
@@ -159,12 +164,13 @@ def contrastive_start(
     history = train_head(head, head_train, head_validation, head_cfg, balance=balance)
     nnx.update(model.head, nnx.state(head, nnx.Param))
     best = history.summary()
+    tenth = max(1, len(losses) // 10)  # tune_contrastively runs at least one step
     return {
         "pairs": int(len(losses) * cfg.batch_size),
         "steps": int(len(losses)),
         # The first and last tenth of the steps: the pair loss the tuning started and ended at.
-        "first_loss": float(losses[: max(1, len(losses) // 10)].mean()) if len(losses) else None,
-        "last_loss": float(losses[-max(1, len(losses) // 10) :].mean()) if len(losses) else None,
+        "first_loss": float(losses[:tenth].mean()),
+        "last_loss": float(losses[-tenth:].mean()),
         "head_validation_accuracy": float(best["validation_accuracy"]),
         "head_validation_loss": float(best["validation_loss"]),
         "seconds": round(time.perf_counter() - started, 1),
